@@ -1,0 +1,52 @@
+"""narun: a distributed training runtime with its own autograd engine.
+
+    >>> import narun
+    >>> x = narun.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    >>> (x * x).sum().backward()
+    >>> x.grad
+    tensor([2., 4., 6.])
+"""
+
+import numpy as _np
+
+from narun.tensor import (
+    Tensor,
+    arange,
+    cat,
+    empty,
+    enable_grad,
+    from_numpy,
+    full,
+    get_rng_state,
+    is_grad_enabled,
+    manual_seed,
+    matmul,
+    no_grad,
+    ones,
+    ones_like,
+    rand,
+    randint,
+    randn,
+    set_rng_state,
+    stack,
+    tensor,
+    where,
+    zeros,
+    zeros_like,
+)
+
+float16 = _np.dtype(_np.float16)
+float32 = _np.dtype(_np.float32)
+float64 = _np.dtype(_np.float64)
+int32 = _np.dtype(_np.int32)
+int64 = _np.dtype(_np.int64)
+bool_ = _np.dtype(_np.bool_)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Tensor", "arange", "bool_", "cat", "empty", "enable_grad", "float16", "float32",
+    "float64", "from_numpy", "full", "get_rng_state", "int32", "int64", "is_grad_enabled",
+    "manual_seed", "matmul", "no_grad", "ones", "ones_like", "rand", "randint", "randn",
+    "set_rng_state", "stack", "tensor", "where", "zeros", "zeros_like",
+]

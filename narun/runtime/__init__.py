@@ -1,0 +1,1 @@
+"""The coordinator, actor base, supervisor and launcher; built in the runtime issue."""

@@ -1,0 +1,1 @@
+"""Streaming inference server; built in the serving issue."""

@@ -1,0 +1,244 @@
+"""The autograd engine: graph nodes, grad mode, and backward.
+
+Every op records one `Node`: its parent tensors and a `backward` closure that maps the
+gradient of the op's output to one gradient (or None) per parent. The engine owns everything
+else: topological order, the count check, reducing broadcast axes back to each parent's
+shape, accumulation, and freeing each node's closure (and so the activations it captured) as
+soon as it has run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from narun.errors import GradError
+
+if TYPE_CHECKING:
+    from narun.tensor._tensor import Tensor
+
+BackwardFn = Callable[[Any], Sequence[Any]]
+
+
+class _GradMode(threading.local):
+    # Thread-local like PyTorch's: an executor thread's no_grad must not leak into the loop.
+    enabled = True
+
+
+_mode = _GradMode()
+
+
+def is_grad_enabled() -> bool:
+    return _mode.enabled
+
+
+class _SetGradMode:
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self._prev: list[bool] = []
+
+    def __enter__(self) -> None:
+        self._prev.append(_mode.enabled)
+        _mode.enabled = self._enabled
+
+    def __exit__(self, *exc: object) -> None:
+        _mode.enabled = self._prev.pop()
+
+    def __call__(self, fn: Callable) -> Callable:
+        import functools
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self.__class__(self._enabled):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+def no_grad() -> _SetGradMode:
+    """Context manager (and decorator) that records no graph inside it."""
+    return _SetGradMode(False)
+
+
+def enable_grad() -> _SetGradMode:
+    return _SetGradMode(True)
+
+
+class Node:
+    """How one tensor was made: the op's name, its parents, and its backward rule."""
+
+    __slots__ = ("name", "parents", "backward")
+
+    def __init__(self, name: str, parents: tuple[Tensor, ...], backward: BackwardFn) -> None:
+        self.name = name
+        self.parents = parents
+        self.backward: BackwardFn | None = backward
+
+
+def unbroadcast(grad: Any, shape: tuple[int, ...], op: str) -> Any:
+    """Sum `grad` over the axes that broadcasting added or stretched, giving `shape`."""
+    if grad.shape == shape:
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra < 0:
+        raise GradError(f"{op}: backward returned a gradient of shape {grad.shape} "
+                        f"for an input of shape {shape}")
+    axes = tuple(range(extra)) + tuple(
+        i + extra for i, n in enumerate(shape) if n == 1 and grad.shape[i + extra] != 1
+    )
+    out = grad.sum(axis=axes, keepdims=True) if axes else grad
+    if extra:
+        out = out.reshape(out.shape[extra:])
+    if out.shape != shape:
+        raise GradError(f"{op}: backward returned a gradient of shape {grad.shape}, "
+                        f"which does not broadcast to the input's shape {shape}")
+    return out
+
+
+def _consumer_counts(root: Tensor) -> dict[int, int]:
+    """For each tensor that needs a gradient: how many graph edges consume it."""
+    counts: dict[int, int] = {id(root): 0}
+    stack = [root]
+    while stack:
+        node = stack.pop()._node
+        if node is None:
+            continue
+        for p in node.parents:
+            if p.requires_grad:
+                if id(p) not in counts:
+                    counts[id(p)] = 0
+                    stack.append(p)
+                counts[id(p)] += 1
+    return counts
+
+
+class IndexGrad:
+    """A gradient that is `value` at `data[index]` (a basic index) and zero elsewhere.
+
+    Slicing and split return this instead of a zero-padded full array, so the engine writes
+    every piece into one buffer per input rather than allocating a full array per piece.
+    """
+
+    __slots__ = ("index", "value")
+
+    def __init__(self, index: Any, value: Any) -> None:
+        self.index = index
+        self.value = value
+
+
+def backward(root: Tensor, grad: Any = None, retain_graph: bool = False) -> None:
+    """Accumulate d(root)/d(leaf) into `.grad` of every leaf that requires grad."""
+    from narun.tensor._tensor import Tensor
+
+    if not root.requires_grad:
+        raise GradError("backward() on a tensor that does not require grad: nothing it was "
+                        "computed from has requires_grad=True (or it was made under no_grad)")
+    xp = root.xp
+    if grad is None:
+        if root.data.size != 1:
+            raise GradError(f"backward() without a gradient needs a one-element output, got "
+                            f"shape {root.shape}; pass grad= of that shape")
+        grad = xp.ones_like(root.data)
+    else:
+        grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=root.dtype)
+        if grad.shape != root.shape:
+            raise GradError(f"backward(): grad has shape {grad.shape}, output has {root.shape}")
+
+    grads: dict[int, Any] = {id(root): grad}
+    # `owned`: arrays the engine allocated and nobody else has seen, safe to add into in place.
+    # Anything handed to a backward rule may come back aliased (add passes its gradient
+    # through), so it leaves `owned` and a leaf gets a copy of it.
+    owned: set[int] = set()
+    # `seen`: arrays handed to a backward rule or stored in a leaf. A leaf takes a fresh array
+    # from a rule as is (matmul's weight gradient, say), but copies anything in `seen` or any
+    # view, so in-place accumulation and optimizers never write through an alias.
+    seen: set[int] = {id(grad)}
+    # A tensor is ready once every op that consumed it has run its backward (counts reach
+    # zero). Leaves are finished the moment they are ready, so their hooks fire as early as
+    # possible: the last layer's gradients are final while the first layer's are computed.
+    if root._node is None:  # backward() on a leaf: its gradient is `grad` itself
+        _accumulate_leaf(root, grad, exclusive=False)
+        return
+    pending = _consumer_counts(root)
+    ready = [root]
+    while ready:
+        t = ready.pop()
+        g = grads.pop(id(t), None)
+        node = t._node
+        if g is not None and t._retains_grad:
+            _accumulate_leaf(t, g, _exclusive(g, owned, seen))
+            seen.add(id(t.grad.data))
+        if g is None:
+            in_grads: Any = (None,) * len(node.parents)  # nothing flows, but unblock parents
+        else:
+            if node.backward is None:
+                raise GradError(f"backward through {node.name} a second time: its saved "
+                                "values were freed; call backward(retain_graph=True) the "
+                                "first time")
+            owned.discard(id(g))
+            seen.add(id(g))
+            in_grads = node.backward(g)
+            del g
+            if not retain_graph:
+                node.backward = None
+            if len(in_grads) != len(node.parents):
+                raise GradError(f"{node.name}: backward returned {len(in_grads)} gradients "
+                                f"for {len(node.parents)} inputs")
+        for p, pg in zip(node.parents, in_grads):
+            if not p.requires_grad:
+                continue
+            if pg is not None:
+                _add_grad(grads, owned, p, pg, node.name)
+            pending[id(p)] -= 1
+            if pending[id(p)]:
+                continue
+            if p._node is not None:
+                ready.append(p)
+            elif id(p) in grads:
+                pg = grads.pop(id(p))
+                _accumulate_leaf(p, pg, _exclusive(pg, owned, seen))
+                seen.add(id(p.grad.data))
+
+
+def _exclusive(g: Any, owned: set[int], seen: set[int]) -> bool:
+    """True when no other tensor or rule can hold `g`, so a leaf may keep it without a copy."""
+    return id(g) in owned or (id(g) not in seen and g.base is None)
+
+
+def _add_grad(grads: dict[int, Any], owned: set[int], p: Tensor, pg: Any, op: str) -> None:
+    """Add `pg` into the pending gradient of `p`, in place only into buffers we own."""
+    prev = grads.get(id(p))
+    if isinstance(pg, IndexGrad):
+        if prev is None or id(prev) not in owned:
+            buf = p.xp.zeros(p.shape, dtype=pg.value.dtype)
+            if prev is not None:
+                buf += prev
+            owned.add(id(buf))
+            grads[id(p)] = prev = buf
+        prev[pg.index] += pg.value
+        return
+    pg = unbroadcast(pg, p.shape, op)
+    if prev is None:
+        grads[id(p)] = pg
+    elif id(prev) in owned:
+        prev += pg
+    else:
+        total = prev + pg
+        owned.add(id(total))
+        grads[id(p)] = total
+
+
+def _accumulate_leaf(t: Tensor, g: Any, exclusive: bool) -> None:
+    from narun.tensor._tensor import Tensor
+
+    if g.dtype != t.dtype:
+        g = g.astype(t.dtype)
+    elif not exclusive or not g.flags.c_contiguous:
+        g = g.copy()
+    if t.grad is None:
+        t.grad = Tensor._wrap(g)
+    else:
+        t.grad.data += g
+    for hook in t._grad_hooks:
+        hook(t)

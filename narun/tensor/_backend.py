@@ -1,0 +1,100 @@
+"""Array-module choice and devices.
+
+An op picks its array module once, from its inputs (`get_array_module`), and then runs the
+same code for NumPy and CuPy: CuPy mirrors NumPy's API, so there is one implementation per
+op and the NumPy path is the reference. CuPy is imported lazily, only when a CUDA device is
+asked for or a CuPy array shows up.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from narun.errors import DeviceError
+
+DEFAULT_DTYPE = np.dtype(np.float32)
+
+
+@functools.cache
+def _cupy() -> ModuleType | None:
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
+def is_cupy_array(x: Any) -> bool:
+    return type(x).__module__.startswith("cupy")
+
+
+def get_array_module(*arrays: Any) -> ModuleType:
+    """The array module (numpy or cupy) that owns `arrays`; numpy for plain Python values."""
+    for a in arrays:
+        if is_cupy_array(a):
+            return _cupy()  # type: ignore[return-value]
+    return np
+
+
+def device_of(array: Any) -> str:
+    """"cpu" for a NumPy array, "cuda:N" for a CuPy array on device N."""
+    if is_cupy_array(array):
+        return f"cuda:{array.device.id}"
+    return "cpu"
+
+
+def normalize_device(device: str | None) -> str:
+    """Canonical device name: "cpu" or "cuda:N". Raises DeviceError for anything else."""
+    if device is None or device == "cpu":
+        return "cpu"
+    if not isinstance(device, str):
+        raise DeviceError(f"device must be a string like 'cpu' or 'cuda:0', got {device!r}")
+    if device == "cuda":
+        return "cuda:0"
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return device
+    if device == "mps":
+        raise DeviceError(
+            "device 'mps' is run by the mps executor through MLX, not by tensors directly; "
+            "use device='cpu' or 'cuda:N' for narun tensors"
+        )
+    raise DeviceError(f"unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'")
+
+
+def _require_cupy(device: str) -> ModuleType:
+    cp = _cupy()
+    if cp is None:
+        raise DeviceError(
+            f"device {device!r} needs CuPy, which is not installed; "
+            "install narun[cuda] (cupy-cuda12x) on a machine with an NVIDIA GPU"
+        )
+    return cp
+
+
+def to_device(array: Any, device: str) -> Any:
+    """Copy `array` to `device` ("cpu" or "cuda:N"); returns it unchanged if already there."""
+    device = normalize_device(device)
+    if device_of(array) == device:
+        return array
+    if device == "cpu":
+        return array.get()
+    cp = _require_cupy(device)
+    with cp.cuda.Device(int(device.split(":")[1])):
+        return cp.asarray(array)
+
+
+def module_for_device(device: str) -> ModuleType:
+    device = normalize_device(device)
+    return np if device == "cpu" else _require_cupy(device)
+
+
+def as_dtype(dtype: Any) -> np.dtype:
+    """np.dtype from a dtype, a type or a name ("float32"); DeviceError-free, TypeError on junk."""
+    try:
+        return np.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"not a dtype: {dtype!r}") from e

@@ -1,0 +1,132 @@
+import math
+
+import numpy as np
+import pytest
+
+import narun
+from narun.tensor import erf
+from tests.opcheck import HAS_TORCH, check_op
+
+if HAS_TORCH:
+    import torch
+
+rng = np.random.default_rng(0)
+SHAPES = [((3, 4), (3, 4)), ((2, 3, 4), (4,)), ((3, 1), (1, 5)), ((), (2, 3))]
+
+
+def tf(name):
+    return (lambda *a: getattr(torch, name)(*a)) if HAS_TORCH else None
+
+
+@pytest.mark.parametrize("sa,sb", SHAPES)
+@pytest.mark.parametrize("name,ref", [
+    ("add", np.add), ("sub", np.subtract), ("mul", np.multiply),
+])
+def test_binary_broadcasting(name, ref, sa, sb):
+    a, b = rng.standard_normal(sa), rng.standard_normal(sb)
+    check_op(lambda x, y: getattr(x, name)(y), ref, [a, b], torch_fn=tf(name))
+
+
+@pytest.mark.parametrize("sa,sb", SHAPES)
+def test_div(sa, sb):
+    a, b = rng.standard_normal(sa), rng.uniform(0.5, 2.0, sb) * rng.choice([-1, 1], sb)
+    check_op(lambda x, y: x / y, np.divide, [a, b], torch_fn=tf("div"))
+
+
+def test_pow_tensor_exponent():
+    a, b = rng.uniform(0.5, 2.0, (3, 4)), rng.standard_normal((4,))
+    check_op(lambda x, y: x**y, np.power, [a, b], torch_fn=tf("pow"))
+
+
+@pytest.mark.parametrize("p", [2, 3, 0.5, -1.5])
+def test_pow_scalar_exponent(p):
+    a = rng.uniform(0.5, 2.0, (3, 4))
+    check_op(lambda x: x**p, lambda x: x**p, [a],
+             torch_fn=(lambda x: x**p) if HAS_TORCH else None)
+
+
+def test_scalar_operands_on_both_sides():
+    a = rng.standard_normal((2, 3))
+    check_op(lambda x: 2.0 - x * 3 + 1 / (x * x + 1) - x / 4,
+             lambda x: 2.0 - x * 3 + 1 / (x * x + 1) - x / 4, [a])
+
+
+def _erf(x):
+    return np.vectorize(math.erf)(x)
+
+
+UNARY = [
+    ("neg", lambda x: -x, lambda x: -x, None),
+    ("exp", lambda x: x.exp(), np.exp, "exp"),
+    ("log", lambda x: x.log(), np.log, "log"),
+    ("sqrt", lambda x: x.sqrt(), np.sqrt, "sqrt"),
+    ("rsqrt", lambda x: x.rsqrt(), lambda x: 1 / np.sqrt(x), "rsqrt"),
+    ("abs", lambda x: x.abs(), np.abs, "abs"),
+    ("tanh", lambda x: x.tanh(), np.tanh, "tanh"),
+    ("sigmoid", lambda x: x.sigmoid(), lambda x: 1 / (1 + np.exp(-x)), "sigmoid"),
+    ("relu", lambda x: x.relu(), lambda x: np.maximum(x, 0), "relu"),
+    ("silu", lambda x: x.silu(), lambda x: x / (1 + np.exp(-x)), None),
+    ("gelu", lambda x: x.gelu(), lambda x: 0.5 * x * (1 + _erf(x / np.sqrt(2))), None),
+    ("gelu_tanh", lambda x: x.gelu("tanh"),
+     lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))), None),
+]
+
+
+def _torch_unary(name):
+    if not HAS_TORCH:
+        return None
+    fns = {"neg": torch.neg, "silu": torch.nn.functional.silu,
+           "gelu": torch.nn.functional.gelu,
+           "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
+    return fns.get(name) or getattr(torch, name)
+
+
+@pytest.mark.parametrize("name,fn,ref,_", UNARY, ids=[u[0] for u in UNARY])
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 4)])
+def test_unary(name, fn, ref, _, shape):
+    x = rng.standard_normal(shape)
+    if name in ("log", "sqrt", "rsqrt"):
+        x = np.abs(x) + 0.5
+    if name in ("abs", "relu"):
+        x = np.where(np.abs(x) < 0.05, 0.3, x)  # keep finite differences off the kink
+    check_op(fn, ref, [x], torch_fn=_torch_unary(name))
+
+
+def test_sigmoid_and_silu_do_not_overflow():
+    x = narun.tensor([-1000.0, -100.0, 0.0, 100.0, 1000.0])
+    np.testing.assert_allclose(x.sigmoid().numpy(), [0, 0, 0.5, 1, 1], atol=1e-30)
+    np.testing.assert_allclose(x.silu().numpy(), [0, 0, 0, 100, 1000], atol=1e-30)
+
+
+def test_erf_is_accurate_to_float64():
+    x = np.linspace(-8, 8, 4001)
+    np.testing.assert_allclose(erf(x), _erf(x), rtol=0, atol=4e-15)
+
+
+def test_maximum_minimum_clamp():
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((4,))
+    check_op(lambda x, y: x.maximum(y), np.maximum, [a, b])
+    check_op(lambda x, y: x.minimum(y), np.minimum, [a, b])
+    x = rng.standard_normal((4, 5))
+    x = np.where(np.abs(np.abs(x) - 0.5) < 0.05, 0.1, x)
+    check_op(lambda t: t.clamp(-0.5, 0.5), lambda t: np.clip(t, -0.5, 0.5), [x],
+             torch_fn=(lambda t: t.clamp(-0.5, 0.5)) if HAS_TORCH else None)
+
+
+def test_comparisons_have_no_grad():
+    a = narun.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    m = a > 1.5
+    assert not m.requires_grad
+    np.testing.assert_array_equal(m.numpy(), [False, True, True])
+    np.testing.assert_array_equal((a == 2.0).numpy(), [False, True, False])
+    np.testing.assert_array_equal((a <= 2).numpy(), [True, True, False])
+
+
+def test_cast_is_differentiable_for_floats():
+    x = narun.tensor([1.0, 2.0], dtype="float64", requires_grad=True)
+    y = x.to(dtype="float32")
+    assert y.dtype == np.float32
+    (y * 3).sum().backward()
+    assert x.grad.dtype == np.float64
+    np.testing.assert_array_equal(x.grad.numpy(), [3.0, 3.0])
+    assert not x.long().requires_grad

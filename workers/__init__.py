@@ -1,0 +1,1 @@
+"""The processes the coordinator runs: parameter servers, trainers, pipeline stages, executors."""
