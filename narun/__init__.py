@@ -42,11 +42,15 @@ int32 = _np.dtype(_np.int32)
 int64 = _np.dtype(_np.int64)
 bool_ = _np.dtype(_np.bool_)
 
+from narun import nn, optim  # noqa: E402  (after the tensor API they are built on)
+from narun.checkpoint import load, save  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
     "Tensor", "arange", "bool_", "cat", "empty", "enable_grad", "float16", "float32",
     "float64", "from_numpy", "full", "get_rng_state", "int32", "int64", "is_grad_enabled",
-    "manual_seed", "matmul", "no_grad", "ones", "ones_like", "rand", "randint", "randn",
-    "set_rng_state", "stack", "tensor", "where", "zeros", "zeros_like",
+    "load", "manual_seed", "matmul", "nn", "no_grad", "ones", "ones_like", "optim", "rand",
+    "randint", "randn", "save", "set_rng_state", "stack", "tensor", "where", "zeros",
+    "zeros_like",
 ]

@@ -35,7 +35,8 @@ class ConfigError(NarunError, ValueError):
 
 
 class CheckpointError(NarunError, RuntimeError):
-    """A checkpoint is missing, truncated, or fails its checksum (message names the file)."""
+    """A checkpoint is missing, truncated or fails its checksum (names the file), or a state
+    dict does not fit the model or optimizer it is loaded into (names every bad key)."""
 
 
 class ProtocolError(NarunError, ValueError):

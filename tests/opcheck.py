@@ -21,6 +21,7 @@ try:
     import torch
 
     torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)  # tiny ops: worker threads only fight other tests for the cores
 except ImportError:  # torch is an optional oracle
     torch = None
 
