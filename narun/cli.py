@@ -1,0 +1,187 @@
+"""The `narun` command line.
+
+Exit codes: 0 success; 1 a runtime failure; 2 a usage or config error; 3 a checkpoint
+that cannot be used; 130 interrupted by SIGINT (after checkpointing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from narun.errors import CheckpointError, ConfigError, NarunError
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+def _load_job_config(path: str, overrides: Sequence[str]) -> Any:
+    import narun.models  # noqa: F401  (registers model fields, so model.* keys are checked)
+    from narun.config import load_config
+
+    return load_config(path, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from narun.events import make_reporter
+    from narun.train import train
+
+    cfg = _load_job_config(args.config, args.set)
+    if cfg.runtime.mode != "local" or cfg.runtime.workers:
+        raise ConfigError(f"runtime.mode: this version trains in one process only (mode "
+                          f"local, workers 0), got mode {cfg.runtime.mode!r} with "
+                          f"{cfg.runtime.workers} workers")
+    if cfg.runtime.device not in ("cpu", "auto"):
+        raise ConfigError(f"runtime.device: `narun train` runs on the cpu in this version, "
+                          f"got {cfg.runtime.device!r}")
+    done = train(cfg, make_reporter(True if args.json else None), resume=args.resume)
+    if done["signal"] == signal.SIGINT:
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _model_from_checkpoint(path: str) -> tuple[Any, Any]:
+    from narun.checkpoint import load_checkpoint
+    from narun.config import config_from_dict
+    from narun.models import build_from_config
+
+    c = load_checkpoint(path)
+    cfg = config_from_dict(c.extra["config"])
+    model = build_from_config(cfg.model)
+    model.load_state_dict(c.model)
+    model.eval()
+    return model, cfg
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import narun.models  # noqa: F401
+    from narun.data import ByteTokenizer
+
+    model, _ = _model_from_checkpoint(args.checkpoint)
+    tok = ByteTokenizer()
+    prompt = tok.encode(args.prompt) if args.prompt else [10]  # empty prompt: start a line
+    out = model.generate(prompt[None, :] if args.prompt else [prompt], args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    sys.stdout.write(tok.decode(out[0]) + "\n")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import math
+
+    import narun.models  # noqa: F401
+    from narun.checkpoint import load_checkpoint
+    from narun.config import config_from_dict
+    from narun.train import build_job
+
+    c = load_checkpoint(args.checkpoint)
+    job = build_job(config_from_dict(c.extra["config"]))
+    job.model.load_state_dict(c.model)
+    val = job.evaluate(max_batches=None)
+    result = {"event": "eval", "step": c.step, "val_loss": val}
+    if job.text:
+        result["perplexity"] = math.exp(val)
+        result["bits_per_byte"] = val / math.log(2)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"step {c.step}: val_loss {val:.4f}"
+              + (f", perplexity {result['perplexity']:.3f}, {result['bits_per_byte']:.3f} "
+                 "bits/byte" if job.text else ""))
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from narun.config import format_config
+
+    sys.stdout.write(format_config(_load_job_config(args.file, args.set)))
+    return 0
+
+
+def cmd_data_blobs(args: argparse.Namespace) -> int:
+    from narun.data import make_classification_npz
+
+    path = make_classification_npz(args.path, n=args.n, dim=args.dim, classes=args.classes,
+                                   seed=args.seed)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="narun", description="narun: train models with narun's "
+                                "own autograd engine.")
+    p.add_argument("--log-json", action="store_true", help="log as JSON lines on stderr")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train the job a YAML config describes")
+    t.add_argument("config", help="YAML job config, e.g. configs/quickstart.yaml")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set training.lr=3e-4 (repeatable)")
+    t.add_argument("--resume", metavar="PATH|auto",
+                   help="continue from a checkpoint, or the newest good one with 'auto'")
+    t.add_argument("--json", action="store_true",
+                   help="JSON lines on stdout (the default when stdout is not a terminal)")
+    t.set_defaults(fn=cmd_train)
+
+    g = sub.add_parser("generate", help="sample text from a trained checkpoint")
+    g.add_argument("checkpoint")
+    g.add_argument("prompt", nargs="?", default="")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("evaluate", help="validation loss (and perplexity) of a checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_evaluate)
+
+    c = sub.add_parser("config", help="work with job configs")
+    csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    cc = csub.add_parser("check", help="validate a config and print it resolved")
+    cc.add_argument("file")
+    cc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cc.set_defaults(fn=cmd_config_check)
+
+    d = sub.add_parser("data", help="make datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    db = dsub.add_parser("blobs", help="write a known-answer classification set (.npz)")
+    db.add_argument("path")
+    db.add_argument("--n", type=int, default=4096)
+    db.add_argument("--dim", type=int, default=16)
+    db.add_argument("--classes", type=int, default=4)
+    db.add_argument("--seed", type=int, default=0)
+    db.set_defaults(fn=cmd_data_blobs)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from narun import logs
+
+    logs.configure(json_lines=True if args.log_json else None)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        _report_error(args, e)
+        return EXIT_USAGE
+    except CheckpointError as e:
+        _report_error(args, e)
+        return EXIT_CHECKPOINT
+    except NarunError as e:
+        _report_error(args, e)
+        return EXIT_FAILURE
+
+
+def _report_error(args: argparse.Namespace, err: Exception) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"event": "error", "message": str(err)}), flush=True)
+    print(f"narun: error: {err}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""GPT: the GPT-2 architecture, with switches for the modern variant (RoPE, RMSNorm, SwiGLU).
+
+Shapes follow the PyTorch convention: tokens (B, T) int64 -> logits (B, T, vocab_size).
+Attention runs on (B, H, T, head_dim) so each head's matmuls are contiguous BLAS calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import narun
+from narun import nn
+from narun.errors import ConfigError, ShapeError
+from narun.models._registry import register_model
+from narun.nn import functional as F
+from narun.tensor import Tensor
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    block_size: int = 256          # the longest context the model is built for
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True              # biases in Linear layers and LayerNorm
+    norm: str = "layernorm"        # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"              # "gelu" (4x, tanh GELU as GPT-2) | "swiglu"
+    mlp_hidden: int | None = None  # default: 4 * n_embd for gelu, 2 * n_embd for swiglu
+    position: str = "learned"      # "learned" | "rope"
+    rope_base: float = 10000.0
+    tie_weights: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if int(getattr(self, key)) <= 0:
+                raise ConfigError(f"model.{key}: must be > 0, got {getattr(self, key)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd: {self.n_embd} is not divisible by "
+                              f"model.n_head {self.n_head}")
+        choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
+                   "position": ("learned", "rope")}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"model.{key}: {getattr(self, key)!r} is not one of {valid}")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"model.n_embd: RoPE needs an even head size, got "
+                              f"{self.n_embd // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return 4 * self.n_embd if self.mlp == "gelu" else 2 * self.n_embd
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-tiny": dict(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=128),
+    "gpt2-small": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    "gpt-modern-tiny": dict(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=256,
+                            bias=False, norm="rmsnorm", mlp="swiglu", position="rope"),
+}
+
+
+def gpt_config(preset: str | None = None, **overrides: Any) -> GPTConfig:
+    """A GPTConfig from a preset name plus field overrides; ConfigError names bad keys."""
+    base: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {preset!r}; "
+                              f"valid: {sorted(PRESETS)}")
+        base = dict(PRESETS[preset])
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    for key in overrides:
+        if key not in fields:
+            import difflib
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"model.{key}: not a GPT config field{hint} "
+                              f"(valid: {sorted(fields)})")
+    base.update(overrides)
+    return GPTConfig(**base)
+
+
+def _norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+
+class KVCache:
+    """Keys and values of past positions for one attention layer, preallocated."""
+
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, like: Tensor):
+        shape = (batch, n_head, max_len, head_dim)
+        self.k = like.xp.zeros(shape, dtype=like.dtype)
+        self.v = like.xp.zeros(shape, dtype=like.dtype)
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        t = k.shape[2]
+        end = self.length + t
+        self.k[:, :, self.length:end] = k.data
+        self.v[:, :, self.length:end] = v.data
+        self.length = end
+        return Tensor._wrap(self.k[:, :, :end]), Tensor._wrap(self.v[:, :, :end])
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        B, T, C = x.shape
+        H = self.n_head
+        qkv = self.qkv(x).reshape(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if rope is not None:
+            cos, sin = rope
+            q, k = F.apply_rotary_emb(q, cos, sin), F.apply_rotary_emb(k, cos, sin)
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)
+            # The new queries see every cached position plus the causal part of their own.
+            causal = past == 0 and T > 1
+            mask = None
+            if past > 0 and T > 1:
+                mask = narun.tensor(np.tril(np.ones((T, past + T), dtype=bool), k=past))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return F.dropout(self.proj(y), self.dropout, self.training)
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            self.w1 = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias)
+            self.w3 = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias)
+            self.w2 = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias)
+        else:
+            self.fc = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias)
+            self.proj = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "swiglu":
+            y = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        else:
+            y = self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return F.dropout(y, self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = _norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = _norm(cfg)
+        self.mlp = MLPBlock(cfg)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer language model."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.position == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = _norm(cfg)
+        if not cfg.tie_weights:
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # GPT-2's scheme: N(0, 0.02) everywhere, residual projections scaled by depth.
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if p.ndim < 2:
+                continue  # biases and norm gains keep their zeros / ones
+            std = residual_std if name.endswith(("attn.proj.weight", "mlp.proj.weight",
+                                                 "mlp.w2.weight")) else 0.02
+            nn.init.normal_(p, 0.0, std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: Any, caches: list[KVCache] | None = None) -> Tensor:
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T)."""
+        idx = idx if isinstance(idx, Tensor) else narun.tensor(np.asarray(idx, dtype=np.int64))
+        B, T = idx.shape
+        offset = caches[0].length if caches else 0
+        cfg = self.config
+        if offset + T > cfg.block_size:
+            raise ShapeError(f"GPT: {offset + T} positions exceed block_size "
+                             f"{cfg.block_size}; crop the context or build a bigger model")
+        x = self.wte(idx)
+        rope = None
+        if cfg.position == "learned":
+            pos = narun.arange(offset, offset + T, device=idx.device)
+            x = x + self.wpe(pos)
+        else:
+            rope = F.rotary_cos_sin(T, cfg.n_embd // cfg.n_head, base=cfg.rope_base,
+                                    offset=offset, dtype=x.dtype, device=x.device)
+        x = self.drop(x)
+        for i, block in enumerate(self.h):
+            x = block(x, rope, caches[i] if caches else None)
+        x = self.ln_f(x)
+        weight = self.wte.weight if cfg.tie_weights else self.lm_head.weight
+        return F.linear(x, weight)
+
+    def loss(self, idx: Any, targets: Any) -> Tensor:
+        """Mean next-token cross-entropy in nats."""
+        logits = self.forward(idx)
+        t = targets if isinstance(targets, Tensor) else narun.tensor(
+            np.asarray(targets, dtype=np.int64))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1))
+
+    @narun.no_grad()
+    def generate(self, ids: Any, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int | None = None,
+                 use_cache: bool = True) -> np.ndarray:
+        """Sample `max_new_tokens` after `ids` (B, T); returns (B, T + max_new_tokens).
+
+        temperature 0 picks the most likely token. With `use_cache`, past keys and values
+        are kept, so each new token costs one position instead of the whole context; the
+        tokens are identical either way for the same seed.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(np.atleast_2d(np.asarray(ids, dtype=np.int64)),
+                                  max_new_tokens, temperature, top_k,
+                                  np.random.default_rng(seed), use_cache)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, ids: np.ndarray, n_new: int, temperature: float, top_k: int | None,
+                  rng: np.random.Generator, use_cache: bool) -> np.ndarray:
+        cfg = self.config
+        caches: list[KVCache] | None = None
+        fed = 0  # how many tokens of `ids` the caches hold
+        for _ in range(n_new):
+            if not use_cache:
+                logits = self.forward(ids[:, -cfg.block_size:])
+            else:
+                if caches is None or fed + 1 > cfg.block_size:
+                    # (Re)fill the caches from the cropped context, as the uncached path sees it.
+                    context = ids[:, -cfg.block_size:]
+                    like = self.wte.weight
+                    caches = [KVCache(ids.shape[0], cfg.n_head, cfg.block_size,
+                                      cfg.n_embd // cfg.n_head, like) for _ in self.h]
+                    logits = self.forward(context, caches)
+                    fed = context.shape[1]
+                else:
+                    logits = self.forward(ids[:, -1:], caches)
+                    fed += 1
+            nxt = _sample(logits.numpy()[:, -1, :].astype(np.float64), temperature, top_k, rng)
+            ids = np.concatenate([ids, nxt[:, None]], axis=1)
+        return ids
+
+
+def _sample(logits: np.ndarray, temperature: float, top_k: int | None,
+            rng: np.random.Generator) -> np.ndarray:
+    if temperature <= 0:
+        return logits.argmax(axis=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    u = rng.random((logits.shape[0], 1))
+    return np.minimum((p.cumsum(axis=-1) < u).sum(axis=-1), logits.shape[-1] - 1)
+
+
+@register_model("gpt", GPTConfig, presets=sorted(PRESETS))
+def _build(preset: str | None = "gpt2-tiny", **overrides: Any) -> GPT:
+    return GPT(gpt_config(preset, **overrides))

@@ -1,0 +1,241 @@
+"""Single-process training: the job a config describes, run in this process.
+
+Everything that decides the numbers is a function of (config, step): data windows come
+from a stateless sampler, the LR from the schedule, dropout from narun's generator whose
+state is checkpointed. So a run stopped at step s and resumed gives bit-identical
+parameters to one that never stopped.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+import narun
+from narun import checkpoint as ckpt
+from narun import optim
+from narun.config import JobConfig, to_dict
+from narun.data import ArrayDataset, ShardedSampler, TextDataset, WindowSampler
+from narun.errors import CheckpointError, ConfigError
+from narun.events import Reporter
+from narun.models import build_from_config
+from narun.nn import functional as F
+from narun.nn.utils import clip_grad_norm_
+
+log = structlog.get_logger("narun.train")
+
+EVAL_BATCHES = 8  # validation batches per evaluation: the whole split is too slow per eval
+
+
+@dataclass
+class Job:
+    """A model with its data and optimizer, ready to step."""
+
+    config: JobConfig
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    train_data: Any
+    val_data: Any
+    sampler: Any
+
+    @property
+    def text(self) -> bool:
+        return self.config.data.kind == "text"
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The global batch of `step`: token windows, or rows of an array dataset."""
+        if self.text:
+            return self.train_data.batch(self.sampler.offsets(step))
+        x, y = self.train_data.batch(self.sampler.next_batch())
+        return x, y
+
+    def loss(self, x: np.ndarray, y: np.ndarray) -> narun.Tensor:
+        if self.text:
+            return self.model.loss(narun.tensor(x), narun.tensor(y))
+        return F.cross_entropy(self.model(narun.tensor(x)), narun.tensor(y))
+
+    @narun.no_grad()
+    def evaluate(self, max_batches: int | None = EVAL_BATCHES) -> float:
+        """Mean validation loss (nats per token for text)."""
+        self.model.eval()
+        try:
+            losses, weights = [], []
+            bs = self.config.training.batch_size
+            if self.text:
+                batches = self.val_data.iter_eval_batches(bs, max_batches=max_batches)
+            else:
+                n = len(self.val_data)
+                stops = range(0, n, bs)
+                if max_batches is not None:
+                    stops = stops[:max_batches]
+                batches = (self.val_data.batch(np.arange(s, min(s + bs, n))) for s in stops)
+            for x, y in batches:
+                losses.append(self.loss(x, y).item())
+                weights.append(len(x))
+            if not losses:
+                raise ConfigError("data.val_fraction: the validation split is empty; "
+                                  "raise val_fraction to evaluate")
+            return float(np.average(losses, weights=weights))
+        finally:
+            self.model.train()
+
+
+def build_job(cfg: JobConfig) -> Job:
+    """Model, data, optimizer and schedule from a config (seeded by training.seed)."""
+    t = cfg.training
+    narun.manual_seed(t.seed)
+    model = build_from_config(cfg.model)
+    if cfg.data.kind == "text":
+        if cfg.model.name != "gpt":
+            raise ConfigError(f"data.kind: text needs a language model (model.name: gpt), "
+                              f"got model.name {cfg.model.name!r}")
+        train, val = TextDataset.splits(cfg.data.path, cfg.data.seq_len, cfg.data.val_fraction)
+        sampler: Any = WindowSampler(len(train), t.batch_size, seed=t.seed)
+    else:
+        train = ArrayDataset(cfg.data.path, names=("x", "y"),
+                             val_fraction=cfg.data.val_fraction, split="train")
+        val = ArrayDataset(cfg.data.path, names=("x", "y"),
+                           val_fraction=cfg.data.val_fraction, split="val")
+        sampler = ShardedSampler(len(train), t.batch_size, seed=t.seed, drop_last=True)
+    opt = make_optimizer(model, cfg)
+    sched = optim.lr_scheduler.build_scheduler(t.schedule, opt, t.warmup_steps, t.steps)
+    return Job(cfg, model, opt, sched, train, val, sampler)
+
+
+def make_optimizer(model: Any, cfg: JobConfig) -> Any:
+    """The configured optimizer; weight decay only on matrices (not biases, norms), as GPT-2."""
+    t = cfg.training
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    classes = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW, "lion": optim.Lion}
+    return classes[t.optimizer](groups, lr=t.lr)
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM: the loop finishes its step, checkpoints, and returns."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def checkpoint_dir(cfg: JobConfig) -> Path:
+    return Path(cfg.training.out_dir) / "checkpoints"
+
+
+def save(job: Job, step: int) -> Path:
+    cfg = job.config
+    extra = {"config": to_dict(cfg), "rng": narun.get_rng_state(),
+             "scheduler": job.scheduler.state_dict()}
+    if not job.text:
+        extra["sampler"] = job.sampler.state_dict()
+    return ckpt.save_checkpoint(checkpoint_dir(cfg), step, job.model.state_dict(),
+                                job.optimizer.state_dict(), extra,
+                                keep=cfg.training.keep_checkpoints)
+
+
+def restore(job: Job, path: str | Path) -> int:
+    """Load a checkpoint into `job`; returns the step to continue from."""
+    c = ckpt.load_checkpoint(path)
+    job.model.load_state_dict(c.model)
+    job.optimizer.load_state_dict(c.optimizer)
+    job.scheduler.load_state_dict(c.extra["scheduler"])
+    narun.set_rng_state(c.extra["rng"])
+    if not job.text:
+        job.sampler.load_state_dict(c.extra["sampler"])
+    return c.step
+
+
+def resolve_resume(cfg: JobConfig, resume: str | None) -> Path | None:
+    """`auto`: the newest checkpoint that verifies (None if there is none); else the path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return ckpt.latest_good(checkpoint_dir(cfg))
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint")
+    return path
+
+
+def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
+          stop_at: int | None = None) -> dict[str, Any]:
+    """Run the job to `training.steps` (or until SIGINT/SIGTERM); returns the `done` fields.
+
+    `stop_at` ends the run early at that step with a checkpoint, as a signal would, without
+    changing the schedule (which is laid out for `training.steps`).
+    """
+    job = build_job(cfg)
+    t = cfg.training
+    start = 0
+    path = resolve_resume(cfg, resume)
+    if path is not None:
+        start = restore(job, path)
+        log.info("resumed", checkpoint=str(path), step=start)
+    micro = t.batch_size // t.grad_accum  # the config checked that it divides
+    per_step = t.batch_size * (cfg.data.seq_len if job.text else 1)
+    speed_key = "tokens_per_s" if job.text else "samples_per_s"
+    began = time.perf_counter()
+    last_ckpt = None
+    val_loss = None
+    step = start
+    end = t.steps if stop_at is None else min(stop_at, t.steps)
+    reporter.start(t.steps, start)
+    with _StopFlag() as stop:
+        while step < end and stop.signal is None:
+            t0 = time.perf_counter()
+            x, y = job.batch(step)
+            job.optimizer.zero_grad()
+            total = 0.0
+            for i in range(t.grad_accum):
+                loss = job.loss(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro])
+                (loss / t.grad_accum).backward() if t.grad_accum > 1 else loss.backward()
+                total += loss.item() / t.grad_accum
+            if t.grad_clip:
+                clip_grad_norm_(job.model.parameters(), t.grad_clip)
+            lr = job.scheduler.get_last_lr()[0]
+            job.optimizer.step()
+            job.scheduler.step()
+            step += 1
+            reporter.emit("step", step=step, loss=total, lr=lr,
+                          **{speed_key: per_step / (time.perf_counter() - t0)})
+            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                val_loss = job.evaluate()
+                reporter.emit("eval", step=step, val_loss=val_loss)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
+                last_ckpt = save(job, step)
+                reporter.emit("checkpoint", step=step, path=str(last_ckpt))
+    interrupted = step < t.steps
+    if last_ckpt is None or not last_ckpt.name.endswith(f"{step:06d}"):
+        last_ckpt = save(job, step)
+        reporter.emit("checkpoint", step=step, path=str(last_ckpt))
+    if not interrupted:
+        val_loss = job.evaluate(max_batches=None)
+    done = {"step": step, "val_loss": val_loss, "checkpoint": str(last_ckpt),
+            "seconds": time.perf_counter() - began, "interrupted": interrupted}
+    reporter.emit("done", **done)
+    reporter.close()
+    done["signal"] = stop.signal
+    return done
