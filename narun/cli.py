@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from narun.errors import CheckpointError, ConfigError, NarunError
@@ -43,12 +45,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_checkpoint(path: str) -> Path:
+    """A step directory as given, or the newest good checkpoint of a run or checkpoints dir."""
+    from narun.checkpoint import latest_good
+
+    p = Path(path)
+    if (p / "manifest.json").exists():
+        return p
+    for candidate in (p / "checkpoints", p):
+        if candidate.is_dir():
+            found = latest_good(candidate)
+            if found is not None:
+                return found
+    raise CheckpointError(f"{path}: no checkpoint here (expected a step-NNNNNN directory with "
+                          "a manifest.json, or a run directory that holds checkpoints/)")
+
+
 def _model_from_checkpoint(path: str) -> tuple[Any, Any]:
     from narun.checkpoint import load_checkpoint
     from narun.config import config_from_dict
     from narun.models import build_from_config
 
-    c = load_checkpoint(path)
+    c = load_checkpoint(_resolve_checkpoint(path))
     cfg = config_from_dict(c.extra["config"])
     model = build_from_config(cfg.model)
     model.load_state_dict(c.model)
@@ -60,11 +78,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import narun.models  # noqa: F401
     from narun.data import ByteTokenizer
 
-    model, _ = _model_from_checkpoint(args.checkpoint)
+    model, cfg = _model_from_checkpoint(args.checkpoint)
+    if not hasattr(model, "generate"):
+        raise CheckpointError(f"{args.checkpoint}: holds a {cfg.model.name!r} model, which "
+                              f"does not generate text; use a language model checkpoint "
+                              f"(model.name: gpt)")
     tok = ByteTokenizer()
     prompt = tok.encode(args.prompt) if args.prompt else [10]  # empty prompt: start a line
-    out = model.generate(prompt[None, :] if args.prompt else [prompt], args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    out = model.generate([prompt], args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, seed=args.seed)
     sys.stdout.write(tok.decode(out[0]) + "\n")
     return 0
 
@@ -77,7 +99,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from narun.config import config_from_dict
     from narun.train import build_job
 
-    c = load_checkpoint(args.checkpoint)
+    c = load_checkpoint(_resolve_checkpoint(args.checkpoint))
     job = build_job(config_from_dict(c.extra["config"]))
     job.model.load_state_dict(c.model)
     val = job.evaluate(max_batches=None)
@@ -104,8 +126,14 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_data_blobs(args: argparse.Namespace) -> int:
     from narun.data import make_classification_npz
 
-    path = make_classification_npz(args.path, n=args.n, dim=args.dim, classes=args.classes,
-                                   seed=args.seed)
+    try:
+        Path(args.path).parent.mkdir(parents=True, exist_ok=True)  # runs/ on a fresh clone
+        path = make_classification_npz(args.path, n=args.n, dim=args.dim,
+                                       classes=args.classes, seed=args.seed)
+    except ValueError as e:  # an out-of-range --n/--dim/--classes
+        raise ConfigError(f"data blobs: {e}") from None
+    except OSError as e:
+        raise NarunError(f"data blobs: cannot write {args.path}: {e}") from None
     print(path)
     return 0
 
@@ -127,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     g = sub.add_parser("generate", help="sample text from a trained checkpoint")
-    g.add_argument("checkpoint")
+    g.add_argument("checkpoint", help="a step directory, or a run directory (newest good one)")
     g.add_argument("prompt", nargs="?", default="")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8)
@@ -136,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("evaluate", help="validation loss (and perplexity) of a checkpoint")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help="a step directory, or a run directory (newest good one)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_evaluate)
 
@@ -174,6 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CHECKPOINT
     except NarunError as e:
         _report_error(args, e)
+        return EXIT_FAILURE
+    except BrokenPipeError:
+        # The reader left (`narun train ... | head`): stop quietly, as Unix tools do, and
+        # point stdout at devnull so the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
 
 

@@ -54,6 +54,11 @@ class GPTConfig:
                               f"{self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        if self.mlp_hidden is not None and int(self.mlp_hidden) <= 0:
+            raise ConfigError(f"model.mlp_hidden: must be > 0 (or null for the default), "
+                              f"got {self.mlp_hidden}")
+        if not self.rope_base > 1.0:  # base <= 1 gives non-decaying or NaN frequencies
+            raise ConfigError(f"model.rope_base: must be > 1, got {self.rope_base}")
 
     @property
     def hidden(self) -> int:
@@ -214,6 +219,8 @@ class GPT(nn.Module):
     def forward(self, idx: Any, caches: list[KVCache] | None = None) -> Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T)."""
         idx = idx if isinstance(idx, Tensor) else narun.tensor(np.asarray(idx, dtype=np.int64))
+        if idx.ndim != 2:
+            raise ShapeError(f"GPT: expected token ids (B, T), got shape {idx.shape}")
         B, T = idx.shape
         offset = caches[0].length if caches else 0
         cfg = self.config
@@ -252,11 +259,22 @@ class GPT(nn.Module):
         are kept, so each new token costs one position instead of the whole context; the
         tokens are identical either way for the same seed.
         """
+        if int(max_new_tokens) < 0:
+            raise ConfigError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        if not temperature >= 0.0:  # also refuses NaN
+            raise ConfigError(f"generate: temperature must be >= 0 (0 = greedy), "
+                              f"got {temperature}")
+        if top_k is not None and int(top_k) < 1:
+            raise ConfigError(f"generate: top_k must be >= 1 (or None for no limit), "
+                              f"got {top_k}")
+        ids = np.atleast_2d(np.asarray(ids, dtype=np.int64))
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ShapeError(f"generate: ids must be (B, T) token ids with T >= 1, "
+                             f"got shape {ids.shape}")
         was_training = self.training
         self.eval()
         try:
-            return self._generate(np.atleast_2d(np.asarray(ids, dtype=np.int64)),
-                                  max_new_tokens, temperature, top_k,
+            return self._generate(ids, max_new_tokens, temperature, top_k,
                                   np.random.default_rng(seed), use_cache)
         finally:
             self.train(was_training)

@@ -72,14 +72,17 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ShapeError(f"linear: bias shape {bias.shape}, expected ({weight.shape[0]},)")
     W = weight.data
-    x2 = x.data.reshape(-1, x.shape[-1])
+    rows = 1
+    for n in x.shape[:-1]:
+        rows *= n
+    x2 = x.data.reshape(rows, x.shape[-1])  # explicit rows: -1 is ambiguous for empty inputs
     out2 = x2 @ W.T
     if bias is not None:
         out2 += bias.data
     out = out2.reshape(x.shape[:-1] + (W.shape[0],))
 
     def backward(g: Any) -> tuple[Any, ...]:
-        g2 = g.reshape(-1, W.shape[0])
+        g2 = g.reshape(rows, W.shape[0])
         gx = (g2 @ W).reshape(x.shape) if x.requires_grad else None
         gw = g2.T @ x2 if weight.requires_grad else None
         if bias is None:

@@ -153,3 +153,10 @@ def test_linear(xs, bias):
     check_op(linear,
              lambda x, w, b=None: x @ w.T + (0 if b is None else b), inputs,
              torch_fn=T(torch.nn.functional.linear))
+
+
+def test_linear_with_empty_dims_gives_zeros_like_torch():
+    out = linear(narun.tensor(np.zeros((2, 0), np.float32)),
+                 narun.tensor(np.zeros((3, 0), np.float32)))
+    np.testing.assert_array_equal(out.numpy(), np.zeros((2, 3), np.float32))
+    assert linear(narun.randn(0, 4), narun.randn(5, 4)).shape == (0, 5)
