@@ -28,8 +28,11 @@ def _load_job_config(path: str, overrides: Sequence[str]) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from narun._process import tune_process
     from narun.events import make_reporter
     from narun.train import train
+
+    tune_process()  # keep each step's freed temporaries instead of page-faulting them back
 
     cfg = _load_job_config(args.config, args.set)
     if cfg.runtime.mode != "local" or cfg.runtime.workers:
