@@ -138,9 +138,6 @@ class JobConfig:
         if self.data.kind == "arrays" and self.data.path is None:
             raise ConfigError("data.path: required when data.kind is 'arrays' (a .npy/.npz file)")
         t = self.training
-        if t.warmup_steps > t.steps:
-            raise ConfigError(f"training.warmup_steps: {t.warmup_steps} exceeds training.steps "
-                              f"{t.steps}; lower the warmup or train longer")
         if t.batch_size % t.grad_accum:
             raise ConfigError(f"training.grad_accum: {t.grad_accum} does not divide "
                               f"training.batch_size {t.batch_size}")

@@ -105,7 +105,12 @@ def build_job(cfg: JobConfig) -> Job:
                            val_fraction=cfg.data.val_fraction, split="val")
         sampler = ShardedSampler(len(train), t.batch_size, seed=t.seed, drop_last=True)
     opt = make_optimizer(model, cfg)
-    sched = optim.lr_scheduler.build_scheduler(t.schedule, opt, t.warmup_steps, t.steps)
+    warmup = t.warmup_steps
+    if warmup > t.steps:
+        log.warning("warmup_clamped", warmup_steps=warmup, steps=t.steps,
+                    reason="training.warmup_steps exceeds training.steps")
+        warmup = t.steps
+    sched = optim.lr_scheduler.build_scheduler(t.schedule, opt, warmup, t.steps)
     return Job(cfg, model, opt, sched, train, val, sampler)
 
 

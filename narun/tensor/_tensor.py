@@ -161,7 +161,8 @@ class Tensor:
 
     # ---- printing --------------------------------------------------------------------
     def __repr__(self) -> str:
-        body = np.array2string(self.numpy(), separator=", ", precision=4, threshold=64)
+        body = np.array2string(self.numpy(), separator=", ", precision=4, threshold=64,
+                               prefix="tensor(")
         extra = ""
         if self.device != "cpu":
             extra += f", device='{self.device}'"
