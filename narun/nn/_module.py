@@ -377,13 +377,9 @@ class Module:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop every parameter's `.grad` (or fill it with zeros in place)."""
-        for p in self.parameters():
-            if p.grad is None:
-                continue
-            if set_to_none:
-                p.grad = None
-            else:
-                p.grad.data.fill(0)
+        from narun.nn.utils import zero_grads
+
+        zero_grads(self.parameters(), set_to_none)
 
     def apply(self: M, fn: Callable[[Module], Any]) -> M:
         """Call `fn` on every descendant, children first, then on self (e.g. custom init)."""

@@ -10,7 +10,18 @@ import numpy as np
 from narun.errors import ConfigError, GradError
 from narun.tensor._tensor import Tensor
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_"]
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "zero_grads"]
+
+
+def zero_grads(parameters: Iterable[Tensor], set_to_none: bool = True) -> None:
+    """Drop each parameter's `.grad` (or fill it with zeros in place): Module and Optimizer."""
+    for p in parameters:
+        if p.grad is None:
+            continue
+        if set_to_none:
+            p.grad = None
+        else:
+            p.grad.data.fill(0)
 
 
 def _grads(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from narun.errors import CheckpointError, ConfigError
+from narun.nn.utils import zero_grads
 from narun.tensor import _backend
 from narun.tensor._autograd import enable_grad, no_grad
 from narun.tensor._tensor import Tensor
@@ -115,14 +116,7 @@ class Optimizer:
     # ---- stepping ----------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop every parameter's `.grad` (or fill it with zeros in place)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.data.fill(0)
+        zero_grads((p for g in self.param_groups for p in g["params"]), set_to_none)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update every parameter that has a gradient; returns `closure()`'s loss if given.
