@@ -141,6 +141,15 @@ def cmd_data_blobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from protocol.keys import generate_keypair
+
+    public, secret = generate_keypair(args.dir, name=args.name)
+    print(f"public key: {public}  (copy it to the peers that must accept this one)")
+    print(f"secret key: {secret}  (mode 0600; keep it on this host)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="narun", description="narun: train models with narun's "
                                 "own autograd engine.")
@@ -177,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("file")
     cc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     cc.set_defaults(fn=cmd_config_check)
+
+    k = sub.add_parser("keys", help="CURVE keys for authenticated, encrypted connections")
+    ksub = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kg = ksub.add_parser("generate", help="write NAME.key (public) and NAME.key_secret to DIR")
+    kg.add_argument("dir")
+    kg.add_argument("--name", default="narun")
+    kg.set_defaults(fn=cmd_keys_generate)
 
     d = sub.add_parser("data", help="make datasets")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")

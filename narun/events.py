@@ -83,9 +83,11 @@ class RichReporter:
         elif event == "checkpoint":
             self.progress.console.print(f"step {fields['step']}: checkpoint {fields['path']}")
         elif event == "done":
+            val = fields.get("val_loss")
+            shown = "not evaluated (interrupted)" if val is None else f"{val:.4f}"
             self.progress.console.print(
                 f"done at step {fields['step']} in {fields['seconds']:.1f}s: "
-                f"val_loss {fields.get('val_loss')}, checkpoint {fields.get('checkpoint')}")
+                f"val_loss {shown}, checkpoint {fields.get('checkpoint')}")
         elif event == "error":
             self.progress.console.print(f"[red]error: {fields['message']}")
         else:
