@@ -1,0 +1,296 @@
+"""Channels: narun messages over zmq.asyncio sockets (SPEC.md, "Transport").
+
+A thin layer over the pure codec: it sets the socket options every narun socket carries,
+adds and strips routing frames, refuses bad input without ever stopping (answering an
+``error`` where a reply is possible), and keeps zero-copy buffers out of the caller's hands
+until ZeroMQ has released them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from narun.errors import ActorDiedError, ConfigError, ProtocolError, WaitTimeout
+from protocol.codec import decode, encode, refusal
+from protocol.curve import CurveClient, CurveServer
+from protocol.limits import DEFAULT_LIMITS, INLINE_LIMIT, Limits
+from protocol.messages import Message
+
+SOCKET_TYPES = {"router": zmq.ROUTER, "dealer": zmq.DEALER, "push": zmq.PUSH,
+                "pull": zmq.PULL, "pub": zmq.PUB, "sub": zmq.SUB}
+#: Messages queued per peer and direction. Tensor messages are large: a few in flight keep
+#: the pipe full, hundreds only hold memory. ROUTER and PUB drop beyond it, others wait.
+DEFAULT_HWM = 64
+_ROUTED = {"router", "pub", "sub"}  # one routing frame: the peer's identity, or the topic
+_CAN_REPLY = {"router", "dealer"}
+_SEND_ONLY = {"push", "pub"}
+_RECV_ONLY = {"pull", "sub"}
+# Dead-peer detection below the heartbeats, for half-open TCP connections (seconds, count).
+_KEEPALIVE_IDLE, _KEEPALIVE_INTERVAL, _KEEPALIVE_COUNT = 30, 10, 3
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A received message and its routing frame: the sending peer's identity on a ROUTER
+    (pass it back as ``send(..., to=route)``), the topic on a SUB, else None."""
+
+    msg: Message
+    route: bytes | None
+
+
+class Channel:
+    """One socket speaking narun messages. One task receives at a time."""
+
+    def __init__(self, socket: zmq.asyncio.Socket, kind: str, limits: Limits,
+                 endpoint: str) -> None:
+        self.socket = socket
+        self.kind = kind
+        self.limits = limits
+        self.endpoint = endpoint
+        self.refused = 0  # messages refused so far (malformed, oversized, unknown...)
+        # zmq.asyncio costs ~40 us per call even when a message is ready; a synchronous
+        # view of the same socket, tried first with DONTWAIT, costs ~2 us. It never waits:
+        # waiting is left to zmq.asyncio.
+        self._sync = zmq.Socket.shadow(socket.underlying)
+        self._sends_waiting = 0  # sends parked in zmq.asyncio: later ones queue behind them
+        self._maybe_partial = False
+
+    def __repr__(self) -> str:
+        return f"<Channel {self.kind} {self.endpoint}>"
+
+    async def send(self, msg: Message, *, to: bytes | None = None, wait_sent: bool = True,
+                   timeout: float | None = None) -> None:
+        """Send ``msg`` (``to``: the peer identity on a ROUTER, the topic on a PUB).
+
+        Tensors of 64 KiB and more are sent without copying. With ``wait_sent`` (the
+        default) this returns only once ZeroMQ has released them, so the caller may write
+        to its arrays at once; pass False for arrays nobody writes to afterwards. Raises
+        ActorDiedError when a ROUTER's peer is gone, WaitTimeout after ``timeout`` seconds.
+        """
+        self._check_open()
+        if self.kind in _RECV_ONLY:
+            raise ValueError(f"{self!r} cannot send: a {self.kind} socket only receives")
+        if self.kind == "router" and to is None:
+            raise ValueError(f"{self!r}: send needs to=<peer identity> (Incoming.route)")
+        if to is not None and self.kind not in _ROUTED:
+            raise ValueError(f"{self!r}: to= is for router and pub sockets, got {to!r:.40}")
+        route: list[Any] = [] if self.kind not in _ROUTED else [to or b""]
+        await self._send_frames(route + encode(msg, self.limits), wait_sent, timeout, to)
+
+    async def recv(self, timeout: float | None = None) -> Incoming:
+        """The next valid message. Invalid ones are counted in ``refused``, answered with an
+        ``error`` on ROUTER and DEALER sockets, and skipped. WaitTimeout after ``timeout``."""
+        self._check_open()
+        if self.kind in _SEND_ONLY:
+            raise ValueError(f"{self!r} cannot receive: a {self.kind} socket only sends")
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        n_route = 1 if self.kind in _ROUTED else 0
+        while True:
+            frames, overflow = await self._recv_frames(deadline, timeout)
+            route, body = frames[:n_route], frames[n_route:]
+            try:
+                if overflow:
+                    raise ProtocolError(overflow)
+                return Incoming(decode(body, self.limits), bytes(route[0]) if route else None)
+            except ProtocolError as exc:
+                self._refuse(route, body, exc)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    def _check_open(self) -> None:
+        # the synchronous shadow must never touch a closed socket's freed handle
+        if self.socket.closed:
+            raise ValueError(f"{self!r} is closed")
+
+    async def __aenter__(self) -> Channel:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.close()
+
+    async def _send_frames(self, frames: list[Any], wait_sent: bool, timeout: float | None,
+                           peer: bytes | None) -> None:
+        tracker = None
+        if wait_sent:
+            for i, frame in enumerate(frames):
+                if isinstance(frame, memoryview) and frame.nbytes >= INLINE_LIMIT:
+                    frames[i] = zmq.Frame(frame, track=True, copy=False)
+            tracked = [f for f in frames if isinstance(f, zmq.Frame)]
+            tracker = zmq.MessageTracker(*tracked) if tracked else None
+            del tracked
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            if self._sends_waiting or not self._try_send(frames):
+                self._sends_waiting += 1
+                try:
+                    await asyncio.wait_for(self.socket.send_multipart(frames, copy=False),
+                                           timeout)
+                finally:
+                    self._sends_waiting -= 1
+        except asyncio.TimeoutError:
+            raise WaitTimeout(f"{self!r}: send not accepted within {timeout} s (peer "
+                              f"{peer!r} not reading?)") from None
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                raise ActorDiedError(f"{self!r}: peer {peer!r} is not connected") from None
+            raise
+        if tracker is not None:
+            # A Frame object holds its own reference to the buffer: ZeroMQ releases it only
+            # once the Frame objects are gone too, so drop ours before waiting.
+            frames.clear()
+            await _released(tracker, deadline, self)
+
+    def _try_send(self, frames: list[Any]) -> bool:
+        # A multipart message is accepted whole or not at all: only its first frame can
+        # meet the high-water mark (EAGAIN).
+        try:
+            self._sync.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    async def _recv_frames(self, deadline: float | None,
+                           timeout: float | None) -> tuple[list[Any], str]:
+        """One whole multipart message, but never more than the limits: past them, the rest
+        is read and dropped frame by frame, and the reason returned."""
+        sync = self._sync
+        if self._maybe_partial:  # a cancelled reader may have taken the head of a message
+            while sync.rcvmore:
+                sync.recv(zmq.DONTWAIT, copy=False)
+            self._maybe_partial = False
+        try:
+            frame = sync.recv(zmq.DONTWAIT, copy=False)
+        except zmq.Again:
+            frame = await self._wait_frame(deadline, timeout)
+        frames, total, overflow = [frame], len(frame), ""
+        max_frames = self.limits.max_frames + 2  # + header + routing frame
+        while frame.more:
+            # the rest of a multipart message has arrived with its first frame
+            frame = sync.recv(zmq.DONTWAIT, copy=False)
+            if overflow:
+                continue
+            total += len(frame)
+            if len(frames) >= max_frames:
+                overflow = (f"more than {self.limits.max_frames} buffer frames "
+                            f"(Limits.max_frames)")
+            elif total > self.limits.max_message_bytes:
+                overflow = (f"message over the limit of {self.limits.max_message_bytes} bytes "
+                            f"(Limits.max_message_bytes)")
+            else:
+                frames.append(frame)
+        return frames, overflow
+
+    async def _wait_frame(self, deadline: float | None, timeout: float | None) -> Any:
+        pending = self.socket.recv(copy=False)
+        try:
+            if deadline is None:
+                return await pending
+            # wait_for on the future itself: no task per call, and it is cancelled (so no
+            # frame is taken) when time runs out
+            remaining = max(deadline - asyncio.get_running_loop().time(), 0.0)
+            return await asyncio.wait_for(pending, remaining)
+        except asyncio.TimeoutError:
+            raise WaitTimeout(f"{self!r}: no message within {timeout} s") from None
+        except asyncio.CancelledError:
+            self._maybe_partial = True
+            raise
+
+    def _refuse(self, route: Sequence[Any], body: Sequence[Any], exc: ProtocolError) -> None:
+        self.refused += 1
+        peer = bytes(route[0]) if route else None
+        if self.refused & (self.refused - 1) == 0:  # 1, 2, 4, 8...: a flood can't flood the log
+            log.warning("protocol.refused", channel=repr(self), peer=peer, error=str(exc),
+                        refused=self.refused)
+        answer = refusal(body, exc, self.limits) if self.kind in _CAN_REPLY else None
+        if answer is None:
+            return
+        # DONTWAIT: a peer that floods us without reading its errors loses them (EAGAIN), a
+        # vanished one too (EHOSTUNREACH); neither ever blocks this loop.
+        with contextlib.suppress(zmq.ZMQError):
+            self._sync.send_multipart([*route, *encode(answer, self.limits)],
+                                      flags=zmq.DONTWAIT)
+
+
+async def _released(tracker: zmq.MessageTracker, deadline: float | None,
+                    channel: Channel) -> None:
+    # The tracker's events are set from ZeroMQ's I/O thread; poll with backoff instead of
+    # parking a thread per send. The delay is capped at 1 ms, which is far below the time a
+    # zero-copy frame (>= 64 KiB) takes to cross a socket anyway.
+    loop = asyncio.get_running_loop()
+    delay = 0.0
+    while not tracker.done:
+        if deadline is not None and loop.time() > deadline:
+            raise WaitTimeout(f"{channel!r}: zero-copy frames still in flight at the deadline")
+        await asyncio.sleep(delay)
+        delay = min(max(delay * 2, 5e-5), 1e-3)
+
+
+def open_channel(context: zmq.asyncio.Context, kind: str, *, bind: str | None = None,
+                 connect: str | Iterable[str] | None = None, limits: Limits = DEFAULT_LIMITS,
+                 hwm: int = DEFAULT_HWM, identity: bytes | None = None,
+                 subscribe: Iterable[bytes] = (b"",),
+                 curve: CurveServer | CurveClient | None = None) -> Channel:
+    """A Channel on a new ``kind`` socket (router, dealer, push, pull, pub, sub) that binds
+    to ``bind`` or connects to ``connect``.
+
+    Every socket gets linger 0, MAXMSGSIZE = limits.max_message_bytes, send and receive
+    high-water marks ``hwm``, TCP keepalive, and ROUTER_MANDATORY on a ROUTER (a send to a
+    vanished peer raises instead of vanishing). ``bind="tcp://127.0.0.1:0"`` picks a free
+    port; ``channel.endpoint`` names it. ConfigError names the address that failed.
+
+        server = open_channel(ctx, "router", bind="tcp://127.0.0.1:0")
+        client = open_channel(ctx, "dealer", connect=server.endpoint)
+    """
+    if kind not in SOCKET_TYPES:
+        raise ConfigError(f"socket kind {kind!r}: expected one of {', '.join(SOCKET_TYPES)}")
+    if not isinstance(context, zmq.asyncio.Context):
+        raise ConfigError(f"expected a zmq.asyncio.Context, got {type(context).__name__}")
+    if (bind is None) == (connect is None):
+        raise ConfigError(f"{kind} socket: give exactly one of bind= and connect=")
+    sock = context.socket(SOCKET_TYPES[kind])
+    try:
+        sock.linger = 0
+        sock.maxmsgsize = limits.max_message_bytes
+        sock.sndhwm = sock.rcvhwm = hwm
+        sock.tcp_keepalive = 1
+        sock.tcp_keepalive_idle = _KEEPALIVE_IDLE
+        sock.tcp_keepalive_intvl = _KEEPALIVE_INTERVAL
+        sock.tcp_keepalive_cnt = _KEEPALIVE_COUNT
+        if kind == "router":
+            sock.router_mandatory = 1
+        if identity is not None:
+            sock.identity = identity
+        if kind == "sub":
+            for topic in subscribe:
+                sock.subscribe(topic)
+        if curve is not None:
+            curve.configure(sock)
+        if bind is not None:
+            sock.bind(bind)
+            endpoint = sock.last_endpoint.decode()
+        else:
+            addresses = [connect] if isinstance(connect, str) else list(connect or ())
+            for address in addresses:
+                sock.connect(address)
+            endpoint = ",".join(addresses)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise ConfigError(f"{kind} socket on {bind or connect}: {exc}") from exc
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return Channel(sock, kind, limits, endpoint)
