@@ -296,3 +296,17 @@ def test_a_corrupted_checkpoint_exits_3_naming_the_file(gpt_run, tmp_path):
         assert str(weights) in out.stderr and "Traceback" not in out.stderr
     missing = narun_cli("generate", tmp_path / "no-such-run", "hi")
     assert missing.returncode == 3 and "no-such-run" in missing.stderr
+
+
+def test_keys_generate_writes_a_loadable_keypair_and_never_overwrites(tmp_path):
+    from protocol.keys import load_keypair, load_public_key
+
+    out = narun_cli("keys", "generate", str(tmp_path / "keys"), "--name", "node1")
+    assert out.returncode == 0, out.stderr
+    public, secret = tmp_path / "keys" / "node1.key", tmp_path / "keys" / "node1.key_secret"
+    assert oct(secret.stat().st_mode & 0o777) == "0o600"
+    pair = load_keypair(secret)
+    assert load_public_key(public) == pair.public and len(pair.public) == 40
+    again = narun_cli("keys", "generate", str(tmp_path / "keys"), "--name", "node1")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert load_keypair(secret).secret == pair.secret  # untouched
