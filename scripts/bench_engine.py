@@ -28,6 +28,19 @@ MLP = dict(sizes=(784, 1024, 1024, 10), batch=256)
 
 
 # ---- the workloads, one per framework ----------------------------------------------------
+def training_step(opt, loss_fn):
+    """One step as both frameworks spell it: zero_grad, forward + loss, backward, update."""
+
+    def step() -> float:
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
 def narun_step(model_name: str):
     import numpy as np
 
@@ -56,16 +69,7 @@ def narun_step(model_name: str):
         def loss_fn():
             return F.cross_entropy(model(x), y)
 
-    opt = narun.optim.Adam(model.parameters(), lr=1e-4)
-
-    def step() -> float:
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    return step
+    return training_step(narun.optim.Adam(model.parameters(), lr=1e-4), loss_fn)
 
 
 def torch_step(model_name: str):
@@ -133,16 +137,7 @@ def torch_step(model_name: str):
         def loss_fn():
             return TF.cross_entropy(model(x), y)
 
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    def step() -> float:
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    return step
+    return training_step(torch.optim.Adam(model.parameters(), lr=1e-4), loss_fn)
 
 
 def worker(framework: str, model: str, threads: int, steps: int, warmup: int) -> None:
