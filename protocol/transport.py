@@ -65,6 +65,8 @@ class Channel:
         self._sync = zmq.Socket.shadow(socket.underlying)
         self._sends_waiting = 0  # sends parked in zmq.asyncio: later ones queue behind them
         self._maybe_partial = False
+        # One reader at a time: two parked readers would each take frames of one multipart.
+        self._recv_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<Channel {self.kind} {self.endpoint}>"
@@ -94,17 +96,27 @@ class Channel:
         self._check_open()
         if self.kind in _SEND_ONLY:
             raise ValueError(f"{self!r} cannot receive: a {self.kind} socket only sends")
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         n_route = 1 if self.kind in _ROUTED else 0
-        while True:
-            frames, overflow = await self._recv_frames(deadline, timeout)
-            route, body = frames[:n_route], frames[n_route:]
-            try:
-                if overflow:
-                    raise ProtocolError(overflow)
-                return Incoming(decode(body, self.limits), bytes(route[0]) if route else None)
-            except ProtocolError as exc:
-                self._refuse(route, body, exc)
+        try:
+            await asyncio.wait_for(self._recv_lock.acquire(), timeout)
+        except asyncio.TimeoutError:
+            raise WaitTimeout(f"{self!r}: no message within {timeout} s (another reader "
+                              "held the socket)") from None
+        try:
+            while True:
+                frames, overflow = await self._recv_frames(deadline, timeout)
+                route, body = frames[:n_route], frames[n_route:]
+                try:
+                    if overflow:
+                        raise ProtocolError(overflow)
+                    return Incoming(decode(body, self.limits),
+                                    bytes(route[0]) if route else None)
+                except ProtocolError as exc:
+                    self._refuse(route, body, exc)
+        finally:
+            self._recv_lock.release()
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -161,7 +173,18 @@ class Channel:
             self._sync.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
         except zmq.Again:
             return False
+        finally:
+            self._rearm()
         return True
+
+    def _rearm(self) -> None:
+        # The socket's FD signals readiness edge-triggered, and any call on the socket can
+        # consume the edge. zmq.asyncio re-checks ZMQ_EVENTS after its own calls only, so
+        # after each call through the synchronous shadow we do the same; otherwise a reader
+        # parked in zmq.asyncio can sleep beside a message that has arrived (seen as lost
+        # replies with several tasks sending on one socket).
+        if not self.socket.closed:
+            self.socket._schedule_remaining_events()
 
     async def _recv_frames(self, deadline: float | None,
                            timeout: float | None) -> tuple[list[Any], str]:
@@ -192,6 +215,7 @@ class Channel:
                             f"(Limits.max_message_bytes)")
             else:
                 frames.append(frame)
+        self._rearm()
         return frames, overflow
 
     async def _wait_frame(self, deadline: float | None, timeout: float | None) -> Any:
@@ -223,6 +247,7 @@ class Channel:
         with contextlib.suppress(zmq.ZMQError):
             self._sync.send_multipart([*route, *encode(answer, self.limits)],
                                       flags=zmq.DONTWAIT)
+        self._rearm()
 
 
 async def _released(tracker: zmq.MessageTracker, deadline: float | None,

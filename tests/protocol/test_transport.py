@@ -256,3 +256,45 @@ async def test_a_closed_channel_refuses_to_work(ctx) -> None:
         await channel.recv(timeout=0.1)
     with pytest.raises(ValueError, match="is closed"):
         await channel.send(message("token", 1, index=0, token=1, logprob=0.0))
+
+
+@pytest.mark.timeout(60)
+async def test_concurrent_readers_get_whole_messages_while_tasks_send(ctx) -> None:
+    # Six readers park on one channel while six tasks send on it. Each multipart reply
+    # must reach one reader whole (two parked readers used to split a message's frames),
+    # and a reader parked in zmq.asyncio must be woken although the sends went through
+    # the synchronous shadow socket (tests/integration lost replies without the re-arm).
+    server = open_channel(ctx, "router", bind="tcp://127.0.0.1:0")
+    clients = [open_channel(ctx, "dealer", connect=server.endpoint) for _ in range(2)]
+    per_client, rounds = 6, 300
+
+    async def answer_in_pairs() -> None:
+        held = []
+        while True:
+            incoming = await server.recv()
+            held.append(incoming)
+            if len(held) == 2:
+                for item in held:
+                    await server.send(reply(item.msg, "params", version=0, params={
+                        "w": np.zeros(20000, np.float32)}), to=item.route, wait_sent=False)
+                held.clear()
+
+    async def one_round(client: Channel, n: int) -> None:
+        ids = [(n * 100 + i) for i in range(per_client)]
+        reader = asyncio.ensure_future(asyncio.gather(
+            *(client.recv(timeout=5.0) for _ in ids)))
+        await asyncio.sleep(0)  # the readers park before the requests go out
+        grads = {"w": np.ones(20000, np.float32)}
+        await asyncio.gather(*(client.send(message("push_grads", i, step=n, rank=0, version=0,
+                                                   grads=grads), wait_sent=False) for i in ids))
+        got = await reader
+        assert sorted(g.msg.id for g in got) == ids
+
+    server_task = asyncio.ensure_future(answer_in_pairs())
+    try:
+        for n in range(rounds):
+            await asyncio.gather(*(one_round(c, n * 10 + k) for k, c in enumerate(clients)))
+    finally:
+        server_task.cancel()
+        for ch in (server, *clients):
+            ch.close()
