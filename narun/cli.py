@@ -30,19 +30,34 @@ def _load_job_config(path: str, overrides: Sequence[str]) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     from narun._process import tune_process
     from narun.events import make_reporter
-    from narun.train import train
 
-    tune_process()  # keep each step's freed temporaries instead of page-faulting them back
+    overrides = list(args.set)
+    if args.workers is not None:
+        overrides.append(f"runtime.workers={args.workers}")
+    if args.ps_shards is not None:
+        overrides.append(f"runtime.ps_shards={args.ps_shards}")
+    if args.mode is not None:
+        overrides.append(f"runtime.mode={args.mode}")
+    elif args.workers:  # `--workers N` alone means the default distributed mode
+        overrides.append("runtime.mode=ps-sync")
+    cfg = _load_job_config(args.config, overrides)
+    reporter = make_reporter(True if args.json else None)
+    if cfg.runtime.mode in ("ps-sync", "ps-async"):
+        from narun.runtime import train as distributed_train
 
-    cfg = _load_job_config(args.config, args.set)
-    if cfg.runtime.mode != "local" or cfg.runtime.workers:
-        raise ConfigError(f"runtime.mode: this version trains in one process only (mode "
-                          f"local, workers 0), got mode {cfg.runtime.mode!r} with "
-                          f"{cfg.runtime.workers} workers")
-    if cfg.runtime.device not in ("cpu", "auto"):
-        raise ConfigError(f"runtime.device: `narun train` runs on the cpu in this version, "
-                          f"got {cfg.runtime.device!r}")
-    done = train(cfg, make_reporter(True if args.json else None), resume=args.resume)
+        done = distributed_train(cfg, reporter, resume=args.resume)
+    else:
+        from narun.train import train
+
+        if cfg.runtime.mode != "local" or cfg.runtime.workers:
+            raise ConfigError(f"runtime.mode: {cfg.runtime.mode!r} with "
+                              f"{cfg.runtime.workers} workers is not available; use mode "
+                              f"local with workers 0, or ps-sync / ps-async with workers >= 1")
+        if cfg.runtime.device not in ("cpu", "auto"):
+            raise ConfigError(f"runtime.device: `narun train` runs on the cpu in this version, "
+                              f"got {cfg.runtime.device!r}")
+        tune_process()  # keep each step's freed temporaries instead of page-faulting them back
+        done = train(cfg, reporter, resume=args.resume)
     if done["signal"] == signal.SIGINT:
         return EXIT_INTERRUPTED
     return 0
@@ -164,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint, or the newest good one with 'auto'")
     t.add_argument("--json", action="store_true",
                    help="JSON lines on stdout (the default when stdout is not a terminal)")
+    t.add_argument("--workers", type=int, metavar="N",
+                   help="trainer processes (runtime.workers); 0 trains in this process")
+    t.add_argument("--ps-shards", type=int, metavar="K",
+                   help="parameter-server processes (runtime.ps_shards)")
+    t.add_argument("--mode", choices=("local", "ps-sync", "ps-async"),
+                   help="runtime.mode; --workers N alone implies ps-sync")
     t.set_defaults(fn=cmd_train)
 
     g = sub.add_parser("generate", help="sample text from a trained checkpoint")

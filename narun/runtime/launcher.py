@@ -1,0 +1,133 @@
+"""Starting job processes on this host: `python -m workers ROLE`, never a fork.
+
+Each child gets its BLAS thread count in its environment (so co-located workers do not
+oversubscribe the cores), its stderr in a log file (whose tail goes into the error when it
+dies), and PR_SET_PDEATHSIG against its parent. Every child is registered until reaped; an
+atexit hook kills and reaps whatever is left, so no path out of the coordinator (an
+exception, SIGTERM turned into SystemExit) leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+from narun._process import blas_env
+from narun.errors import ActorDiedError, WaitTimeout
+
+_LIVE: dict[int, asyncio.subprocess.Process] = {}
+
+
+class Child:
+    """One started worker process."""
+
+    def __init__(self, role: str, rank: int, proc: asyncio.subprocess.Process,
+                 log_path: Path) -> None:
+        self.role = role
+        self.rank = rank
+        self.proc = proc
+        self.log_path = log_path
+
+    @property
+    def name(self) -> str:
+        return f"{self.role} {self.rank}"
+
+    @property
+    def identity(self) -> bytes:
+        return f"{self.role}-{self.rank}".encode()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def died_message(self, code: int | None, step: int | None = None) -> str:
+        at = "" if step is None else f" at step {step}"
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else \
+            f"exited with status {code}"
+        tail = self.log_tail()
+        return (f"{self.name} (pid {self.pid}) {how}{at}; its log is {self.log_path}"
+                + (f":\n{tail}" if tail else ""))
+
+    async def read_endpoint(self, timeout: float) -> str:
+        """The endpoint a shard prints as its first stdout line (JSON {"endpoint": ...})."""
+        import json
+
+        assert self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except asyncio.TimeoutError:
+            raise WaitTimeout(f"{self.name} did not report its endpoint within {timeout:g} s; "
+                              f"log {self.log_path}") from None
+        if not line:
+            code = await self.proc.wait()
+            raise ActorDiedError(self.died_message(code))
+        try:
+            return str(json.loads(line)["endpoint"])
+        except (ValueError, KeyError, TypeError):
+            raise ActorDiedError(f"{self.name} wrote {line[:200]!r} instead of its endpoint") \
+                from None
+
+    async def write_line(self, line: bytes) -> None:
+        """Send one line to the child's stdin (trainers read the shard endpoints so)."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(line)
+            await self.proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            raise ActorDiedError(self.died_message(await self.proc.wait())) from None
+
+    async def stop(self, grace: float) -> int:
+        """Wait up to `grace` seconds for the process to exit, then SIGKILL; reap it."""
+        try:
+            return await asyncio.wait_for(self.proc.wait(), grace)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            return await self.proc.wait()
+        finally:
+            _LIVE.pop(self.pid, None)
+
+
+async def spawn(role: str, rank: int, spec_json: str, log_dir: Path,
+                blas_threads: int = 1) -> Child:
+    """Start `python -m workers ROLE --rank RANK --spec SPEC` with its stderr in log_dir."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{role}-{rank}.log"
+    env = {**os.environ, **blas_env(blas_threads)}
+    root = str(Path(__file__).resolve().parents[2])  # so `workers` imports from this tree
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    with open(log_path, "wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "workers", role, "--rank", str(rank), "--spec", spec_json,
+            "--parent", str(os.getpid()),
+            stdin=asyncio.subprocess.PIPE if role == "trainer" else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE if role == "ps" else asyncio.subprocess.DEVNULL,
+            stderr=log, env=env, start_new_session=False)
+    _LIVE[proc.pid] = proc
+    return Child(role, rank, proc, log_path)
+
+
+def live_pids() -> list[int]:
+    """Pids started here and not reaped yet."""
+    return list(_LIVE)
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for pid in list(_LIVE):
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        _LIVE.pop(pid, None)

@@ -1,0 +1,226 @@
+"""Mailboxes: request/reply and dispatch over one narun Channel.
+
+A Mailbox owns one socket's receive loop. A message whose id answers one of our pending
+calls resolves that call; any other message is a request, handed to the actor's handler in
+its own task, and whatever the handler returns is sent back as the reply. So both sides of
+a connection can call each other over one socket (the coordinator asks a shard for a
+checkpoint over the connection the shard opened to it).
+
+Failures are explicit: an `error` reply raises RemoteError (Refused for a refusal code such
+as `stale`) with the remote traceback; a peer known dead fails its calls at once with
+ActorDiedError; every call has a timeout whose WaitTimeout names the peer, the step and what
+was awaited. On a DEALER, a socket monitor notices the TCP connection drop when the peer
+process exits, so waiting calls fail immediately instead of at their timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from narun.errors import ActorDiedError, NarunError, RemoteError, WaitTimeout
+from protocol import Channel, Message, error_message
+
+log = structlog.get_logger("narun.runtime")
+
+Handler = Callable[[Message, "bytes | None"], Awaitable["Message | None"]]
+
+
+class Refused(RemoteError):
+    """The peer refused the request with an error code (`stale`, `not_found`, `busy`...)."""
+
+    def __init__(self, message: str, code: str, remote_traceback: str = "") -> None:
+        super().__init__(message, remote_traceback)
+        self.code = code
+
+
+class Refusal(NarunError):
+    """Raised by a handler to answer `error` with `code` (not `internal`): an expected
+    refusal, such as a stale push, which the caller handles."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def new_id() -> int:
+    """A random 63-bit message id: ids of both directions never collide in practice."""
+    return random.getrandbits(63) | 1
+
+
+class Mailbox:
+    """The receive loop, pending calls and request dispatch of one channel.
+
+    `name` names the peer (DEALER) or this server (ROUTER) in errors. `handler(msg, route)`
+    serves requests; None refuses them with `unsupported`.
+    """
+
+    def __init__(self, channel: Channel, name: str, handler: Handler | None = None,
+                 watch: bool = False) -> None:
+        self.channel = channel
+        self.name = name
+        self.handler = handler
+        self._pending: dict[int, tuple[asyncio.Future[Message], bytes | None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._dead: dict[bytes | None, str] = {}  # route (None: the DEALER's peer) -> why
+        self.peer_lost = asyncio.Event()  # set when the DEALER's peer is known dead
+        self._recv_task: asyncio.Task[None] | None = None
+        self._watch = watch and channel.kind == "dealer"
+        self._monitor: zmq.asyncio.Socket | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> Mailbox:
+        loop = asyncio.get_running_loop()
+        self._recv_task = loop.create_task(self._recv_loop(), name=f"mailbox {self.name}")
+        if self._watch:
+            self._monitor = self.channel.socket.get_monitor_socket(
+                zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            self._spawn(self._watch_loop())
+        return self
+
+    def close(self, linger: float = 0.0) -> None:
+        """Stop receiving, fail pending calls, close the socket. `linger` seconds let
+        messages already queued (a last report) go out first; the default drops them."""
+        for task in [self._recv_task, *self._tasks]:
+            if task is not None:
+                task.cancel()
+        self._fail_all(None, ActorDiedError(f"{self.name}: mailbox closed"))
+        if self._monitor is not None:
+            self.channel.socket.disable_monitor()
+            self._monitor.close(linger=0)
+        if linger > 0:
+            self.channel.socket.close(linger=int(linger * 1000))
+        else:
+            self.channel.close()
+
+    def peer_died(self, route: bytes | None, why: str) -> None:
+        """Mark a peer dead: its pending calls fail now, later calls fail at once."""
+        self._dead[route] = why
+        self._fail_all(route, ActorDiedError(why))
+        if route is None:
+            self.peer_lost.set()
+
+    def is_dead(self, route: bytes | None = None) -> bool:
+        return route in self._dead
+
+    # -- calls -------------------------------------------------------------------------
+    async def call(self, msg: Message, *, to: bytes | None = None, timeout: float,
+                   what: str, step: int | None = None) -> Message:
+        """Send a request and await its reply (an `error` reply raises)."""
+        who = self._who(to)
+        if to in self._dead:
+            raise ActorDiedError(f"{self._dead[to]}; cannot ask {who} for {what}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Message] = loop.create_future()
+        self._pending[msg.id] = (future, to)
+        # One timer for the send and the reply, cancelling this task when it fires (what
+        # asyncio.timeout does on 3.11+): no helper task per call, unlike wait_for.
+        task = asyncio.current_task()
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            if task is not None:
+                task.cancel()
+
+        timer = loop.call_later(timeout, expire)
+        try:
+            await self._send(msg, to)
+            reply = await future
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            if task is not None and hasattr(task, "uncancel"):  # 3.11+: our cancel, consumed
+                task.uncancel()
+            at = "" if step is None else f" at step {step}"
+            raise WaitTimeout(f"{who} did not answer {msg.type} ({what}){at} within "
+                              f"{timeout:g} s") from None
+        finally:
+            timer.cancel()
+            self._pending.pop(msg.id, None)
+        if reply.type == "error":
+            text = f"{who} refused {msg.type} ({what}): [{reply['code']}] {reply['message']}"
+            if reply["code"] == "internal":
+                raise RemoteError(text, reply["traceback"])
+            raise Refused(text, reply["code"], reply["traceback"])
+        return reply
+
+    async def send(self, msg: Message, *, to: bytes | None = None,
+                   timeout: float | None = None) -> None:
+        """Send without awaiting a reply (arrays in `msg` must not be written afterwards)."""
+        if to in self._dead:
+            raise ActorDiedError(f"{self._dead[to]}; cannot send {msg.type} to {self._who(to)}")
+        await self._send(msg, to, timeout)
+
+    # -- internals ---------------------------------------------------------------------
+    async def _send(self, msg: Message, to: bytes | None, timeout: float | None = None) -> None:
+        await self.channel.send(msg, to=to, wait_sent=False, timeout=timeout)
+
+    def _who(self, route: bytes | None) -> str:
+        return self.name if route is None else route.decode(errors="replace")
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _fail_all(self, route: bytes | None, exc: Exception) -> None:
+        for future, to in list(self._pending.values()):
+            if (route is None or to == route) and not future.done():
+                future.set_exception(exc)
+
+    async def _recv_loop(self) -> None:
+        while True:
+            incoming = await self.channel.recv()
+            msg, route = incoming.msg, incoming.route
+            pending = self._pending.get(msg.id)
+            if pending is not None and pending[1] == route:
+                if not pending[0].done():
+                    pending[0].set_result(msg)
+            elif msg.type == "error":
+                log.warning("runtime.unsolicited_error", mailbox=self.name,
+                            code=msg["code"], message=msg["message"])
+            else:
+                self._spawn(self._serve(msg, route))
+
+    async def _serve(self, msg: Message, route: bytes | None) -> None:
+        try:
+            if self.handler is None:
+                raise Refusal("unsupported", f"{self.name} serves no requests")
+            reply = await self.handler(msg, route)
+        except asyncio.CancelledError:
+            raise
+        except Refusal as exc:
+            reply = error_message(msg.id, exc.code, str(exc))
+        except WaitTimeout as exc:  # the handler waited for a third party (other trainers)
+            reply = error_message(msg.id, "timeout", str(exc))
+        except Exception as exc:  # the handler's bug or failure: the caller gets it
+            log.warning("runtime.handler_failed", mailbox=self.name, type=msg.type,
+                        error=repr(exc))
+            reply = error_message(msg.id, "internal", f"{type(exc).__name__}: {exc}",
+                                  traceback.format_exc())
+        if reply is None:
+            return
+        with contextlib.suppress(ActorDiedError):  # the asker left: nobody waits for it
+            await self._send(reply, route)
+
+    async def _watch_loop(self) -> None:
+        assert self._monitor is not None  # set by start()
+        connected = False
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_CONNECTED:
+                connected = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED and connected:
+                self.peer_died(None, f"{self.name} disconnected (its process exited?)")
+                return

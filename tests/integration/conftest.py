@@ -1,0 +1,53 @@
+"""Fixtures for runtime tests with real processes on loopback: a blobs dataset and a tiny
+MLP job config (dropout-free, float32) whose runs take a few seconds on 2 cores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import narun.models  # noqa: F401  (registers model config fields)
+from narun.config import JobConfig, config_from_dict
+from narun.runtime import launcher
+
+
+@pytest.fixture(scope="session")
+def blobs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0.0, 3.0, (4, 16))
+    y = rng.integers(0, 4, 600)
+    x = (centers[y] + rng.normal(0.0, 1.0, (600, 16))).astype(np.float32)
+    path = tmp_path_factory.mktemp("data") / "blobs.npz"
+    np.savez(path, x=x, y=y.astype(np.int64))
+    return path
+
+
+@pytest.fixture
+def make_config(blobs: Path, tmp_path: Path):
+    def make(mode: str = "ps-sync", workers: int = 2, shards: int = 2, out: str = "run",
+             heartbeat_timeout: float = 5.0, **training: Any) -> JobConfig:
+        t = {"steps": 10, "batch_size": 12, "optimizer": "adamw", "lr": 1e-2,
+             "weight_decay": 0.1, "schedule": "cosine", "warmup_steps": 2, "grad_clip": None,
+             "eval_every": 0, "checkpoint_every": 0, "out_dir": str(tmp_path / out)}
+        t.update(training)
+        return config_from_dict({
+            "model": {"name": "mlp", "sizes": [16, 32, 4], "activation": "relu"},
+            "data": {"kind": "arrays", "path": str(blobs), "val_fraction": 0.1},
+            "training": t,
+            "runtime": {"mode": mode, "workers": workers, "ps_shards": shards,
+                        "max_staleness": 2, "heartbeat_interval": 0.5,
+                        "heartbeat_timeout": heartbeat_timeout}})
+    return make
+
+
+def assert_all_gone(pids: list[int]) -> None:
+    """Every process the run started is gone and reaped."""
+    assert pids, "the run started no process"
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not set(pids) & set(launcher.live_pids())

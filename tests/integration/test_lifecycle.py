@@ -1,0 +1,152 @@
+"""Process lifecycle: failures are reported at once and no process is ever left behind."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import uvloop
+import yaml
+
+from narun.config import to_dict
+from narun.errors import ActorDiedError, ConfigError
+from narun.events import JsonLinesReporter
+from narun.runtime import Coordinator
+from tests.integration.conftest import assert_all_gone
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class KillAt(JsonLinesReporter):
+    """Sends `sig` to one of the job's processes when step `step` is reported."""
+
+    def __init__(self, step: int, role: str, rank: int, sig: int) -> None:
+        super().__init__(io.StringIO())
+        self.step, self.role, self.rank, self.sig = step, role, rank, sig
+        self.coordinator: Coordinator | None = None
+
+    def emit(self, event: str, **fields) -> None:
+        super().emit(event, **fields)
+        if event == "step" and fields["step"] == self.step:
+            assert self.coordinator is not None
+            child = next(c for c in self.coordinator.children
+                         if (c.role, c.rank) == (self.role, self.rank))
+            os.kill(child.pid, self.sig)
+
+
+def run_killing(cfg, role, rank, sig, **options):
+    reporter = KillAt(2, role, rank, sig)
+    coordinator = Coordinator(cfg, reporter, bucket_bytes=512, wait_timeout=30.0,
+                              delays={0: 0.05, 1: 0.05}, **options)
+    reporter.coordinator = coordinator
+    began = time.monotonic()
+    try:
+        with pytest.raises(ActorDiedError) as info:
+            uvloop.run(coordinator.run())
+    finally:
+        assert_all_gone(coordinator.pids)
+    return str(info.value), time.monotonic() - began
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("role, rank", [("trainer", 1), ("ps", 0)])
+def test_a_killed_process_fails_the_job_at_once(make_config, role, rank):
+    cfg = make_config("ps-sync", 2, steps=200)
+    text, seconds = run_killing(cfg, role, rank, signal.SIGKILL)
+    assert f"{role} {rank}" in text and "killed by signal 9" in text, text
+    assert seconds < 20  # not a timeout: found by the process exit
+
+
+@pytest.mark.timeout(60)
+def test_a_hung_trainer_is_found_by_its_missing_heartbeats(make_config):
+    cfg = make_config("ps-sync", 2, steps=200, heartbeat_timeout=2.0)
+    text, seconds = run_killing(cfg, "trainer", 0, signal.SIGSTOP)
+    assert seconds < 15
+    assert "trainer 0" in text and "no heartbeat" in text, text
+
+
+def test_unsupported_settings_fail_before_any_process_starts(make_config):
+    cfg = make_config("ps-sync", 2, grad_clip=1.0)
+    with pytest.raises(ConfigError, match="training.grad_clip"):
+        Coordinator(cfg, JsonLinesReporter(io.StringIO()))
+    with pytest.raises(ConfigError, match="runtime.mode"):
+        Coordinator(make_config("local", 0), JsonLinesReporter(io.StringIO()))
+
+
+@pytest.mark.timeout(60)
+def test_cli_sigterm_drains_checkpoints_and_exits_zero(make_config, tmp_path):
+    """`narun train --workers 2 --ps-shards 2 --mode ps-sync`, then SIGTERM: the trainers
+    finish their step, the coordinator writes a checkpoint that resumes, nothing is left."""
+    cfg = to_dict(make_config("ps-sync", 2, steps=500))
+    path = tmp_path / "job.yaml"
+    cfg["runtime"].update(workers=0, mode="local")  # the flags below set them
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "narun.cli", "train", str(path), "--workers", "2",
+         "--ps-shards", "2", "--mode", "ps-sync", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        events = []
+        for line in proc.stdout:
+            events.append(json.loads(line))
+            if events[-1]["event"] == "step" and events[-1]["step"] == 3:
+                assert len(_workers_mentioning(str(tmp_path))) == 4
+                proc.send_signal(signal.SIGTERM)
+                break
+        events += [json.loads(line) for line in proc.stdout]
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    done = events[-1]
+    assert done["event"] == "done" and done["interrupted"], events[-3:]
+    assert 3 <= done["step"] < 500
+    assert done["checkpoint"].endswith(f"step-{done['step']:06d}")
+    assert _workers_mentioning(str(tmp_path)) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_coordinator_killed_with_sigkill_leaves_no_worker(make_config, tmp_path):
+    """No cleanup code runs in a SIGKILLed coordinator: the workers still go (their parent-
+    death signal, and the coordinator connection dropping)."""
+    cfg = to_dict(make_config("ps-sync", 2, steps=500))
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "narun.cli", "train", str(path), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=ROOT)
+    try:
+        for line in proc.stdout:
+            if json.loads(line)["event"] == "step":
+                break
+        assert len(_workers_mentioning(str(tmp_path))) == 4
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while _workers_mentioning(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _workers_mentioning(str(tmp_path)) == []
+
+
+def _workers_mentioning(text: str) -> list[int]:
+    """Pids of live `python -m workers` processes whose command line holds `text` (the spec
+    carries the run's out_dir, unique to this test)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "-m\x00workers\x00" in cmdline and text in cmdline:
+                found.append(int(entry.name))
+    return found

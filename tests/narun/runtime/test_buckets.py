@@ -1,0 +1,86 @@
+"""Bucketing: every parameter is split into buckets and reassembled exactly (no processes)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from narun.errors import ConfigError, ShapeError
+from narun.runtime.buckets import join, make_plan, pack, split, unpack
+
+SHAPES = [("emb", (50, 8)), ("w1", (8, 16)), ("b1", (16,)), ("scale", ()), ("w2", (16, 3)),
+          ("b2", (3,))]
+
+
+def random_state(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes}
+
+
+@pytest.mark.parametrize("shards, bucket_bytes", [(1, 4 << 20), (2, 256), (3, 100), (4, 4),
+                                                  (7, 333)])
+def test_split_join_is_exact(shards, bucket_bytes):
+    state = random_state(SHAPES)
+    plan = make_plan([(n, s) for n, s in SHAPES], shards, bucket_bytes)
+    back = join(plan, split(plan, state))
+    assert list(back) == [n for n, _ in SHAPES]
+    for name, value in state.items():
+        assert back[name].shape == value.shape
+        np.testing.assert_array_equal(back[name], value)
+
+
+@pytest.mark.parametrize("shards, bucket_bytes", [(2, 256), (3, 100), (5, 64)])
+def test_plan_covers_the_flat_vector_once_in_shard_key_ranges(shards, bucket_bytes):
+    plan = make_plan(SHAPES, shards, bucket_bytes)
+    total = sum(math.prod(s) for _, s in SHAPES)
+    # buckets tile [0, total) in order, each about bucket_bytes
+    assert plan.buckets[0].start == 0 and plan.buckets[-1].stop == total
+    for a, b in zip(plan.buckets, plan.buckets[1:]):
+        assert a.stop == b.start
+    sizes = [b.size for b in plan.buckets]
+    assert max(sizes) - min(sizes) <= 1
+    assert max(sizes) * 4 <= bucket_bytes or len(plan.buckets) == shards
+    # shards own contiguous, non-empty runs of buckets, in order
+    owners = [b.shard for b in plan.buckets]
+    assert owners == sorted(owners) and set(owners) == set(range(shards))
+    # every element of every parameter is in exactly one piece
+    seen = {n: np.zeros(math.prod(s), int) for n, s in SHAPES}
+    for b in plan.buckets:
+        assert sum(p.size for p in b.pieces) == b.size
+        for p in b.pieces:
+            seen[p.name][p.start:p.stop] += 1
+    assert all((v == 1).all() for v in seen.values())
+
+
+def test_a_tensor_larger_than_a_bucket_is_split_across_shards():
+    plan = make_plan([("big", (64, 64)), ("small", (4,))], 4, 4096)
+    holders = {b.shard for b in plan.buckets for p in b.pieces if p.name == "big"}
+    assert holders == {0, 1, 2, 3}
+
+
+def test_pack_unpack_round_trip_into_parameter_arrays():
+    state = random_state(SHAPES, seed=1)
+    plan = make_plan(SHAPES, 3, 64)
+    arrays = [np.zeros(s, np.float32) for _, s in SHAPES]
+    source = list(state.values())
+    for b in plan.buckets:
+        buf = pack(b, source, np.empty(b.size, np.float32))
+        np.testing.assert_array_equal(
+            buf, np.concatenate([a.reshape(-1) for a in source])[b.start:b.stop])
+        unpack(b, buf, arrays)
+    for a, s in zip(arrays, source):
+        np.testing.assert_array_equal(a, s)
+
+
+def test_errors_name_what_is_wrong():
+    with pytest.raises(ConfigError, match="ps_shards"):
+        make_plan([("w", (2,))], 3)
+    plan = make_plan(SHAPES, 2, 256)
+    with pytest.raises(ShapeError, match="'w1' has shape"):
+        split(plan, {**random_state(SHAPES), "w1": np.zeros((3, 3), np.float32)})
+    with pytest.raises(ShapeError, match="missing bucket"):
+        join(plan, {})
+    with pytest.raises(ShapeError, match="expected"):
+        unpack(plan.buckets[0], np.zeros(3, np.float32), [np.zeros(s) for _, s in SHAPES])

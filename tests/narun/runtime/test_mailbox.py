@@ -1,0 +1,106 @@
+"""Mailboxes over loopback sockets: replies, remote errors, refusals, timeouts, dead peers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import zmq.asyncio
+
+from narun.errors import ActorDiedError, RemoteError, WaitTimeout
+from narun.runtime.mailbox import Mailbox, Refusal, Refused, new_id
+from protocol import message, open_channel, reply
+
+pytestmark = pytest.mark.timeout(20)
+
+
+class Server:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def handle(self, msg, route):
+        self.calls += 1
+        if msg.type == "pull_params":
+            key = msg["keys"][0]
+            if key == "boom":
+                raise ValueError("the handler failed on purpose")
+            if key == "stale":
+                raise Refusal("stale", "too old")
+            if key == "slow":
+                await asyncio.sleep(5)
+            return reply(msg, "params", version=msg["min_version"] + 1,
+                         params={key: np.arange(4, dtype=np.float32)})
+        return None
+
+
+@pytest.fixture
+async def pair():
+    ctx = zmq.asyncio.Context()
+    server = Server()
+    srv = Mailbox(open_channel(ctx, "router", bind="tcp://127.0.0.1:0"), "server",
+                  server.handle).start()
+    cli = Mailbox(open_channel(ctx, "dealer", connect=srv.channel.endpoint), "ps 3",
+                  watch=True).start()
+    yield srv, cli, server
+    cli.close()
+    srv.close()
+    ctx.destroy(linger=0)
+
+
+def pull(key):
+    return message("pull_params", new_id(), keys=[key], min_version=6)
+
+
+async def test_call_gets_its_reply(pair):
+    _, cli, _ = pair
+    answers = await asyncio.gather(*(cli.call(pull(k), timeout=5, what="w") for k in "abc"))
+    for key, answer in zip("abc", answers):
+        assert answer.type == "params" and answer["version"] == 7
+        np.testing.assert_array_equal(answer["params"][key], np.arange(4, dtype=np.float32))
+
+
+async def test_a_handler_exception_arrives_with_its_traceback(pair):
+    _, cli, _ = pair
+    with pytest.raises(RemoteError) as info:
+        await cli.call(pull("boom"), timeout=5, what="bucket boom")
+    assert "the handler failed on purpose" in str(info.value)
+    assert "ps 3" in str(info.value) and "bucket boom" in str(info.value)
+    assert "raise ValueError" in info.value.remote_traceback
+
+
+async def test_a_refusal_carries_its_code(pair):
+    _, cli, _ = pair
+    with pytest.raises(Refused) as info:
+        await cli.call(pull("stale"), timeout=5, what="x")
+    assert info.value.code == "stale"
+
+
+async def test_a_type_nobody_handles_is_refused(pair):
+    srv, cli, _ = pair
+    srv.handler = None
+    with pytest.raises(Refused) as info:
+        await cli.call(pull("a"), timeout=5, what="x")
+    assert info.value.code == "unsupported"
+
+
+async def test_timeout_names_peer_step_and_what(pair):
+    _, cli, _ = pair
+    with pytest.raises(WaitTimeout, match=r"ps 3 did not answer pull_params \(bucket b7\) at "
+                                          r"step 12 within 0.2 s"):
+        await cli.call(pull("slow"), timeout=0.2, what="bucket b7", step=12)
+
+
+async def test_a_dead_peer_fails_waiting_and_later_calls_at_once(pair):
+    srv, cli, _ = pair
+    await cli.call(pull("a"), timeout=5, what="x")  # connected
+    waiting = asyncio.ensure_future(cli.call(pull("slow"), timeout=10, what="x"))
+    await asyncio.sleep(0.1)
+    began = time.monotonic()
+    srv.close()  # the TCP connection drops, as when the peer process exits
+    with pytest.raises(ActorDiedError, match="ps 3 disconnected"):
+        await waiting
+    assert time.monotonic() - began < 2
+    with pytest.raises(ActorDiedError):
+        await cli.call(pull("a"), timeout=5, what="x")

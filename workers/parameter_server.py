@@ -1,0 +1,308 @@
+"""A parameter-server shard: its buckets of the flat parameters, their optimizer state, and
+the optimizer itself.
+
+The shard builds the job from the config (seeded, so every process starts from the same
+parameters), restores a checkpoint when resuming, and keeps the buckets the plan assigns to
+it (narun.runtime.buckets). Each bucket has an optimizer of the job's class over "pieces":
+flat views of the bucket, one per parameter part, grouped like the job's optimizer (weight
+decay on matrices only). Element-wise optimizers act per element, so updating pieces is
+exactly updating the whole parameters.
+
+- ps-sync: the pushes of step t for a bucket are held until every trainer has pushed it;
+  then the mean gradient is applied once and every pusher gets the new values.
+- ps-async: each push is applied at once; a push computed on a version more than
+  `max_staleness` behind the bucket's is refused with `error` code `stale`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from narun import checkpoint as ckpt
+from narun.errors import WaitTimeout
+from narun.runtime.actor import Actor
+from narun.runtime.buckets import Bucket, plan_for
+from narun.runtime.mailbox import Mailbox, Refusal
+from narun.runtime.spec import WorkerSpec
+from narun.tensor._tensor import Tensor
+from narun.train import build_job, restore
+from protocol import Message, open_channel, reply
+
+log = structlog.get_logger("workers.ps")
+
+
+@dataclass
+class ShardBucket:
+    """One bucket's values, optimizer and the pushes of the step being assembled."""
+
+    bucket: Bucket
+    w: np.ndarray
+    pieces: list[Tensor]
+    optimizer: Any
+    group_of: list[int]  # optimizer group index -> the job optimizer's group index
+    version: int = 0
+    pushes: dict[int, np.ndarray] = field(default_factory=dict)
+    grad: np.ndarray | None = None
+    advanced: asyncio.Event = field(default_factory=asyncio.Event)
+    snapshots: dict[int, tuple[np.ndarray, list[dict[str, Any]]]] = field(default_factory=dict)
+
+    def piece_states(self) -> list[dict[str, Any]]:
+        return [_copy_state(self.optimizer.state.get(p, {})) for p in self.pieces]
+
+    def apply(self, grad: np.ndarray, lrs: list[float]) -> None:
+        for piece, t in zip(self.bucket.pieces, self.pieces):
+            t.grad = Tensor._wrap(grad[piece.offset:piece.offset + piece.size])
+        for group, gi in zip(self.optimizer.param_groups, self.group_of):
+            group["lr"] = lrs[gi]
+        self.optimizer.step()
+        for t in self.pieces:
+            t.grad = None
+        self.version += 1
+        self.advanced.set()
+        self.advanced = asyncio.Event()
+
+
+class ParameterServer(Actor):
+    role = "ps"
+
+    def __init__(self, rank: int, spec: WorkerSpec) -> None:
+        cfg = spec.job_config()
+        super().__init__(rank, spec.coordinator, cfg.runtime.heartbeat_interval)
+        self.spec = spec
+        self.cfg = cfg
+        self.mode = cfg.runtime.mode
+        self.workers = cfg.runtime.workers
+        self.max_staleness = cfg.runtime.max_staleness
+        self.stopped = asyncio.Event()
+        self.job = build_job(cfg)
+        self.start = restore(self.job, spec.resume) if spec.resume else 0
+        self.plan = plan_for(self.job.model, cfg.runtime.ps_shards, spec.bucket_bytes)
+        self.buckets = {b.key: self._make_bucket(b) for b in self.plan.shard_buckets(rank)}
+        self._lrs: dict[int, list[float]] = {}
+        t = cfg.training
+        self._snapshot_steps = {t.steps, spec.stop_at or t.steps}
+        for every in (t.checkpoint_every, t.eval_every):
+            if every:
+                self._snapshot_steps.update(range(every, t.steps, every))
+        self.server: Mailbox | None = None
+
+    def _make_bucket(self, bucket: Bucket) -> ShardBucket:
+        params = list(self.job.model.parameters())
+        full = self.job.optimizer
+        group_index = {id(p): gi for gi, g in enumerate(full.param_groups) for p in g["params"]}
+        w = np.empty(bucket.size, np.float32)
+        groups: dict[int, list[Tensor]] = {}
+        pieces, states = [], []
+        for piece in bucket.pieces:
+            p = params[piece.index]
+            w[piece.offset:piece.offset + piece.size] = p.data.reshape(-1)[piece.start:piece.stop]
+            t = Tensor._wrap(w[piece.offset:piece.offset + piece.size])
+            t.requires_grad = True
+            groups.setdefault(group_index[id(p)], []).append(t)
+            pieces.append(t)
+            states.append(_slice_state(full.state.get(p, {}), p.shape, piece.start, piece.stop))
+        order = sorted(groups)
+        opt = type(full)([{**{k: v for k, v in full.param_groups[gi].items() if k != "params"},
+                           "params": groups[gi]} for gi in order])
+        for t, state in zip(pieces, states):
+            if state:
+                opt.state[t] = state
+        return ShardBucket(bucket, w, pieces, opt, order, version=self.start)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def setup(self) -> None:
+        assert self.context is not None
+        channel = open_channel(self.context, "router", bind="tcp://127.0.0.1:0")
+        self.server = Mailbox(channel, f"ps {self.rank}", self._dispatch).start()
+        # The coordinator reads this one line to learn where trainers connect.
+        sys.stdout.write(json.dumps({"endpoint": channel.endpoint}) + "\n")
+        sys.stdout.flush()
+
+    async def teardown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def main(self) -> None:
+        await self.stopped.wait()
+
+    async def on_shutdown(self, msg: Message, route: bytes | None) -> None:
+        self.stopped.set()
+        await super().on_shutdown(msg, route)
+
+    # -- the schedule ------------------------------------------------------------------
+    def lrs_at(self, step: int) -> list[float]:
+        """The lr of each job optimizer group at `step`, from the job's own scheduler."""
+        if step not in self._lrs:
+            sched = self.job.scheduler
+            while sched.last_epoch < step:
+                sched.step()
+                self._lrs[sched.last_epoch] = [g["lr"] for g in self.job.optimizer.param_groups]
+            if step not in self._lrs:  # before the schedule's position: not reachable
+                self._lrs[step] = [g["lr"] for g in self.job.optimizer.param_groups]
+        return self._lrs[step]
+
+    # -- trainers' requests ------------------------------------------------------------
+    async def on_push_grads(self, msg: Message, route: bytes | None) -> Message:
+        grads: dict[str, np.ndarray] = msg["grads"]
+        out: dict[str, np.ndarray] = {}
+        version = 0
+        for key, grad in grads.items():
+            b = self._bucket(key)
+            grad = np.asarray(grad)
+            if grad.dtype != np.float32 or grad.shape != (b.bucket.size,):
+                raise Refusal("protocol", f"ps {self.rank}: bucket {key} takes float32 "
+                                          f"({b.bucket.size},), got {grad.dtype} {grad.shape}")
+            if self.mode == "ps-sync":
+                await self._push_sync(b, msg["step"], msg["rank"], grad)
+                out[key] = b.w  # sent zero-copy: nobody writes it before every pusher has it
+            else:
+                self._push_async(b, msg["version"], grad)
+                out[key] = b.w.copy()  # the next push may update it while this one is sent
+            version = b.version
+        self.step = max(self.step, version)
+        return reply(msg, "params", version=version, params=out)
+
+    async def _push_sync(self, b: ShardBucket, step: int, rank: int, grad: np.ndarray) -> None:
+        if step != b.version:
+            raise Refusal("stale" if step < b.version else "busy",
+                          f"ps {self.rank}: bucket {b.bucket.key} is assembling step "
+                          f"{b.version}, trainer {rank} pushed step {step}")
+        if rank in b.pushes:
+            raise Refusal("protocol", f"ps {self.rank}: trainer {rank} pushed bucket "
+                                      f"{b.bucket.key} of step {step} twice")
+        b.pushes[rank] = grad
+        if len(b.pushes) == self.workers:
+            grads = [b.pushes[r] for r in sorted(b.pushes)]  # rank order: deterministic sums
+            b.pushes = {}
+            if len(grads) == 1:
+                mean = grads[0]
+            else:
+                if b.grad is None:
+                    b.grad = np.empty(b.bucket.size, np.float32)
+                mean = np.add(grads[0], grads[1], out=b.grad)
+                for g in grads[2:]:
+                    mean += g
+                mean *= 1.0 / len(grads)
+            b.apply(mean, self.lrs_at(step))
+            if b.version in self._snapshot_steps:
+                b.snapshots[b.version] = (b.w.copy(), b.piece_states())
+            return
+        await self._wait_version(b, step + 1, f"the pushes of step {step} from trainer(s) "
+                                              f"{_missing(b, self.workers)}")
+
+    def _push_async(self, b: ShardBucket, version: int, grad: np.ndarray) -> None:
+        lag = b.version - version
+        if lag > self.max_staleness:
+            raise Refusal("stale", f"ps {self.rank}: bucket {b.bucket.key} is at version "
+                                   f"{b.version}, the push was computed on version {version} "
+                                   f"({lag} behind, runtime.max_staleness is "
+                                   f"{self.max_staleness})")
+        b.apply(grad, self.lrs_at(b.version // max(self.workers, 1)))
+
+    async def on_pull_params(self, msg: Message, route: bytes | None) -> Message:
+        keys = msg["keys"] or list(self.buckets)
+        want = msg["min_version"]
+        out, versions = {}, []
+        for key in keys:
+            b = self._bucket(key)
+            await self._wait_version(b, want, f"version {want} of bucket {key}")
+            snap = b.snapshots.get(want) if self.mode == "ps-sync" else None
+            if snap is not None:
+                out[key], version = snap[0], want
+                # a checkpoint step's snapshot waits for its checkpoint request
+                _drop_snapshots(b, want if self._is_checkpoint_step(want) else want + 1)
+            else:
+                # a copy: pushes of others may update the bucket while this reply is sent
+                out[key], version = b.w.copy(), b.version
+            versions.append(version)
+        return reply(msg, "params", version=min(versions), params=out)
+
+    async def _wait_version(self, b: ShardBucket, version: int, what: str) -> None:
+        deadline = time.monotonic() + self.spec.wait_timeout
+        while b.version < version:
+            left = deadline - time.monotonic()
+            try:
+                await asyncio.wait_for(b.advanced.wait(), max(left, 0.0))
+            except asyncio.TimeoutError:
+                raise WaitTimeout(f"ps {self.rank}: bucket {b.bucket.key} waited "
+                                  f"{self.spec.wait_timeout:g} s for {what}; it is at version "
+                                  f"{b.version}") from None
+
+    def _is_checkpoint_step(self, step: int) -> bool:
+        t = self.cfg.training
+        return step in (t.steps, self.spec.stop_at) or bool(
+            t.checkpoint_every and step % t.checkpoint_every == 0)
+
+    def _bucket(self, key: str) -> ShardBucket:
+        b = self.buckets.get(key)
+        if b is None:
+            raise Refusal("not_found", f"ps {self.rank} holds buckets {sorted(self.buckets)}, "
+                                       f"not {key!r}")
+        return b
+
+    # -- the coordinator's requests ----------------------------------------------------
+    async def on_checkpoint(self, msg: Message, route: bytes | None) -> Message:
+        """Write this shard's buckets and optimizer state at `step` to `path`/ps-RANK."""
+        step = msg["step"]
+        arrays: dict[str, np.ndarray] = {}
+        scalars: dict[str, list[dict[str, Any]]] = {}
+        for key, b in self.buckets.items():
+            snap = b.snapshots.pop(step, None) if self.mode == "ps-sync" else None
+            if snap is None:
+                if self.mode == "ps-sync" and b.version != step:
+                    raise Refusal("not_found", f"ps {self.rank}: bucket {key} is at version "
+                                               f"{b.version} and kept no snapshot of step {step}")
+                snap = (b.w.copy(), b.piece_states())
+            _drop_snapshots(b, step + 1)
+            values, states = snap
+            arrays[key] = values
+            scalars[key] = []
+            for i, state in enumerate(states):
+                scalars[key].append({k: v for k, v in state.items() if not _is_array(v)})
+                for name, v in state.items():
+                    if _is_array(v):
+                        arrays[f"{key}/{i}/{name}"] = v
+        path = Path(msg["path"]) / f"ps-{self.rank}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: ckpt.save(arrays, path, {"step": step, "scalars": scalars}))
+        return reply(msg, "checkpoint", step=step, path=str(path))
+
+
+def _missing(b: ShardBucket, workers: int) -> list[int]:
+    return [r for r in range(workers) if r not in b.pushes]
+
+
+def _drop_snapshots(b: ShardBucket, upto: int) -> None:
+    """Forget the snapshots of versions before `upto` (the coordinator has used them)."""
+    for v in [v for v in b.snapshots if v < upto]:
+        del b.snapshots[v]
+
+
+def _is_array(v: Any) -> bool:
+    return isinstance(v, np.ndarray) and v.ndim > 0
+
+
+def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.copy() if _is_array(v) else v) for k, v in state.items()}
+
+
+def _slice_state(state: dict[str, Any], shape: tuple[int, ...], start: int,
+                 stop: int) -> dict[str, Any]:
+    """A parameter's optimizer state cut to its flat range [start, stop)."""
+    out = {}
+    for k, v in state.items():
+        if hasattr(v, "shape") and tuple(v.shape) == tuple(shape):
+            out[k] = np.array(np.asarray(v).reshape(-1)[start:stop], dtype=np.float32)
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,230 @@
+"""A data-parallel trainer: pulls parameters, runs forward/backward on its share of each
+global batch in the device executor, and streams gradient buckets to their shards while
+backward is still running.
+
+Each parameter has a post-accumulate-grad hook. Backward finishes parameters last layer
+first; when every parameter touching a bucket is final, the hook (on the executor thread)
+packs the bucket into its send buffer and hands it to the event loop, which pushes it at
+once: communication of the last layers overlaps backward of the first. The shard answers
+each push with the bucket's new values (ps-sync: once every trainer pushed; ps-async: at
+once, or `stale`, after which the trainer re-pulls and recomputes the step).
+
+Timings per step (seconds): compute (forward + backward + packing), push (the part of
+communication overlapped with backward: first bucket sent -> backward done), wait (backward
+done -> last reply), pull (copying the new values into the model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import structlog
+
+from narun.errors import ActorDiedError, ConfigError, WaitTimeout
+from narun.runtime.actor import Actor
+from narun.runtime.buckets import pack, plan_for, unpack
+from narun.runtime.mailbox import Mailbox, Refused, new_id
+from narun.runtime.spec import WorkerSpec
+from narun.train import build_job, restore
+from protocol import Message, message, open_channel
+from workers.executor import CpuExecutor, make_executor
+
+log = structlog.get_logger("workers.trainer")
+
+MAX_STALE_RETRIES = 100  # re-pulls of one step before giving up (ps-async)
+
+
+class Trainer(Actor):
+    role = "trainer"
+
+    def __init__(self, rank: int, spec: WorkerSpec) -> None:
+        cfg = spec.job_config()
+        super().__init__(rank, spec.coordinator, cfg.runtime.heartbeat_interval)
+        self.spec = spec
+        self.cfg = cfg
+        rt, t = cfg.runtime, cfg.training
+        self.world = rt.workers
+        self.local_batch = t.batch_size // self.world
+        if self.local_batch % t.grad_accum:
+            raise ConfigError(f"training.grad_accum: {t.grad_accum} does not divide the "
+                             f"per-trainer batch {self.local_batch} (batch_size {t.batch_size} "
+                             f"/ {self.world} workers)")
+        self.job = build_job(cfg)
+        self.start = restore(self.job, spec.resume) if spec.resume else 0
+        self.plan = plan_for(self.job.model, rt.ps_shards, spec.bucket_bytes)
+        self.params = list(self.job.model.parameters())
+        self.buckets_of = self.plan.buckets_of()
+        self.counts = [len(b.pieces) for b in self.plan.buckets]
+        self.bufs = [np.empty(b.size, np.float32) for b in self.plan.buckets]
+        self.versions = [self.start] * len(self.plan.buckets)
+        self.delay = float(spec.delays.get(str(rank), 0.0))
+        self.shards: list[Mailbox] = []
+        self.executor: Any = None
+        self.stale = 0
+        self._pending: list[int] = []
+        self._streaming = False
+        self._step = 0
+        self._pushes: list[asyncio.Task[tuple[int, Message]]] = []
+        self._first_push = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        for j, p in enumerate(self.params):
+            p.register_post_accumulate_grad_hook(lambda _t, j=j: self._grad_ready(j))
+
+    async def setup(self) -> None:
+        assert self.context is not None
+        self._loop = asyncio.get_running_loop()
+        device = self.cfg.runtime.device
+        self.executor = (CpuExecutor(blas_threads=self.spec.blas_threads) if device == "cpu"
+                         else make_executor(device))
+        endpoints = self.spec.shard_endpoints or await _read_endpoints()
+        for k, endpoint in enumerate(endpoints):
+            channel = open_channel(self.context, "dealer", connect=endpoint,
+                                   identity=f"trainer-{self.rank}".encode())
+            self.shards.append(Mailbox(channel, f"ps {k}", watch=True).start())
+
+    async def teardown(self) -> None:
+        for tasks in self._pushes:
+            tasks.cancel()
+        for shard in self.shards:
+            shard.close()
+        if self.executor is not None:
+            await self.executor.aclose()
+
+    # -- the loop ----------------------------------------------------------------------
+    async def main(self) -> None:
+        await self._pull(range(len(self.plan.buckets)), self.start)
+        steps = self.cfg.training.steps
+        if self.spec.stop_at is not None:
+            steps = min(steps, self.spec.stop_at)
+        step = self.start
+        while step < steps and not self.stopping:
+            self._step = step
+            x, y = self.job.batch(step)
+            lo = self.rank * self.local_batch
+            x, y = x[lo:lo + self.local_batch], y[lo:lo + self.local_batch]
+            if self.delay:
+                await asyncio.sleep(self.delay)  # fault injection: a slow trainer (tests)
+            for _attempt in range(MAX_STALE_RETRIES):
+                done = await self._step_once(step, x, y)
+                if done is not None:
+                    break
+                self.stale += 1
+                await self._pull(range(len(self.plan.buckets)), 0)
+            else:
+                raise WaitTimeout(f"trainer {self.rank}: step {step} was refused as stale "
+                                  f"{MAX_STALE_RETRIES} times; raise runtime.max_staleness")
+            loss, timings = done
+            step += 1
+            self.step = step
+            timings["stale"] = self.stale
+            assert self.control is not None
+            await self.control.send(message(
+                "step_done", new_id(), step=step, rank=self.rank, loss=loss,
+                samples=self.local_batch, timings=timings))
+
+    async def _step_once(self, step: int, x: np.ndarray,
+                         y: np.ndarray) -> tuple[float, dict[str, float]] | None:
+        """One forward/backward with streamed pushes; None when a push was stale."""
+        t0 = time.perf_counter()
+        self._pushes = []
+        self._first_push = 0.0
+        loss = await self.executor.run(self._compute, x, y)
+        t1 = time.perf_counter()
+        results = await asyncio.gather(*self._pushes, return_exceptions=True)
+        t2 = time.perf_counter()
+        self._pushes = []
+        stale = False
+        replies = []
+        for r in results:
+            if isinstance(r, Refused) and r.code == "stale":
+                stale = True
+            elif isinstance(r, BaseException):
+                raise r
+            else:
+                replies.append(r)
+        await self.executor.run(self._load, replies)
+        t3 = time.perf_counter()
+        if stale:
+            return None
+        push = t1 - self._first_push if self._first_push else 0.0
+        return loss, {"compute": t1 - t0, "push": push, "wait": t2 - t1, "pull": t3 - t2}
+
+    def _compute(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Forward and backward on the executor thread; the hooks launch the pushes."""
+        job, accum = self.job, self.cfg.training.grad_accum
+        job.optimizer.zero_grad()
+        micro = len(x) // accum
+        total = 0.0
+        for i in range(accum):
+            self._streaming = i == accum - 1  # gradients are final in the last backward
+            self._pending = list(self.counts)
+            loss = job.loss(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro])
+            (loss / accum).backward() if accum > 1 else loss.backward()
+            total += loss.item() / accum
+        self._streaming = False
+        for b, left in enumerate(self._pending):  # parameters the loss did not reach
+            if left:
+                self._pending[b] = 0
+                self._launch(b)
+        return total
+
+    def _grad_ready(self, j: int) -> None:
+        if not self._streaming:
+            return
+        for b in self.buckets_of[j]:
+            self._pending[b] -= 1
+            if self._pending[b] == 0:
+                self._launch(b)
+
+    def _launch(self, b: int) -> None:
+        grads = [p.grad.data if p.grad is not None else np.zeros(p.shape, np.float32)
+                 for p in self.params]
+        pack(self.plan.buckets[b], grads, self.bufs[b])
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._start_push, b)
+
+    def _start_push(self, b: int) -> None:
+        if not self._first_push:
+            self._first_push = time.perf_counter()
+        self._pushes.append(asyncio.ensure_future(self._push(b, self._step)))
+
+    async def _push(self, b: int, step: int) -> tuple[int, Message]:
+        bucket = self.plan.buckets[b]
+        msg = message("push_grads", new_id(), step=step, rank=self.rank,
+                      version=self.versions[b], grads={bucket.key: self.bufs[b]})
+        reply = await self.shards[bucket.shard].call(
+            msg, timeout=self.spec.wait_timeout, step=step,
+            what=f"the update of bucket {bucket.key} from trainer {self.rank}")
+        return b, reply
+
+    async def _pull(self, indices: Any, min_version: int) -> None:
+        async def one(b: int) -> tuple[int, Message]:
+            bucket = self.plan.buckets[b]
+            msg = message("pull_params", new_id(), keys=[bucket.key], min_version=min_version)
+            return b, await self.shards[bucket.shard].call(
+                msg, timeout=self.spec.wait_timeout, step=self._step,
+                what=f"bucket {bucket.key} at version >= {min_version}")
+
+        replies = await asyncio.gather(*(one(b) for b in indices))
+        await self.executor.run(self._load, replies)
+
+    def _load(self, replies: list[tuple[int, Message]]) -> None:
+        arrays = [p.data for p in self.params]
+        for b, reply in replies:
+            bucket = self.plan.buckets[b]
+            unpack(bucket, reply["params"][bucket.key], arrays)
+            self.versions[b] = reply["version"]
+
+
+async def _read_endpoints() -> list[str]:
+    """The shards' endpoints, one JSON line on stdin from the coordinator."""
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if not line:
+        raise ActorDiedError("trainer: stdin closed before the coordinator sent the shard "
+                             "endpoints")
+    return [str(e) for e in json.loads(line)["shard_endpoints"]]
