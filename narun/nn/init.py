@@ -19,7 +19,8 @@ from narun.tensor import _backend, _random
 from narun.tensor._tensor import Tensor
 
 __all__ = [
-    "calculate_fan_in_and_fan_out", "calculate_gain", "constant_", "kaiming_normal_",
+    "calculate_fan_in_and_fan_out", "calculate_gain", "constant_", "default_layer_init_",
+    "kaiming_normal_",
     "kaiming_uniform_", "normal_", "ones_", "trunc_normal_", "uniform_", "xavier_normal_",
     "xavier_uniform_", "zeros_",
 ]
@@ -236,3 +237,13 @@ def kaiming_normal_(tensor: Tensor, a: float = 0.0, mode: str = "fan_in",
         return tensor
     std = calculate_gain(nonlinearity, a) / math.sqrt(_fan(tensor, mode))
     return normal_(tensor, 0.0, std, generator)
+
+
+def default_layer_init_(weight: Tensor, bias: Tensor | None) -> None:
+    """What torch's Linear and Conv layers do by default: kaiming_uniform_(a=sqrt(5)) on the
+    weight, and the bias uniform in +-1/sqrt(fan_in) (zeros when fan_in is 0)."""
+    kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        fan_in, _ = calculate_fan_in_and_fan_out(weight)
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        uniform_(bias, -bound, bound)

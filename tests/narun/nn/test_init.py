@@ -168,3 +168,12 @@ def test_non_contiguous_and_half_tensors_are_written_through():
     half = narun.zeros(1000, dtype=np.float16)
     init.normal_(half, 0.0, 1.0)
     assert half.dtype == np.float16 and 0.8 < half.numpy().astype(np.float64).std() < 1.2
+
+
+def test_layers_with_zero_fan_in_get_zero_bias_not_garbage():
+    from narun import nn
+
+    conv = nn.Conv2d(0, 3, kernel_size=2)
+    lin = nn.Linear(0, 3)
+    np.testing.assert_array_equal(conv.bias.numpy(), np.zeros(3, np.float32))
+    np.testing.assert_array_equal(lin.bias.numpy(), np.zeros(3, np.float32))
