@@ -216,7 +216,7 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
             total = 0.0
             for i in range(t.grad_accum):
                 loss = job.loss(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro])
-                (loss / t.grad_accum).backward() if t.grad_accum > 1 else loss.backward()
+                (loss / t.grad_accum if t.grad_accum > 1 else loss).backward()
                 total += loss.item() / t.grad_accum
             if t.grad_clip:
                 clip_grad_norm_(job.model.parameters(), t.grad_clip)

@@ -162,3 +162,19 @@ def test_check_op_catches_a_wrong_gradient_and_a_wrong_forward():
         check_op(wrong_grad, lambda a: a * 2, [np.ones(3)])
     with pytest.raises(AssertionError, match="forward differs"):
         check_op(lambda t: t * 2, lambda a: a * 2.0001, [np.ones(3)])
+
+
+@pytest.mark.cuda
+def test_mixing_devices_names_both_and_moves_are_differentiable():
+    cupy = pytest.importorskip("cupy", reason="needs CuPy")
+    if cupy.cuda.runtime.getDeviceCount() < 1:
+        pytest.skip("needs a CUDA GPU")
+    from narun.errors import DeviceMismatchError
+
+    a = narun.tensor([1.0, 2.0], requires_grad=True)
+    g = a.to("cuda")
+    assert g.device == "cuda:0"
+    with pytest.raises(DeviceMismatchError, match="cpu.*cuda:0|cuda:0.*cpu"):
+        a + g
+    (g * g).sum().backward()
+    np.testing.assert_allclose(a.grad.numpy(), [2.0, 4.0])
