@@ -204,11 +204,14 @@ class GPT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # GPT-2's scheme: N(0, 0.02) everywhere, residual projections scaled by depth.
+        # GPT-2's scheme: N(0, 0.02) for matrices, residual projections scaled by depth,
+        # zero biases (Linear's own default drew them uniform), norm gains left at one.
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             if p.ndim < 2:
-                continue  # biases and norm gains keep their zeros / ones
+                if name.endswith(".bias"):
+                    nn.init.zeros_(p)
+                continue
             std = residual_std if name.endswith(("attn.proj.weight", "mlp.proj.weight",
                                                  "mlp.w2.weight")) else 0.02
             nn.init.normal_(p, 0.0, std)

@@ -351,3 +351,14 @@ def test_gpt2_small_preset_is_gpt2_124m():
     cfg = gpt_config("gpt2-small")
     assert expected_parameter_count(cfg) == 124_439_808
     assert PRESETS["gpt2-small"]["vocab_size"] == 50257 and cfg.hidden == 3072
+
+
+def test_gpt2_init_zeroes_biases_and_keeps_norm_gains_at_one():
+    from narun.models import GPT, gpt_config
+
+    model = GPT(gpt_config("gpt2-tiny", n_layer=2, n_embd=32, n_head=2, block_size=16))
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            np.testing.assert_array_equal(p.numpy(), 0, err_msg=name)
+        elif name.endswith((".ln_1.weight", ".ln_2.weight", "ln_f.weight")):
+            np.testing.assert_array_equal(p.numpy(), 1, err_msg=name)
