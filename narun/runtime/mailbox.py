@@ -82,8 +82,7 @@ class Mailbox:
         loop = asyncio.get_running_loop()
         self._recv_task = loop.create_task(self._recv_loop(), name=f"mailbox {self.name}")
         if self._watch:
-            self._monitor = self.channel.socket.get_monitor_socket(
-                zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            self._monitor = self.channel.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             self._spawn(self._watch_loop())
         return self
 
@@ -216,11 +215,11 @@ class Mailbox:
 
     async def _watch_loop(self) -> None:
         assert self._monitor is not None  # set by start()
-        connected = False
+        # No need to see EVENT_CONNECTED first: libzmq raises DISCONNECTED only for a session
+        # that existed, and the channel usually connected before this monitor was attached
+        # (waiting for CONNECTED then missed it, and a dead peer went unnoticed).
         while True:
             event = parse_monitor_message(await self._monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_CONNECTED:
-                connected = True
-            elif event["event"] == zmq.EVENT_DISCONNECTED and connected:
+            if event["event"] == zmq.EVENT_DISCONNECTED:
                 self.peer_died(None, f"{self.name} disconnected (its process exited?)")
                 return

@@ -92,6 +92,28 @@ async def test_timeout_names_peer_step_and_what(pair):
         await cli.call(pull("slow"), timeout=0.2, what="bucket b7", step=12)
 
 
+async def test_a_dead_peer_is_noticed_when_the_monitor_starts_after_the_connection():
+    ctx = zmq.asyncio.Context()
+    srv = Mailbox(open_channel(ctx, "router", bind="tcp://127.0.0.1:0"), "server",
+                  Server().handle).start()
+    channel = open_channel(ctx, "dealer", connect=srv.channel.endpoint)
+    time.sleep(0.3)  # the TCP connection completes before the monitor is attached
+    cli = Mailbox(channel, "ps 3", watch=True).start()
+    try:
+        await cli.call(pull("a"), timeout=5, what="x")
+        waiting = asyncio.ensure_future(cli.call(pull("slow"), timeout=10, what="x"))
+        await asyncio.sleep(0.1)
+        began = time.monotonic()
+        srv.close()
+        with pytest.raises(ActorDiedError, match="ps 3 disconnected"):
+            await waiting
+        assert time.monotonic() - began < 2
+    finally:
+        cli.close()
+        srv.close()
+        ctx.destroy(linger=0)
+
+
 async def test_a_dead_peer_fails_waiting_and_later_calls_at_once(pair):
     srv, cli, _ = pair
     await cli.call(pull("a"), timeout=5, what="x")  # connected
