@@ -274,7 +274,8 @@ def open_channel(context: zmq.asyncio.Context, kind: str, *, bind: str | None = 
 
     Every socket gets linger 0, MAXMSGSIZE = limits.max_message_bytes, send and receive
     high-water marks ``hwm``, TCP keepalive, and ROUTER_MANDATORY on a ROUTER (a send to a
-    vanished peer raises instead of vanishing). ``bind="tcp://127.0.0.1:0"`` picks a free
+    vanished peer raises instead of vanishing) and ROUTER_HANDOVER (a peer that reconnects
+    under its identity replaces its old connection). ``bind="tcp://127.0.0.1:0"`` picks a free
     port; ``channel.endpoint`` names it. ConfigError names the address that failed.
 
         server = open_channel(ctx, "router", bind="tcp://127.0.0.1:0")
@@ -297,6 +298,9 @@ def open_channel(context: zmq.asyncio.Context, kind: str, *, bind: str | None = 
         sock.tcp_keepalive_cnt = _KEEPALIVE_COUNT
         if kind == "router":
             sock.router_mandatory = 1
+            # A restarted actor reconnects under its old identity, possibly before the
+            # dead connection is torn down: the newest connection takes the identity over.
+            sock.router_handover = 1
         if identity is not None:
             sock.identity = identity
         if kind == "sub":
