@@ -59,6 +59,7 @@ class Channel:
         self.limits = limits
         self.endpoint = endpoint
         self.refused = 0  # messages refused so far (malformed, oversized, unknown...)
+        self.last_refusal = ""  # why the last one was refused (named in timeouts upstream)
         # zmq.asyncio costs ~40 us per call even when a message is ready; a synchronous
         # view of the same socket, tried first with DONTWAIT, costs ~2 us. It never waits:
         # waiting is left to zmq.asyncio.
@@ -235,6 +236,7 @@ class Channel:
 
     def _refuse(self, route: Sequence[Any], body: Sequence[Any], exc: ProtocolError) -> None:
         self.refused += 1
+        self.last_refusal = str(exc)
         peer = bytes(route[0]) if route else None
         if self.refused & (self.refused - 1) == 0:  # 1, 2, 4, 8...: a flood can't flood the log
             log.warning("protocol.refused", channel=repr(self), peer=peer, error=str(exc),

@@ -142,8 +142,12 @@ class Mailbox:
             if task is not None and hasattr(task, "uncancel"):  # 3.11+: our cancel, consumed
                 task.uncancel()
             at = "" if step is None else f" at step {step}"
+            # A peer speaking another protocol version is refused, not answered: say so.
+            refused = "" if not self.channel.refused else (
+                f"; this side refused {self.channel.refused} message(s), the last: "
+                f"{self.channel.last_refusal}")
             raise WaitTimeout(f"{who} did not answer {msg.type} ({what}){at} within "
-                              f"{timeout:g} s") from None
+                              f"{timeout:g} s{refused}") from None
         finally:
             timer.cancel()
             self._pending.pop(msg.id, None)
