@@ -94,6 +94,8 @@ _SPECS = (
         _f("timings: map"))),
     MessageSpec("checkpoint", "coordinator -> ps shard, and the shard's reply", (
         _f("step: int"), _f("path: str"))),
+    MessageSpec("members", "coordinator -> ps shard, and the shard's reply", (
+        _f("ranks: list[int]"),)),
     MessageSpec("shutdown", "coordinator -> actor, or client -> server", (
         _f("reason: str"), _f("drain: bool"))),
     MessageSpec("error", "any -> the sender of a refused or failed message", (

@@ -74,6 +74,7 @@ VECTORS: dict[str, dict[str, Any]] = {
     "step_done": _v("step_done", 15, step=12, rank=1, loss=2.75, samples=16, timings={
         "compute": 0.125, "push": 0.0625, "pull": 0.03125, "wait": 0.0}),
     "checkpoint": _v("checkpoint", 16, step=500, path="runs/quickstart/step-000500"),
+    "members": _v("members", 23, ranks=[0, 2, 3]),
     "shutdown": _v("shutdown", 17, reason="job cancelled by user", drain=True),
     "error": _v("error", 0, code="protocol",
                 message="push_grads.grads['w']: dtype 'complex64' is not allowed", traceback=""),
