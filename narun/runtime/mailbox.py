@@ -111,6 +111,10 @@ class Mailbox:
     def is_dead(self, route: bytes | None = None) -> bool:
         return route in self._dead
 
+    def revive(self, route: bytes | None) -> None:
+        """A restarted peer took over `route`: calls to it go through again."""
+        self._dead.pop(route, None)
+
     # -- calls -------------------------------------------------------------------------
     async def call(self, msg: Message, *, to: bytes | None = None, timeout: float,
                    what: str, step: int | None = None) -> Message:
