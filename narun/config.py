@@ -112,7 +112,10 @@ class RuntimeConfig(_Section):
     device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto
     heartbeat_interval: float = _key(1.0, gt=0)
     heartbeat_timeout: float = _key(10.0, gt=0)
-    max_restarts: int = _key(3, ge=0)
+    max_restarts: int = _key(3, ge=0)  # restarts of any process, for the whole job
+    rejoin_timeout: float = _key(30.0, gt=0)  # ps-sync waits this long for a restarted trainer
+    host: str = "127.0.0.1"  # where the coordinator listens (workers connect there)
+    port: int = _key(0, ge=0, lt=65536)  # the coordinator's control port; 0 picks a free one
 
     def __post_init__(self) -> None:
         super().__post_init__()

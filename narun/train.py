@@ -53,6 +53,7 @@ class Job:
         """The global batch of `step`: token windows, or rows of an array dataset."""
         if self.text:
             return self.train_data.batch(self.sampler.offsets(step))
+        self.sampler.seek(step)  # the batch of `step` whatever ran before (a restart)
         x, y = self.train_data.batch(self.sampler.next_batch())
         return x, y
 

@@ -8,8 +8,12 @@ flat views of the bucket, one per parameter part, grouped like the job's optimiz
 decay on matrices only). Element-wise optimizers act per element, so updating pieces is
 exactly updating the whole parameters.
 
-- ps-sync: the pushes of step t for a bucket are held until every trainer has pushed it;
-  then the mean gradient is applied once and every pusher gets the new values.
+- ps-sync: the pushes of step t for a bucket are held until every member trainer has
+  pushed it; then the mean of the pushes is applied once and every pusher gets the new
+  values. Members are every trainer, less those the coordinator dropped (dead, and not back
+  within runtime.rejoin_timeout): the mean over fewer pushes keeps the gradient's scale. A
+  push for a step the bucket already completed (a restarted trainer catching up) gets the
+  current values back, unapplied.
 - ps-async: each push is applied at once; a push computed on a version more than
   `max_staleness` behind the bucket's is refused with `error` code `stale`.
 """
@@ -31,11 +35,11 @@ from narun import checkpoint as ckpt
 from narun.errors import WaitTimeout
 from narun.runtime.actor import Actor
 from narun.runtime.buckets import Bucket, plan_for
-from narun.runtime.mailbox import Mailbox, Refusal
+from narun.runtime.mailbox import Mailbox, Refusal, new_id
 from narun.runtime.spec import WorkerSpec
 from narun.tensor._tensor import Tensor
 from narun.train import build_job, restore
-from protocol import Message, open_channel, reply
+from protocol import Message, message, open_channel, reply
 
 log = structlog.get_logger("workers.ps")
 
@@ -76,11 +80,13 @@ class ParameterServer(Actor):
 
     def __init__(self, rank: int, spec: WorkerSpec) -> None:
         cfg = spec.job_config()
-        super().__init__(rank, spec.coordinator, cfg.runtime.heartbeat_interval)
+        super().__init__(rank, spec.coordinator, cfg.runtime.heartbeat_interval,
+                         cfg.runtime.heartbeat_timeout)
         self.spec = spec
         self.cfg = cfg
         self.mode = cfg.runtime.mode
         self.workers = cfg.runtime.workers
+        self.members = set(range(self.workers))  # whose pushes complete a ps-sync step
         self.max_staleness = cfg.runtime.max_staleness
         self.stopped = asyncio.Event()
         self.job = build_job(cfg)
@@ -138,6 +144,13 @@ class ParameterServer(Actor):
         self.stopped.set()
         await super().on_shutdown(msg, route)
 
+    def on_leave(self) -> None:
+        # This shard's state exists nowhere else: keep serving, and ask the coordinator to
+        # checkpoint the job and restart it without us (it stops us when done).
+        assert self.control is not None
+        asyncio.ensure_future(self.control.send(message(
+            "shutdown", new_id(), reason=f"{self.name} got SIGTERM", drain=True)))
+
     # -- the schedule ------------------------------------------------------------------
     def lrs_at(self, step: int) -> list[float]:
         """The lr of each job optimizer group at `step`, from the job's own scheduler."""
@@ -162,8 +175,10 @@ class ParameterServer(Actor):
                 raise Refusal("protocol", f"ps {self.rank}: bucket {key} takes float32 "
                                           f"({b.bucket.size},), got {grad.dtype} {grad.shape}")
             if self.mode == "ps-sync":
-                await self._push_sync(b, msg["step"], msg["rank"], grad)
-                out[key] = b.w  # sent zero-copy: nobody writes it before every pusher has it
+                if await self._push_sync(b, msg["step"], msg["rank"], grad):
+                    out[key] = b.w  # zero-copy: nobody writes it before every member has it
+                else:
+                    out[key] = b.w.copy()  # late: the members may update it meanwhile
             else:
                 self._push_async(b, msg["version"], grad)
                 out[key] = b.w.copy()  # the next push may update it while this one is sent
@@ -171,33 +186,43 @@ class ParameterServer(Actor):
         self.step = max(self.step, version)
         return reply(msg, "params", version=version, params=out)
 
-    async def _push_sync(self, b: ShardBucket, step: int, rank: int, grad: np.ndarray) -> None:
-        if step != b.version:
-            raise Refusal("stale" if step < b.version else "busy",
-                          f"ps {self.rank}: bucket {b.bucket.key} is assembling step "
-                          f"{b.version}, trainer {rank} pushed step {step}")
+    async def _push_sync(self, b: ShardBucket, step: int, rank: int, grad: np.ndarray) -> bool:
+        """Hold the push until the step completes; False when it came too late to count."""
+        if step < b.version:
+            return False
+        if step > b.version:
+            raise Refusal("busy", f"ps {self.rank}: bucket {b.bucket.key} is assembling step "
+                                  f"{b.version}, trainer {rank} pushed step {step}")
         if rank in b.pushes:
-            raise Refusal("protocol", f"ps {self.rank}: trainer {rank} pushed bucket "
-                                      f"{b.bucket.key} of step {step} twice")
+            log.info("ps.push_replaced", shard=self.rank, bucket=b.bucket.key, step=step,
+                     trainer=rank)
         b.pushes[rank] = grad
-        if len(b.pushes) == self.workers:
-            grads = [b.pushes[r] for r in sorted(b.pushes)]  # rank order: deterministic sums
-            b.pushes = {}
-            if len(grads) == 1:
-                mean = grads[0]
-            else:
-                if b.grad is None:
-                    b.grad = np.empty(b.bucket.size, np.float32)
-                mean = np.add(grads[0], grads[1], out=b.grad)
-                for g in grads[2:]:
-                    mean += g
-                mean *= 1.0 / len(grads)
-            b.apply(mean, self.lrs_at(step))
-            if b.version in self._snapshot_steps:
-                b.snapshots[b.version] = (b.w.copy(), b.piece_states())
-            return
+        if self._complete(b):
+            return True
         await self._wait_version(b, step + 1, f"the pushes of step {step} from trainer(s) "
-                                              f"{_missing(b, self.workers)}")
+                                              f"{sorted(self.members - set(b.pushes))}")
+        return True
+
+    def _complete(self, b: ShardBucket) -> bool:
+        """Apply the mean of the held pushes once every member has pushed."""
+        if not b.pushes or not self.members <= b.pushes.keys():
+            return False
+        step = b.version
+        grads = [b.pushes[r] for r in sorted(b.pushes)]  # rank order: deterministic sums
+        b.pushes = {}
+        if len(grads) == 1:
+            mean = grads[0]
+        else:
+            if b.grad is None:
+                b.grad = np.empty(b.bucket.size, np.float32)
+            mean = np.add(grads[0], grads[1], out=b.grad)
+            for g in grads[2:]:
+                mean += g
+            mean *= 1.0 / len(grads)
+        b.apply(mean, self.lrs_at(step))
+        if b.version in self._snapshot_steps:
+            b.snapshots[b.version] = (b.w.copy(), b.piece_states())
+        return True
 
     def _push_async(self, b: ShardBucket, version: int, grad: np.ndarray) -> None:
         lag = b.version - version
@@ -250,6 +275,19 @@ class ParameterServer(Actor):
         return b
 
     # -- the coordinator's requests ----------------------------------------------------
+    async def on_members(self, msg: Message, route: bytes | None) -> Message:
+        ranks = set(msg["ranks"])
+        if not ranks <= set(range(self.workers)):
+            raise Refusal("protocol", f"ps {self.rank}: members {sorted(ranks)} are not all "
+                                      f"trainer ranks of 0..{self.workers - 1}")
+        if ranks != self.members:
+            log.warning("ps.members", shard=self.rank, members=sorted(ranks),
+                        of=self.workers)
+        self.members = ranks
+        for b in self.buckets.values():
+            self._complete(b)  # a step that waited only for a dropped trainer goes on
+        return reply(msg, "members", ranks=sorted(ranks))
+
     async def on_checkpoint(self, msg: Message, route: bytes | None) -> Message:
         """Write this shard's buckets and optimizer state at `step` to `path`/ps-RANK."""
         step = msg["step"]
@@ -276,10 +314,6 @@ class ParameterServer(Actor):
         await asyncio.get_running_loop().run_in_executor(
             None, lambda: ckpt.save(arrays, path, {"step": step, "scalars": scalars}))
         return reply(msg, "checkpoint", step=step, path=str(path))
-
-
-def _missing(b: ShardBucket, workers: int) -> list[int]:
-    return [r for r in range(workers) if r not in b.pushes]
 
 
 def _drop_snapshots(b: ShardBucket, upto: int) -> None:

@@ -9,6 +9,12 @@ once: communication of the last layers overlaps backward of the first. The shard
 each push with the bucket's new values (ps-sync: once every trainer pushed; ps-async: at
 once, or `stale`, after which the trainer re-pulls and recomputes the step).
 
+Where a trainer is in the job comes from the shards in ps-sync: its next step is the oldest
+version among its buckets, so a restarted trainer rejoins at the step the others are
+waiting for (its pushes for buckets already past it are answered, not applied). In ps-async
+each trainer counts its own steps; a restarted one starts where the coordinator says its
+predecessor stopped (`spec.start_step`).
+
 Timings per step (seconds): compute (forward + backward + packing), push (the part of
 communication overlapped with backward: first bucket sent -> backward done), wait (backward
 done -> last reply), pull (copying the new values into the model).
@@ -44,7 +50,8 @@ class Trainer(Actor):
 
     def __init__(self, rank: int, spec: WorkerSpec) -> None:
         cfg = spec.job_config()
-        super().__init__(rank, spec.coordinator, cfg.runtime.heartbeat_interval)
+        super().__init__(rank, spec.coordinator, cfg.runtime.heartbeat_interval,
+                         cfg.runtime.heartbeat_timeout)
         self.spec = spec
         self.cfg = cfg
         rt, t = cfg.runtime, cfg.training
@@ -101,7 +108,8 @@ class Trainer(Actor):
         steps = self.cfg.training.steps
         if self.spec.stop_at is not None:
             steps = min(steps, self.spec.stop_at)
-        step = self.start
+        sync = self.cfg.runtime.mode == "ps-sync"
+        step = min(self.versions) if sync else (self.spec.start_step or self.start)
         while step < steps and not self.stopping:
             self._step = step
             x, y = self.job.batch(step)
@@ -119,7 +127,7 @@ class Trainer(Actor):
                 raise WaitTimeout(f"trainer {self.rank}: step {step} was refused as stale "
                                   f"{MAX_STALE_RETRIES} times; raise runtime.max_staleness")
             loss, timings = done
-            step += 1
+            step = min(self.versions) if sync else step + 1
             self.step = step
             timings["stale"] = self.stale
             assert self.control is not None

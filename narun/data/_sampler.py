@@ -123,6 +123,11 @@ class ShardedSampler:
         self.epoch += 1
         self.index = 0
 
+    def seek(self, batches: int) -> None:
+        """Jump to the position after `batches` global batches from the start of epoch 0,
+        so that a process joining a job midway takes the batch of its step."""
+        self.epoch, self.index = divmod(_check_int("batches", batches, 0), len(self))
+
     def set_epoch(self, epoch: int) -> None:
         """Jump to the start of `epoch`."""
         self.epoch = _check_int("epoch", epoch, 0)

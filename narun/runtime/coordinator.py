@@ -1,14 +1,27 @@
-"""The coordinator: runs a data-parallel job with parameter servers on this host.
+"""The coordinator: runs a data-parallel job with parameter servers on this host, and keeps
+it running when processes die.
 
 It starts `ps_shards` parameter-server processes and `workers` trainer processes
-(`python -m workers ROLE`), tells each where the others are, and then follows the job: it
-turns the trainers' `step_done` reports into the same `step` / `eval` / `checkpoint` /
-`done` events as the single-process trainer, evaluates and checkpoints at the configured
-steps (asking each shard for its slice and reassembling one ordinary checkpoint), and stops
-every process at the end. Failures are loud and bounded: a process that exits or stops
-sending heartbeats fails the job at once with its role, rank, step and log tail; every wait
-has a timeout that names what it waited for; SIGINT/SIGTERM drain (trainers finish their
-step, the coordinator checkpoints) and the job returns as interrupted.
+(`python -m workers ROLE`), tells each where the others are, and follows the job: it turns
+the trainers' `step_done` reports into the same `step` / `eval` / `checkpoint` / `done`
+events as the single-process trainer, evaluates and checkpoints at the configured steps
+(asking each shard for its slice and reassembling one ordinary checkpoint), and stops every
+process at the end. Every wait has a timeout that names what it waited for.
+
+Failures (DESIGN.md section 5; narun.runtime.supervision keeps the record and the budget):
+- a process that exits, or sends no heartbeat for runtime.heartbeat_timeout (it is then
+  killed), is dead; each death draws on the job-wide runtime.max_restarts, and past it the
+  job fails listing every failure. A process that exits with an error before it joined the
+  job is misconfigured: the job fails at once.
+- a dead trainer is restarted at once and rejoins at the step the others are at; ps-sync
+  waits runtime.rejoin_timeout for it, then completes steps with the live trainers (the
+  shards average fewer pushes) until it is back.
+- a dead shard takes its slice with it: every process restarts from the newest checkpoint
+  (a new generation), so all shards roll back to the same step; the steps since are redone.
+- SIGTERM/SIGINT to the coordinator drain: trainers finish their step, the coordinator
+  checkpoints and stops everything. A worker's own SIGTERM is a planned leave: a trainer
+  finishes its step and is replaced; a shard has the job checkpoint the current step and
+  restart from it. Neither draws on the budget.
 """
 
 from __future__ import annotations
@@ -28,15 +41,17 @@ import uvloop
 import zmq.asyncio
 
 import narun
-from narun.checkpoint import save_checkpoint
+from narun.checkpoint import latest_good, save_checkpoint
 from narun.config import JobConfig, to_dict
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
 from narun.events import Reporter
+from narun.runtime.actor import EXIT_LEFT
 from narun.runtime.assemble import assemble
 from narun.runtime.buckets import BUCKET_BYTES, join, plan_for
 from narun.runtime.launcher import Child, spawn
 from narun.runtime.mailbox import Mailbox, new_id
 from narun.runtime.spec import WorkerSpec
+from narun.runtime.supervision import Failure, StartupFailure, Supervisor
 from narun.train import build_job, checkpoint_dir, resolve_resume, restore
 from protocol import Message, message, open_channel, reply
 
@@ -45,36 +60,74 @@ log = structlog.get_logger("narun.runtime")
 STOP_GRACE = 5.0  # seconds a process gets to exit after `shutdown` before SIGKILL
 
 
+class _Rollback(Exception):
+    """Restart every process from the newest checkpoint: a shard, and its slice, are gone
+    (or a shard asked to leave: then the coordinator checkpoints first and nothing is lost)."""
+
+    def __init__(self, reason: str, role: str, rank: int, planned: bool) -> None:
+        super().__init__(reason)
+        self.reason, self.role, self.rank, self.planned = reason, role, rank, planned
+
+
 class Coordinator:
-    """Runs one job (runtime.mode ps-sync or ps-async) to its end; see `train`."""
+    """Runs one job (runtime.mode ps-sync or ps-async) to its end; see `train`.
+
+    `restart_delay` (seconds before a dead trainer's replacement starts) exists for tests of
+    runtime.rejoin_timeout.
+    """
 
     def __init__(self, cfg: JobConfig, reporter: Reporter, resume: str | None = None, *,
                  bucket_bytes: int = BUCKET_BYTES, wait_timeout: float | None = None,
-                 delays: dict[int, float] | None = None, stop_at: int | None = None) -> None:
+                 delays: dict[int, float] | None = None, stop_at: int | None = None,
+                 restart_delay: float = 0.0) -> None:
         check_config(cfg)
         self.cfg = cfg
         self.reporter = reporter
         self.resume = resolve_resume(cfg, resume)
+        self.first_resume = self.resume
         self.bucket_bytes = bucket_bytes
         rt = cfg.runtime
         self.wait_timeout = wait_timeout or max(60.0, 6 * rt.heartbeat_timeout)
         self.delays = {str(k): float(v) for k, v in (delays or {}).items()}
         self.stop_at = stop_at
+        self.restart_delay = restart_delay
         self.job = build_job(cfg)
         self.start = restore(self.job, self.resume) if self.resume else 0
         self.plan = plan_for(self.job.model, rt.ps_shards, bucket_bytes)
-        self.children: list[Child] = []
+        self.supervisor = Supervisor(rt.max_restarts)
         self.pids: list[int] = []  # every process started, for callers and tests
-        self._reports: dict[int, dict[int, Message]] = {}
-        self._hello: set[bytes] = set()
-        self._seen: dict[bytes, float] = {}
-        self._exited: dict[bytes, int] = {}
-        self._progress = asyncio.Event()
+        self.generation = 0
+        self.steps_redone = 0
+        self._incarnations: dict[bytes, int] = {}
         self._failure: BaseException | None = None
         self._signal: int | None = None
         self._closing = False
+        self._endpoint = ""
         self.control: Mailbox | None = None
+        self._progress = asyncio.Event()
+        self._members_lock = asyncio.Lock()
+        self._reset_generation()
+
+    def _reset_generation(self) -> None:
+        """Forget the processes of the last generation (all stopped)."""
+        self.children: list[Child] = []  # the live incarnation of each role and rank
         self.shard_links: list[Mailbox] = []
+        self.shard_endpoints: list[str] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._reports: dict[int, dict[int, Message]] = {}
+        self._latest: dict[int, int] = {}  # trainer rank -> the last step it reported
+        self._hello: set[int] = set()  # pids that joined
+        self._seen: dict[int, float] = {}  # pid -> last message
+        self._exited: dict[int, int] = {}  # pid -> exit status
+        self._hung: dict[int, str] = {}  # pid -> why it was declared dead and killed
+        self._last_step: dict[bytes, int] = {}
+        self.members = set(range(self.cfg.runtime.workers))
+        self._away: dict[int, float] = {}  # trainer rank -> when ps-sync stops waiting for it
+        self._rollback: _Rollback | None = None
+        self._draining: str | None = None
+        self._ending = False  # the generation is being stopped: exits are expected
+        self._completed = self.start
+        self._last_change = time.monotonic()
 
     # -- the job -----------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
@@ -82,89 +135,94 @@ class Coordinator:
         context = zmq.asyncio.Context()
         loop = asyncio.get_running_loop()
         handled = _install_signals(loop, self._on_signal)
-        tasks: list[asyncio.Task[Any]] = []
         try:
-            channel = open_channel(context, "router", bind="tcp://127.0.0.1:0")
+            channel = _listen(context, self.cfg.runtime)
+            self._endpoint = channel.endpoint
             self.control = Mailbox(channel, "coordinator", self._handle).start()
-            await self._start_processes(context, channel.endpoint, tasks)
-            return await self._follow()
+            self.reporter.start(self.cfg.training.steps, self.start)
+            began = time.perf_counter()
+            while True:
+                try:
+                    await self._start_processes(context)
+                    return await self._follow(began)
+                except _Rollback as rollback:
+                    await self._end_generation()
+                    await self._roll_back(rollback)
         finally:
             self._closing = True
-            for task in tasks:
-                task.cancel()
-            await self._stop_all()
-            for link in self.shard_links:
-                link.close()
+            await self._end_generation()
             if self.control is not None:
                 self.control.close()
             context.destroy(linger=0)
             for sig in handled:
                 loop.remove_signal_handler(sig)
 
-    async def _start_processes(self, context: zmq.asyncio.Context, endpoint: str,
-                               tasks: list[asyncio.Task[Any]]) -> None:
-        rt = self.cfg.runtime
-        spec = WorkerSpec(config=to_dict(self.cfg), coordinator=endpoint,
+    def _spec(self, **changes: Any) -> WorkerSpec:
+        return WorkerSpec(config=to_dict(self.cfg), coordinator=self._endpoint,
                           bucket_bytes=self.bucket_bytes, wait_timeout=self.wait_timeout,
                           resume=str(self.resume) if self.resume else None,
-                          delays=self.delays, stop_at=self.stop_at)
-        log_dir = Path(self.cfg.training.out_dir) / "logs"
+                          delays=self.delays, stop_at=self.stop_at, **changes)
+
+    async def _start_processes(self, context: zmq.asyncio.Context) -> None:
+        rt = self.cfg.runtime
+        spec = self._spec().to_json()
         # Trainers start at once and read the shards' endpoints from stdin when known, so
         # their start-up (imports, building the job) overlaps the shards'.
-        shards = [await self._spawn("ps", k, spec.to_json(), log_dir, tasks)
-                  for k in range(rt.ps_shards)]
-        trainers = [await self._spawn("trainer", r, spec.to_json(), log_dir, tasks)
-                    for r in range(rt.workers)]
-        endpoints = await asyncio.gather(*(c.read_endpoint(self.wait_timeout) for c in shards))
-        line = (json.dumps({"shard_endpoints": endpoints}) + "\n").encode()
+        shards = [await self._spawn("ps", k, spec) for k in range(rt.ps_shards)]
+        trainers = [await self._spawn("trainer", r, spec) for r in range(rt.workers)]
+        self.shard_endpoints = list(await asyncio.gather(
+            *(c.read_endpoint(self.wait_timeout) for c in shards)))
+        line = (json.dumps({"shard_endpoints": self.shard_endpoints}) + "\n").encode()
         for c in trainers:
             await c.write_line(line)
-        tasks.append(asyncio.ensure_future(self._watchdog()))
-        await self._wait_for(lambda: len(self._hello) == len(self.children), "hello",
+        self._tasks.append(asyncio.ensure_future(self._watchdog()))
+        await self._wait_for(lambda: all(c.pid in self._hello for c in self.children), "hello",
                              lambda: "hello from " + ", ".join(
-                                 c.name for c in self.children if c.identity not in self._hello))
-        for k, ep in enumerate(endpoints):
+                                 c.name for c in self.children if c.pid not in self._hello))
+        for k, ep in enumerate(self.shard_endpoints):
             ch = open_channel(context, "dealer", connect=ep, identity=b"coordinator")
             self.shard_links.append(Mailbox(ch, f"ps {k}", watch=True).start())
 
-    async def _spawn(self, role: str, rank: int, spec: str, log_dir: Path,
-                     tasks: list[asyncio.Task[Any]]) -> Child:
-        child = await spawn(role, rank, spec, log_dir)
-        self.children.append(child)
+    async def _spawn(self, role: str, rank: int, spec: str) -> Child:
+        identity = f"{role}-{rank}".encode()
+        incarnation = self._incarnations.get(identity, -1) + 1
+        self._incarnations[identity] = incarnation
+        child = await spawn(role, rank, spec, Path(self.cfg.training.out_dir) / "logs",
+                            incarnation=incarnation)
+        self.children = [c for c in self.children if c.identity != identity] + [child]
         self.pids.append(child.pid)
-        tasks.append(asyncio.ensure_future(self._watch(child)))
+        self._tasks.append(asyncio.ensure_future(self._watch(child)))
         return child
 
-    async def _follow(self) -> dict[str, Any]:
+    def _trainers(self) -> list[Child]:
+        return [c for c in self.children if c.role == "trainer"]
+
+    def _alive(self, c: Child) -> bool:
+        return c.pid in self._hello and c.pid not in self._exited
+
+    async def _follow(self, began: float) -> dict[str, Any]:
         cfg, job = self.cfg, self.job
         t = cfg.training
         text = job.text
         per_sample = cfg.data.seq_len if text else 1
         speed_key = "tokens_per_s" if text else "samples_per_s"
         end = t.steps if self.stop_at is None else min(self.stop_at, t.steps)
-        self.reporter.start(t.steps, self.start)
-        began = time.perf_counter()
         step, last_ckpt, val_loss = self.start, None, None
         while step < end:
             if not await self._wait_step(step + 1):
                 break
             step += 1
-            reports = self._reports.pop(step).values()
+            self._completed = step
+            reports = list(self._reports.pop(step, {}).values())
+            for old in [s for s in self._reports if s <= step]:
+                del self._reports[old]
             lr = job.scheduler.get_last_lr()[0]
             job.scheduler.step()
             if not text:
                 job.sampler.next_batch()  # keeps the checkpointed sampler position exact
-            timings = {k: float(np.mean([r["timings"].get(k, 0.0) for r in reports]))
-                       for k in ("compute", "push", "wait", "pull")}
-            # Throughput from the trainers' own step times: reports arrive in bursts when
-            # the trainers run ahead of this loop, so arrival times would mislead.
-            speed = sum(r["samples"] * per_sample / max(
-                sum(r["timings"].get(k, 0.0) for k in ("compute", "wait", "pull")), 1e-9)
-                for r in reports)
-            self.reporter.emit("step", step=step, loss=float(np.mean([r["loss"] for r in reports])),
-                               lr=lr, **{speed_key: speed},
-                               timings=timings,
-                               stale=int(sum(r["timings"].get("stale", 0) for r in reports)))
+            if reports:  # none when every trainer skipped it, catching up after a restart
+                self.reporter.emit("step", step=step, lr=lr, **_summary(reports, speed_key,
+                                                                         per_sample))
             is_eval = bool(t.eval_every and step % t.eval_every == 0 and step < t.steps)
             is_ckpt = bool(t.checkpoint_every and step % t.checkpoint_every == 0
                            and step < t.steps)
@@ -177,14 +235,17 @@ class Coordinator:
                 self.reporter.emit("eval", step=step, val_loss=val_loss)
             if is_ckpt:
                 self.reporter.emit("checkpoint", step=step, path=str(last_ckpt))
-        interrupted = step < t.steps
         if last_ckpt is None or not last_ckpt.name.endswith(f"{step:06d}"):
             last_ckpt = await self._checkpoint(step)
             self.reporter.emit("checkpoint", step=step, path=str(last_ckpt))
+        if self._rollback is not None and self._signal is None:
+            raise self._rollback  # a shard asked to leave: drained, checkpointed, restart
+        interrupted = step < t.steps
         if not interrupted:
             val_loss = await asyncio.to_thread(job.evaluate, None)
         done = {"step": step, "val_loss": val_loss, "checkpoint": str(last_ckpt),
-                "seconds": time.perf_counter() - began, "interrupted": interrupted}
+                "seconds": time.perf_counter() - began, "interrupted": interrupted,
+                "restarts": len(self.supervisor.failures), "steps_redone": self.steps_redone}
         self.reporter.emit("done", **done)
         self.reporter.close()
         done["signal"] = self._signal
@@ -194,7 +255,7 @@ class Coordinator:
     async def _wait_for(self, ready: Any, what: str, missing: Any) -> None:
         deadline = time.monotonic() + self.wait_timeout
         while not ready():
-            self._raise_failure()
+            self._check()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WaitTimeout(f"coordinator waited {self.wait_timeout:g} s for "
@@ -204,89 +265,214 @@ class Coordinator:
                 await asyncio.wait_for(self._progress.wait(), left)
 
     async def _wait_step(self, step: int) -> bool:
-        """True once every trainer reported `step`; False when draining ended first."""
-        trainers = [c for c in self.children if c.role == "trainer"]
+        """True once every live trainer reported `step` (or a later one: a trainer catching
+        up after a restart skips steps); False when a drain stopped the trainers first.
+        Trainers that are dead or restarting are not waited for here: in ps-sync the others
+        cannot finish a step without them until the shards stop waiting."""
         drain_deadline = None
-        deadline = time.monotonic() + self.wait_timeout
-        while len(self._reports.get(step, {})) < len(trainers):
-            self._raise_failure()
-            running = [c for c in trainers if c.identity not in self._exited]
-            if not running:
-                if self._signal is not None:
+        while True:
+            self._check()
+            trainers = self._trainers()
+            alive = [c for c in trainers if self._alive(c)]
+            if alive and all(self._latest.get(c.rank, -1) >= step for c in alive):
+                return True
+            if self._draining is not None:
+                running = [c for c in trainers if c.pid not in self._exited]
+                if not running:
                     return False
-                raise ActorDiedError(f"every trainer exited before step {step} was done")
-            if self._signal is not None:
                 drain_deadline = drain_deadline or time.monotonic() + \
                     self.cfg.runtime.heartbeat_timeout
                 if time.monotonic() > drain_deadline:  # stuck behind trainers that stopped
                     await self._shutdown(running, "drain timed out", drain=False)
                     drain_deadline = float("inf")
-            if time.monotonic() > deadline:
-                got = sorted(self._reports.get(step, {}))
+            if time.monotonic() > self._last_change + self.wait_timeout:
+                got = sorted(r for r, s in self._latest.items() if s >= step)
                 raise WaitTimeout(f"coordinator waited {self.wait_timeout:g} s for step "
                                   f"{step} from every trainer; reported: ranks {got}")
             self._progress.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._progress.wait(), 0.5)
-        return True
 
-    def _raise_failure(self) -> None:
+    def _check(self) -> None:
         if self._failure is not None:
             raise self._failure
+        if self._rollback is not None and not self._rollback.planned:
+            raise self._rollback
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None and not self._closing:
             self._failure = exc
         self._progress.set()
 
-    # -- watching processes ------------------------------------------------------------
+    # -- failures and restarts ---------------------------------------------------------
     async def _watch(self, child: Child) -> None:
-        code = await child.proc.wait()
-        self._exited[child.identity] = code
-        if self.control is not None:
-            self.control.peer_died(child.identity, f"{child.name} exited")
-        step = max(self._reports, default=self.start)
-        if child.role == "ps" or code != 0:
-            self._fail(ActorDiedError(child.died_message(code, step)))
+        code = await child.wait()
+        self._exited[child.pid] = code
         self._progress.set()
+        if self.control is not None and self._current(child.identity) is child:
+            self.control.peer_died(child.identity, f"{child.name} exited")
+        if self._closing or self._ending:
+            return
+        if code == 0 and child.role == "trainer":
+            return  # finished its steps, or stopped by a drain
+        joined = child.pid in self._hello
+        if not joined and code > 0 and code != EXIT_LEFT:
+            self._fail(StartupFailure(f"{child.died_message(code)}\n(it exited before "
+                                      f"joining the job: a restart would fail the same way)"))
+            return
+        reason = self._hung.pop(child.pid, None) or child.how_it_died(code)
+        if self._draining is not None:
+            log.warning("coordinator.exit_while_draining", role=child.role, rank=child.rank,
+                        reason=reason)
+            return
+        if code != EXIT_LEFT:
+            failure = Failure(child.role, child.rank, child.pid,
+                              self._last_step.get(child.identity, -1), reason, child.log_path)
+            if not self.supervisor.record(failure):
+                self._fail(self.supervisor.exhausted(child.log_tail()))
+                return
+        if child.role == "ps":
+            self._roll_back_soon(child, reason, planned=False)
+        else:
+            self._spawn_task(self._replace(child, reason))
+
+    def _current(self, identity: bytes) -> Child | None:
+        return next((c for c in self.children if c.identity == identity), None)
+
+    def _spawn_task(self, coro: Any) -> None:
+        self._tasks.append(asyncio.ensure_future(coro))
+
+    async def _replace(self, dead: Child, reason: str) -> None:
+        """Start a new incarnation of a dead trainer; it rejoins at the current step."""
+        if self.cfg.runtime.mode == "ps-sync":
+            self._away[dead.rank] = time.monotonic() + self.cfg.runtime.rejoin_timeout
+        if self.restart_delay:
+            await asyncio.sleep(self.restart_delay)
+        if self._ending or self._closing or self._draining is not None:
+            return
+        start = max(self._latest.get(dead.rank, self.start), self._completed)
+        child = await self._spawn("trainer", dead.rank, self._spec(
+            shard_endpoints=self.shard_endpoints, start_step=start).to_json())
+        self._last_change = time.monotonic()
+        log.warning("coordinator.restarted", role="trainer", rank=dead.rank, pid=child.pid,
+                    reason=reason, step=self._completed)
+        self.reporter.emit("restart", role="trainer", rank=dead.rank, reason=reason,
+                           step=self._completed)
+
+    def _roll_back_soon(self, child: Child, reason: str, planned: bool) -> None:
+        if self._rollback is None:
+            self._rollback = _Rollback(reason, child.role, child.rank, planned)
+            if planned:
+                self._drain(f"{child.name} is leaving: checkpoint, then restart without it")
+        self._progress.set()
+
+    async def _roll_back(self, rollback: _Rollback) -> None:
+        """Reload the newest good checkpoint (or the job's start) and start a generation."""
+        reached = self._completed
+        path = latest_good(checkpoint_dir(self.cfg)) or self.first_resume
+
+        def reload() -> tuple[Any, int]:
+            job = build_job(self.cfg)
+            return job, (restore(job, path) if path else 0)
+
+        self.job, self.start = await asyncio.to_thread(reload)
+        self.resume = path
+        self.steps_redone += max(reached - self.start, 0)
+        self.generation += 1
+        self._reset_generation()
+        log.warning("coordinator.rolled_back", generation=self.generation, to_step=self.start,
+                    reached=reached, checkpoint=str(path), reason=rollback.reason)
+        self.reporter.emit("restart", role=rollback.role, rank=rollback.rank,
+                           reason=rollback.reason, step=self.start)
 
     async def _watchdog(self) -> None:
         rt = self.cfg.runtime
         while True:
-            await asyncio.sleep(rt.heartbeat_interval)
+            await asyncio.sleep(min(rt.heartbeat_interval, 0.5))
             now = time.monotonic()
             for c in self.children:
-                seen = self._seen.get(c.identity)
-                if seen is None or c.identity in self._exited:
+                seen = self._seen.get(c.pid)
+                if seen is None or c.pid in self._exited or c.pid in self._hung:
                     continue
                 if now - seen > rt.heartbeat_timeout:
-                    self._fail(ActorDiedError(
-                        f"{c.name} (pid {c.pid}) sent no heartbeat for {now - seen:.1f} s "
-                        f"(runtime.heartbeat_timeout {rt.heartbeat_timeout:g} s); log "
-                        f"{c.log_path}"))
+                    # declared dead: a hung process gets no grace period
+                    self._hung[c.pid] = (f"sent no heartbeat for {now - seen:.1f} s "
+                                         f"(runtime.heartbeat_timeout {rt.heartbeat_timeout:g} s)")
                     with contextlib.suppress(ProcessLookupError):
-                        c.proc.kill()  # declared dead: a hung process gets no grace period
+                        c.proc.kill()
+            for rank, deadline in list(self._away.items()):
+                if now > deadline and rank in self.members:
+                    del self._away[rank]
+                    self.members.discard(rank)
+                    log.warning("coordinator.continuing_without", rank=rank,
+                                trainers=len(self.members), of=rt.workers,
+                                waited=rt.rejoin_timeout)
+                    self._spawn_task(self._send_members())
+
+    async def _send_members(self) -> None:
+        """Tell every shard whose pushes complete a ps-sync step."""
+        async with self._members_lock:
+            ranks = sorted(self.members)
+            calls = [link.call(message("members", new_id(), ranks=ranks),
+                               timeout=self.wait_timeout, what=f"members {ranks}")
+                     for link in self.shard_links]
+            with contextlib.suppress(ActorDiedError):  # a dead shard rolls the job back
+                await asyncio.gather(*calls)
 
     async def _handle(self, msg: Message, route: bytes | None) -> Message | None:
         assert route is not None
-        self._seen[route] = time.monotonic()
+        child = self._current(route)
+        if child is not None:
+            self._seen[child.pid] = time.monotonic()
+        if msg.type == "heartbeat":
+            self._last_step[route] = msg["step"]
+            return reply(msg, "heartbeat", role="coordinator", rank=0, step=self._completed,
+                         time=time.time())
         if msg.type == "hello":
-            self._hello.add(route)
-            self._progress.set()
-            return reply(msg, "welcome", role="coordinator", software=narun.__version__,
-                         heartbeat_interval=self.cfg.runtime.heartbeat_interval)
+            return await self._welcome(msg, route, child)
         if msg.type == "step_done":
-            self._reports.setdefault(msg["step"], {})[msg["rank"]] = msg
+            rank, step = msg["rank"], msg["step"]
+            self._latest[rank] = max(self._latest.get(rank, -1), step)
+            self._last_step[route] = step
+            if step > self._completed:
+                self._reports.setdefault(step, {})[rank] = msg
             self._progress.set()
-        return None  # heartbeats need no answer
+        elif msg.type == "shutdown" and child is not None:  # a worker's own SIGTERM
+            log.warning("coordinator.leave_requested", role=child.role, rank=child.rank,
+                        reason=msg["reason"])
+            if child.role == "ps" and self._draining is None:
+                self._roll_back_soon(child, msg["reason"], planned=True)
+        return None
+
+    async def _welcome(self, msg: Message, route: bytes, child: Child | None) -> Message:
+        assert self.control is not None
+        if child is not None:
+            self._hello.add(child.pid)
+            self._seen[child.pid] = time.monotonic()
+        self.control.revive(route)
+        rank = msg["rank"]
+        if msg["role"] == "trainer" and self._away.pop(rank, None) is not None:
+            self._last_change = time.monotonic()
+        if msg["role"] == "trainer" and rank not in self.members:
+            self.members.add(rank)  # back after ps-sync went on without it: wait for it again
+            log.warning("coordinator.rejoined", rank=rank, trainers=len(self.members))
+            await self._send_members()
+        self._progress.set()
+        return reply(msg, "welcome", role="coordinator", software=narun.__version__,
+                     heartbeat_interval=self.cfg.runtime.heartbeat_interval)
 
     def _on_signal(self, signum: int) -> None:
         if self._signal is not None:
             return
         self._signal = signum
         log.warning("coordinator.draining", signal=signal.Signals(signum).name)
-        trainers = [c for c in self.children if c.role == "trainer"]
-        asyncio.ensure_future(self._shutdown(trainers, f"signal {signum}", drain=True))
+        self._drain(f"signal {signum}")
+
+    def _drain(self, reason: str) -> None:
+        """Trainers finish their step and stop; the job then checkpoints."""
+        if self._draining is None:
+            self._draining = reason
+            self._spawn_task(self._shutdown(self._trainers(), reason, drain=True))
         self._progress.set()
 
     # -- parameters, checkpoints -------------------------------------------------------
@@ -304,6 +490,8 @@ class Coordinator:
             p.data[...] = state[name]
 
     async def _checkpoint(self, step: int) -> Path:
+        """Every shard's slice of `step`, then one checkpoint written whole (manifest last):
+        a checkpoint holds all slices of one step or does not exist."""
         assert self.control is not None
         staging = Path(self.cfg.training.out_dir) / ".shards" / f"step-{step:06d}"
         calls = [self.control.call(message("checkpoint", new_id(), step=step, path=str(staging)),
@@ -331,16 +519,53 @@ class Coordinator:
         if self.control is None:
             return
         for c in children:
-            if c.identity in self._exited or self.control.is_dead(c.identity):
+            if c.pid in self._exited or self.control.is_dead(c.identity):
                 continue
             with contextlib.suppress(ActorDiedError, WaitTimeout):
                 await self.control.send(message("shutdown", new_id(), reason=reason,
                                                 drain=drain), to=c.identity, timeout=1.0)
 
-    async def _stop_all(self) -> None:
-        await self._shutdown(self.children, "job finished", drain=False)
+    async def _end_generation(self) -> None:
+        """Stop every process of this generation and forget them."""
+        self._ending = True
+        for task in self._tasks:
+            task.cancel()
+        await self._shutdown(self.children, "job finished" if self._closing else
+                             "restarting from a checkpoint", drain=False)
         await asyncio.gather(*(c.stop(STOP_GRACE) for c in self.children),
                              return_exceptions=True)
+        for link in self.shard_links:
+            link.close()
+        self.shard_links = []
+
+
+def _summary(reports: list[Message], speed_key: str, per_sample: int) -> dict[str, Any]:
+    """The `step` event's fields from the trainers' reports of one step."""
+    timings = {k: float(np.mean([r["timings"].get(k, 0.0) for r in reports]))
+               for k in ("compute", "push", "wait", "pull")}
+    # Throughput from the trainers' own step times: reports arrive in bursts when the
+    # trainers run ahead of the coordinator, so arrival times would mislead.
+    speed = sum(r["samples"] * per_sample / max(
+        sum(r["timings"].get(k, 0.0) for k in ("compute", "wait", "pull")), 1e-9)
+        for r in reports)
+    return {"loss": float(np.mean([r["loss"] for r in reports])), speed_key: speed,
+            "timings": timings,
+            "stale": int(sum(r["timings"].get("stale", 0) for r in reports))}
+
+
+def _listen(context: zmq.asyncio.Context, rt: Any) -> Any:
+    """The coordinator's control socket on runtime.host:runtime.port; a port in use or an
+    address this host does not have fails now, named."""
+    address = f"tcp://{rt.host}:{rt.port}"
+    try:
+        return open_channel(context, "router", bind=address)
+    except ConfigError as exc:
+        hint = ("runtime.port: another process (another job?) listens there; pick another "
+                "port, or 0 for any free one" if "in use" in str(exc) else
+                "runtime.host: not an address of this host (or not an address at all); "
+                "use 127.0.0.1 for a job on this host")
+        raise ConfigError(f"the coordinator cannot listen on {address}: {exc.__cause__ or exc}"
+                          f" ({hint})") from None
 
 
 def check_config(cfg: JobConfig) -> None:

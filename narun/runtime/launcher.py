@@ -52,13 +52,16 @@ class Child:
             return ""
         return "\n".join(text[-lines:])
 
+    @staticmethod
+    def how_it_died(code: int | None) -> str:
+        return f"was killed by signal {-code}" if code is not None and code < 0 else \
+            f"exited with status {code}"
+
     def died_message(self, code: int | None, step: int | None = None) -> str:
         at = "" if step is None else f" at step {step}"
-        how = f"was killed by signal {-code}" if code is not None and code < 0 else \
-            f"exited with status {code}"
         tail = self.log_tail()
-        return (f"{self.name} (pid {self.pid}) {how}{at}; its log is {self.log_path}"
-                + (f":\n{tail}" if tail else ""))
+        return (f"{self.name} (pid {self.pid}) {self.how_it_died(code)}{at}; its log is "
+                f"{self.log_path}" + (f":\n{tail}" if tail else ""))
 
     async def read_endpoint(self, timeout: float) -> str:
         """The endpoint a shard prints as its first stdout line (JSON {"endpoint": ...})."""
@@ -88,6 +91,12 @@ class Child:
         except (BrokenPipeError, ConnectionResetError):
             raise ActorDiedError(self.died_message(await self.proc.wait())) from None
 
+    async def wait(self) -> int:
+        """The exit status, once the process has exited (reaped)."""
+        code = await self.proc.wait()
+        _LIVE.pop(self.pid, None)
+        return code
+
     async def stop(self, grace: float) -> int:
         """Wait up to `grace` seconds for the process to exit, then SIGKILL; reap it."""
         try:
@@ -101,10 +110,12 @@ class Child:
 
 
 async def spawn(role: str, rank: int, spec_json: str, log_dir: Path,
-                blas_threads: int = 1) -> Child:
-    """Start `python -m workers ROLE --rank RANK --spec SPEC` with its stderr in log_dir."""
+                blas_threads: int = 1, incarnation: int = 0) -> Child:
+    """Start `python -m workers ROLE --rank RANK --spec SPEC` with its stderr in log_dir
+    (ROLE-RANK.log; a restarted one's in ROLE-RANK.N.log, keeping its predecessor's)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{role}-{rank}.log"
+    suffix = f".{incarnation}" if incarnation else ""
+    log_path = log_dir / f"{role}-{rank}{suffix}.log"
     env = {**os.environ, **blas_env(blas_threads)}
     root = str(Path(__file__).resolve().parents[2])  # so `workers` imports from this tree
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])

@@ -24,6 +24,7 @@ class WorkerSpec:
     wait_timeout: float  # seconds any one wait may take before WaitTimeout
     shard_endpoints: list[str] = field(default_factory=list)  # trainers only
     resume: str | None = None  # checkpoint directory to start from
+    start_step: int | None = None  # ps-async: where a restarted trainer picks up
     stop_at: int | None = None  # the last step of this run, when before training.steps
     blas_threads: int | None = 1
     delays: dict[str, float] = field(default_factory=dict)  # rank -> seconds before each step

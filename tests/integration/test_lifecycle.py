@@ -57,16 +57,17 @@ def run_killing(cfg, role, rank, sig, **options):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("role, rank", [("trainer", 1), ("ps", 0)])
-def test_a_killed_process_fails_the_job_at_once(make_config, role, rank):
-    cfg = make_config("ps-sync", 2, steps=200)
+def test_a_killed_process_fails_the_job_at_once_without_restarts(make_config, role, rank):
+    cfg = make_config("ps-sync", 2, steps=200, max_restarts=0)
     text, seconds = run_killing(cfg, role, rank, signal.SIGKILL)
     assert f"{role} {rank}" in text and "killed by signal 9" in text, text
+    assert "exceed runtime.max_restarts 0" in text, text
     assert seconds < 20  # not a timeout: found by the process exit
 
 
 @pytest.mark.timeout(60)
 def test_a_hung_trainer_is_found_by_its_missing_heartbeats(make_config):
-    cfg = make_config("ps-sync", 2, steps=200, heartbeat_timeout=2.0)
+    cfg = make_config("ps-sync", 2, steps=200, heartbeat_timeout=2.0, max_restarts=0)
     text, seconds = run_killing(cfg, "trainer", 0, signal.SIGSTOP)
     assert seconds < 15
     assert "trainer 0" in text and "no heartbeat" in text, text

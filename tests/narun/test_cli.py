@@ -91,7 +91,8 @@ def test_config_check_prints_the_resolved_config(tmp_path):
     assert resolved["runtime"] == {"mode": "local", "workers": 0, "ps_shards": 1,
                                    "max_staleness": 4, "device": "cpu",
                                    "heartbeat_interval": 1.0, "heartbeat_timeout": 10.0,
-                                   "max_restarts": 3}
+                                   "max_restarts": 3, "rejoin_timeout": 30.0,
+                                   "host": "127.0.0.1", "port": 0}
     # the resolved config is itself a valid config that resolves to the same text
     again = tmp_path / "resolved.yaml"
     again.write_text(out.stdout)

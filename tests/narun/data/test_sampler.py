@@ -111,3 +111,14 @@ def test_window_sampler_is_a_pure_function_of_seed_and_step():
         np.testing.assert_array_equal(np.concatenate(parts), single.offsets(step))
     seen = np.concatenate([WindowSampler(7, 4, seed=0).offsets(s) for s in range(200)])
     assert seen.min() == 0 and seen.max() == 6  # every window, none past the end
+
+
+@pytest.mark.parametrize("batches", [0, 1, 3, 4, 9, 13])
+def test_seek_lands_where_taking_that_many_batches_does(batches):
+    walked = ShardedSampler(14, batch_size=4, rank=1, world_size=2, seed=3)
+    for _ in range(batches):
+        walked.next_batch()
+    jumped = ShardedSampler(14, batch_size=4, rank=1, world_size=2, seed=3)
+    jumped.seek(batches)
+    for _ in range(6):  # across an epoch boundary (4 batches per epoch)
+        np.testing.assert_array_equal(jumped.next_batch(), walked.next_batch())
