@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -18,6 +19,7 @@ from typing import Any
 import structlog
 import zmq
 import zmq.asyncio
+from zmq.backend import Socket as _CSocket
 
 from narun.errors import ActorDiedError, ConfigError, ProtocolError, WaitTimeout
 from protocol.codec import decode, encode, refusal
@@ -36,8 +38,28 @@ _SEND_ONLY = {"push", "pub"}
 _RECV_ONLY = {"pull", "sub"}
 # Dead-peer detection below the heartbeats, for half-open TCP connections (seconds, count).
 _KEEPALIVE_IDLE, _KEEPALIVE_INTERVAL, _KEEPALIVE_COUNT = 30, 10, 3
+# The hot path calls pyzmq's C-level methods with plain ints: its Python wrappers
+# (send_multipart, Socket.get) and IntFlag arithmetic cost ~3 us an operation, a fair part
+# of a message's cost in scripts/bench_dp.py's transfer.
+_send, _recv, _get = _CSocket.send, _CSocket.recv, _CSocket.get
+_POLLIN, _POLLOUT, _EVENTS, _RCVMORE = (int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.EVENTS),
+                                        int(zmq.RCVMORE))
+_DONTWAIT, _MORE_DONTWAIT = int(zmq.DONTWAIT), int(zmq.SNDMORE | zmq.DONTWAIT)
 
 log = structlog.get_logger(__name__)
+
+
+class _Socket(zmq.asyncio.Socket):
+    """A zmq.asyncio socket that tells its Channel when it closes, however it is closed
+    (Channel.close, socket.close, Context.destroy), so the Channel stops watching its FD and
+    cancels a parked recv or send, as zmq.asyncio does for its own."""
+
+    _on_close: Any = None
+
+    def close(self, linger: int | None = None) -> None:
+        if self._on_close is not None and not self.closed:
+            self._on_close()
+        super().close(linger=linger)
 
 
 @dataclass(frozen=True)
@@ -60,14 +82,23 @@ class Channel:
         self.endpoint = endpoint
         self.refused = 0  # messages refused so far (malformed, oversized, unknown...)
         self.last_refusal = ""  # why the last one was refused (named in timeouts upstream)
-        # zmq.asyncio costs ~40 us per call even when a message is ready; a synchronous
-        # view of the same socket, tried first with DONTWAIT, costs ~2 us. It never waits:
-        # waiting is left to zmq.asyncio.
+        # All I/O goes through a synchronous view of the socket with DONTWAIT (~2 us a call;
+        # zmq.asyncio costs ~40 us a call and runs its IntFlag-heavy event handler for every
+        # message). Waiting is done here: the event loop watches a duplicate of the socket's
+        # FD (the zmq.asyncio socket, if used directly, keeps its own registration).
         self._sync = zmq.Socket.shadow(socket.underlying)
-        self._sends_waiting = 0  # sends parked in zmq.asyncio: later ones queue behind them
+        self._sends_waiting = 0  # sends parked: later ones queue behind them, in order
+        self._send_lock = asyncio.Lock()  # held by the one parked sender that retries
         self._maybe_partial = False
         # One reader at a time: two parked readers would each take frames of one multipart.
         self._recv_lock = asyncio.Lock()
+        self._fd: int | None = None  # the duplicate FD, watched by _loop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # resolved when the parked reader, or the parked sender, should retry
+        self._readable: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        if isinstance(socket, _Socket):
+            socket._on_close = self._unwatch
 
     def __repr__(self) -> str:
         return f"<Channel {self.kind} {self.endpoint}>"
@@ -119,8 +150,11 @@ class Channel:
         finally:
             self._recv_lock.release()
 
-    def close(self) -> None:
-        self.socket.close(linger=0)
+    def close(self, linger: float = 0.0) -> None:
+        """Close the socket; ``linger`` seconds let queued messages go out first (the
+        default drops them). A recv or send parked on the channel is cancelled."""
+        self._unwatch()
+        self.socket.close(linger=int(linger * 1000))
 
     def _check_open(self) -> None:
         # the synchronous shadow must never touch a closed socket's freed handle
@@ -144,14 +178,12 @@ class Channel:
             tracked = [f for f in frames if isinstance(f, zmq.Frame)]
             tracker = zmq.MessageTracker(*tracked) if tracked else None
             del tracked
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         try:
             if self._sends_waiting or not self._try_send(frames):
                 self._sends_waiting += 1
                 try:
-                    await asyncio.wait_for(self.socket.send_multipart(frames, copy=False),
-                                           timeout)
+                    await self._send_parked(frames, deadline)
                 finally:
                     self._sends_waiting -= 1
         except asyncio.TimeoutError:
@@ -167,44 +199,124 @@ class Channel:
             frames.clear()
             await _released(tracker, deadline, self)
 
+    async def _send_parked(self, frames: list[Any], deadline: float | None) -> None:
+        await _until(self._send_lock.acquire(), deadline)
+        try:
+            while not self._try_send(frames):
+                await self._wait(_POLLOUT, deadline)
+        finally:
+            self._send_lock.release()
+
     def _try_send(self, frames: list[Any]) -> bool:
         # A multipart message is accepted whole or not at all: only its first frame can
-        # meet the high-water mark (EAGAIN).
+        # meet the high-water mark (EAGAIN), or find a ROUTER's peer gone (EHOSTUNREACH).
+        # copy=False: pyzmq still copies frames under its 64 KiB threshold.
+        self._check_open()
+        sock, last = self._sync, len(frames) - 1
         try:
-            self._sync.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
+            _send(sock, frames[0], _MORE_DONTWAIT if last else _DONTWAIT, False)
         except zmq.Again:
-            return False
-        finally:
             self._rearm()
+            return False
+        except zmq.ZMQError:
+            self._rearm()
+            raise
+        for i in range(1, last + 1):
+            _send(sock, frames[i], _MORE_DONTWAIT if i < last else _DONTWAIT, False)
+        self._rearm()
         return True
 
     def _rearm(self) -> None:
         # The socket's FD signals readiness edge-triggered, and any call on the socket can
-        # consume the edge. zmq.asyncio re-checks ZMQ_EVENTS after its own calls only, so
-        # after each call through the synchronous shadow we do the same; otherwise a reader
-        # parked in zmq.asyncio can sleep beside a message that has arrived (seen as lost
-        # replies with several tasks sending on one socket).
+        # consume the edge. So after each of our calls, whoever is parked re-checks
+        # ZMQ_EVENTS (here, or in zmq.asyncio when the socket is used directly); otherwise a
+        # reader can sleep beside a message that has arrived (seen as lost replies with
+        # several tasks sending on one socket).
+        if self._readable is not None or self._writable is not None:
+            self._on_events()
         if not self.socket.closed:
             self.socket._schedule_remaining_events()
+
+    def _on_events(self) -> None:
+        # The FD's reader, and the re-check after our own calls. Reading ZMQ_EVENTS also
+        # clears the FD, which otherwise stays readable (the loop's reader is level-triggered).
+        if self.socket.closed:  # closed without telling us (a socket not from open_channel)
+            self._unwatch()
+            return
+        self._wake(_get(self._sync, _EVENTS))
+        self.socket._schedule_remaining_events()
+
+    def _wake(self, events: int) -> None:
+        readable, writable = self._readable, self._writable
+        if readable is not None and events & _POLLIN and not readable.done():
+            readable.set_result(None)
+        if writable is not None and events & _POLLOUT and not writable.done():
+            writable.set_result(None)
+
+    async def _wait(self, event: int, deadline: float | None) -> None:
+        """Sleep until ``event`` (_POLLIN: the reader, _POLLOUT: the parked sender) may be
+        ready; the caller retries the DONTWAIT call that has just failed."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._watch(loop)
+        # The failed call, or any call since, may have consumed the FD's edge: ZMQ_EVENTS
+        # is the truth, so look once before sleeping. Looking consumes the edge too, so the
+        # other direction's parked waiter is told what we saw.
+        events = _get(self._sync, _EVENTS)
+        self._wake(events)
+        if events & event:
+            return
+        ready: asyncio.Future[None] = loop.create_future()
+        if event == _POLLIN:
+            self._readable = ready
+        else:
+            self._writable = ready
+        try:
+            await _until(ready, deadline)
+        finally:
+            if event == _POLLIN:
+                self._readable = None
+            else:
+                self._writable = None
+        self._check_open()
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._check_open()
+        if self._fd is None:
+            self._fd = os.dup(_get(self._sync, int(zmq.FD)))
+        elif self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+        loop.add_reader(self._fd, self._on_events)
+        self._loop = loop
+
+    def _unwatch(self) -> None:
+        for parked in (self._readable, self._writable):
+            if parked is not None and not parked.done():
+                parked.cancel()
+        if self._fd is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = self._loop = None
 
     async def _recv_frames(self, deadline: float | None,
                            timeout: float | None) -> tuple[list[Any], str]:
         """One whole multipart message, but never more than the limits: past them, the rest
         is read and dropped frame by frame, and the reason returned."""
         sync = self._sync
-        if self._maybe_partial:  # a cancelled reader may have taken the head of a message
-            while sync.rcvmore:
-                sync.recv(zmq.DONTWAIT, copy=False)
+        if self._maybe_partial:  # a read stopped inside a multipart message
+            while _get(sync, _RCVMORE):
+                _recv(sync, _DONTWAIT, False)
             self._maybe_partial = False
         try:
-            frame = sync.recv(zmq.DONTWAIT, copy=False)
+            frame = _recv(sync, _DONTWAIT, False)
         except zmq.Again:
             frame = await self._wait_frame(deadline, timeout)
         frames, total, overflow = [frame], len(frame), ""
         max_frames = self.limits.max_frames + 2  # + header + routing frame
         while frame.more:
             # the rest of a multipart message has arrived with its first frame
-            frame = sync.recv(zmq.DONTWAIT, copy=False)
+            frame = _recv(sync, _DONTWAIT, False)
             if overflow:
                 continue
             total += len(frame)
@@ -220,19 +332,17 @@ class Channel:
         return frames, overflow
 
     async def _wait_frame(self, deadline: float | None, timeout: float | None) -> Any:
-        pending = self.socket.recv(copy=False)
+        # Nothing is taken from the socket while parked, so a cancelled reader leaves no
+        # partial message behind.
         try:
-            if deadline is None:
-                return await pending
-            # wait_for on the future itself: no task per call, and it is cancelled (so no
-            # frame is taken) when time runs out
-            remaining = max(deadline - asyncio.get_running_loop().time(), 0.0)
-            return await asyncio.wait_for(pending, remaining)
+            while True:
+                await self._wait(_POLLIN, deadline)
+                try:
+                    return _recv(self._sync, _DONTWAIT, False)
+                except zmq.Again:
+                    pass
         except asyncio.TimeoutError:
             raise WaitTimeout(f"{self!r}: no message within {timeout} s") from None
-        except asyncio.CancelledError:
-            self._maybe_partial = True
-            raise
 
     def _refuse(self, route: Sequence[Any], body: Sequence[Any], exc: ProtocolError) -> None:
         self.refused += 1
@@ -247,9 +357,15 @@ class Channel:
         # DONTWAIT: a peer that floods us without reading its errors loses them (EAGAIN), a
         # vanished one too (EHOSTUNREACH); neither ever blocks this loop.
         with contextlib.suppress(zmq.ZMQError):
-            self._sync.send_multipart([*route, *encode(answer, self.limits)],
-                                      flags=zmq.DONTWAIT)
-        self._rearm()
+            self._try_send([*route, *encode(answer, self.limits)])
+
+
+async def _until(waitable: Any, deadline: float | None) -> Any:
+    if deadline is None:
+        return await waitable
+    # wait_for on the awaitable itself: it is cancelled when time runs out
+    return await asyncio.wait_for(waitable,
+                                  max(deadline - asyncio.get_running_loop().time(), 0.0))
 
 
 async def _released(tracker: zmq.MessageTracker, deadline: float | None,
@@ -289,7 +405,7 @@ def open_channel(context: zmq.asyncio.Context, kind: str, *, bind: str | None = 
         raise ConfigError(f"expected a zmq.asyncio.Context, got {type(context).__name__}")
     if (bind is None) == (connect is None):
         raise ConfigError(f"{kind} socket: give exactly one of bind= and connect=")
-    sock = context.socket(SOCKET_TYPES[kind])
+    sock = context.socket(SOCKET_TYPES[kind], socket_class=_Socket)
     try:
         sock.linger = 0
         sock.maxmsgsize = limits.max_message_bytes

@@ -1,0 +1,165 @@
+"""How a Channel waits: the socket's FD signals edge-triggered, and any call on the socket
+can consume the edge, so a parked reader or sender must never sleep beside a message (or
+free space) that has arrived. These tests park readers and senders on one socket at once,
+many times over, and close sockets under parked waits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from narun.errors import WaitTimeout
+from protocol import Channel, message, open_channel
+
+LOOPBACK = "tcp://127.0.0.1:0"
+
+
+def beat(i: int) -> object:
+    return message("heartbeat", i, role="trainer", rank=0, step=i, time=0.0)
+
+
+async def echo(server: Channel) -> None:
+    while True:
+        inc = await server.recv()
+        await server.send(inc.msg, to=inc.route, wait_sent=False)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("hwm", [1, 4])
+async def test_many_senders_and_one_reader_on_one_socket_lose_nothing(ctx, hwm) -> None:
+    # A low high-water mark parks senders on both sides (the ROUTER's mandatory sends wait
+    # too), while the client's reader is parked on the same socket: every reply must come.
+    server = open_channel(ctx, "router", bind=LOOPBACK, hwm=hwm)
+    client = open_channel(ctx, "dealer", connect=server.endpoint, hwm=hwm)
+    serving = asyncio.create_task(echo(server))
+    senders, per_sender = 8, 150
+    big = np.arange(1 << 16, dtype=np.float32)  # 256 KiB: a zero-copy frame
+
+    async def send_all(s: int) -> None:
+        for k in range(per_sender):
+            i = s * per_sender + k
+            msg = beat(i) if k % 3 else message("push_grads", i, step=k, rank=s, version=0,
+                                                 grads={"w": big})
+            await client.send(msg, wait_sent=k % 2 == 0, timeout=30)
+
+    try:
+        sending = [asyncio.create_task(send_all(s)) for s in range(senders)]
+        got = set()
+        while len(got) < senders * per_sender:
+            got.add((await client.recv(timeout=10)).msg.id)  # a lost wake-up times out here
+        await asyncio.gather(*sending)
+        assert got == set(range(senders * per_sender))
+    finally:
+        serving.cancel()
+        server.close()
+        client.close()
+
+
+@pytest.mark.timeout(30)
+async def test_parked_sends_go_out_in_order_and_a_timed_out_one_is_not_sent(ctx) -> None:
+    # inproc: no kernel buffers, so the high-water marks alone decide when a send parks
+    pull = open_channel(ctx, "pull", bind="inproc://parked-sends", hwm=1)
+    push = open_channel(ctx, "push", connect=pull.endpoint, hwm=1)
+    try:
+        # nobody reads yet: the pipe fills, then sends park
+        first = asyncio.create_task(push.send(beat(0)))
+        while not first.done():
+            await asyncio.sleep(0.01)
+        parked = [asyncio.create_task(push.send(beat(i))) for i in range(1, 40)]
+        await asyncio.sleep(0.1)
+        assert not all(t.done() for t in parked)
+        got = [(await pull.recv(timeout=10)).msg.id for _ in range(40)]
+        await asyncio.gather(*parked)
+        assert got == list(range(40))
+        # fill it again; a send that times out is not sent, and later ones still are
+        sent = 0
+        with pytest.raises(WaitTimeout, match="send not accepted within 0.1 s"):
+            for i in range(100, 200):
+                await push.send(beat(i), timeout=0.1)
+                sent += 1
+        after = asyncio.create_task(push.send(beat(500)))
+        got = [(await pull.recv(timeout=10)).msg.id for _ in range(sent + 1)]
+        await after
+        assert got == [*range(100, 100 + sent), 500]
+        with pytest.raises(WaitTimeout):
+            await pull.recv(timeout=0.2)
+    finally:
+        pull.close()
+        push.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["channel", "socket", "context"])
+async def test_closing_cancels_a_parked_recv_and_releases_the_fd(how) -> None:
+    context = zmq.asyncio.Context()
+    before = open_fds()
+    channel = open_channel(context, "dealer", connect="tcp://127.0.0.1:1")
+    waiting = asyncio.create_task(channel.recv())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    if how == "channel":
+        channel.close()
+    elif how == "socket":
+        channel.socket.close(linger=0)
+    else:
+        context.destroy(linger=0)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 5)
+    context.destroy(linger=0)
+    await asyncio.sleep(0.05)  # ZeroMQ's reaper closes the socket's own FD
+    assert open_fds() <= before
+
+
+@pytest.mark.timeout(60)
+async def test_channels_opened_and_closed_many_times_leak_no_fd(ctx) -> None:
+    server = open_channel(ctx, "router", bind=LOOPBACK)
+    serving = asyncio.create_task(echo(server))
+    try:
+        for i in range(3):  # warm up: ZeroMQ's own threads and FDs
+            async with open_channel(ctx, "dealer", connect=server.endpoint) as c:
+                await c.send(beat(i))
+                await c.recv(timeout=5)
+        await asyncio.sleep(0.1)
+        before = open_fds()
+        for i in range(100):
+            async with open_channel(ctx, "dealer", connect=server.endpoint) as c:
+                await c.send(beat(i))
+                assert (await c.recv(timeout=5)).msg.id == i
+        await asyncio.sleep(0.2)
+        assert open_fds() <= before + 2
+    finally:
+        serving.cancel()
+        server.close()
+
+
+@pytest.mark.timeout(30)
+async def test_a_send_that_consumes_the_edge_still_wakes_the_parked_reader(ctx) -> None:
+    # The exact race: a reply arrives while the reader is parked, and before the loop looks
+    # at the FD a send on the same socket processes ZeroMQ's commands, clearing the FD. The
+    # send itself must wake the reader.
+    server = open_channel(ctx, "router", bind=LOOPBACK)
+    client = open_channel(ctx, "dealer", connect=server.endpoint)
+    try:
+        await client.send(beat(0))
+        route = (await server.recv(timeout=5)).route
+        for i in range(20):
+            waiting = asyncio.create_task(client.recv(timeout=3))
+            await asyncio.sleep(0.01)  # the reader parks
+            await server.send(beat(i), to=route)  # accepted at once: no await suspends
+            time.sleep(0.05)  # noqa: ASYNC251 - the loop must not look at the FD meanwhile
+            await client.send(beat(1000 + i))  # processes the commands, clearing the FD
+            assert (await waiting).msg.id == i
+            assert (await server.recv(timeout=5)).msg.id == 1000 + i
+    finally:
+        server.close()
+        client.close()
