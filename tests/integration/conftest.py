@@ -26,23 +26,28 @@ def blobs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def mlp_config(blobs: Path, out_dir: Path, mode: str = "ps-sync", workers: int = 2,
+               shards: int = 2, heartbeat_timeout: float = 5.0, max_restarts: int = 3,
+               rejoin_timeout: float = 30.0, **training: Any) -> JobConfig:
+    t = {"steps": 10, "batch_size": 12, "optimizer": "adamw", "lr": 1e-2,
+         "weight_decay": 0.1, "schedule": "cosine", "warmup_steps": 2, "grad_clip": None,
+         "eval_every": 0, "checkpoint_every": 0, "out_dir": str(out_dir)}
+    t.update(training)
+    return config_from_dict({
+        "model": {"name": "mlp", "sizes": [16, 32, 4], "activation": "relu"},
+        "data": {"kind": "arrays", "path": str(blobs), "val_fraction": 0.1},
+        "training": t,
+        "runtime": {"mode": mode, "workers": workers, "ps_shards": shards,
+                    "max_staleness": 2, "heartbeat_interval": 0.5,
+                    "heartbeat_timeout": heartbeat_timeout,
+                    "max_restarts": max_restarts, "rejoin_timeout": rejoin_timeout}})
+
+
 @pytest.fixture
 def make_config(blobs: Path, tmp_path: Path):
     def make(mode: str = "ps-sync", workers: int = 2, shards: int = 2, out: str = "run",
-             heartbeat_timeout: float = 5.0, max_restarts: int = 3,
-             rejoin_timeout: float = 30.0, **training: Any) -> JobConfig:
-        t = {"steps": 10, "batch_size": 12, "optimizer": "adamw", "lr": 1e-2,
-             "weight_decay": 0.1, "schedule": "cosine", "warmup_steps": 2, "grad_clip": None,
-             "eval_every": 0, "checkpoint_every": 0, "out_dir": str(tmp_path / out)}
-        t.update(training)
-        return config_from_dict({
-            "model": {"name": "mlp", "sizes": [16, 32, 4], "activation": "relu"},
-            "data": {"kind": "arrays", "path": str(blobs), "val_fraction": 0.1},
-            "training": t,
-            "runtime": {"mode": mode, "workers": workers, "ps_shards": shards,
-                        "max_staleness": 2, "heartbeat_interval": 0.5,
-                        "heartbeat_timeout": heartbeat_timeout,
-                        "max_restarts": max_restarts, "rejoin_timeout": rejoin_timeout}})
+             **options: Any) -> JobConfig:
+        return mlp_config(blobs, tmp_path / out, mode, workers, shards, **options)
     return make
 
 
