@@ -15,6 +15,7 @@ import pytest
 import uvloop
 import yaml
 
+from narun.checkpoint import latest_good, load_checkpoint, verify_checkpoint
 from narun.config import to_dict
 from narun.errors import ActorDiedError, ConfigError
 from narun.events import JsonLinesReporter
@@ -110,22 +111,26 @@ def test_cli_sigterm_drains_checkpoints_and_exits_zero(make_config, tmp_path):
     assert done["event"] == "done" and done["interrupted"], events[-3:]
     assert 3 <= done["step"] < 500
     assert done["checkpoint"].endswith(f"step-{done['step']:06d}")
+    verify_checkpoint(done["checkpoint"])  # complete: every shard's slice, checksums match
+    assert load_checkpoint(done["checkpoint"]).step == done["step"]
     assert _workers_mentioning(str(tmp_path)) == []
 
 
-@pytest.mark.timeout(60)
-def test_a_coordinator_killed_with_sigkill_leaves_no_worker(make_config, tmp_path):
+@pytest.mark.timeout(120)
+def test_a_coordinator_killed_with_sigkill_leaves_no_worker_and_resume_auto_finishes(
+        make_config, tmp_path):
     """No cleanup code runs in a SIGKILLed coordinator: the workers still go (their parent-
-    death signal, and the coordinator connection dropping)."""
-    cfg = to_dict(make_config("ps-sync", 2, steps=500))
+    death signal, and the coordinator connection dropping). `--resume auto` then continues
+    from the newest checkpoint, losing no step before it, to the unfaulted result."""
+    cfg = make_config("ps-sync", 2, steps=120, checkpoint_every=10)
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
     proc = subprocess.Popen([sys.executable, "-m", "narun.cli", "train", str(path), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             cwd=ROOT)
     try:
         for line in proc.stdout:
-            if json.loads(line)["event"] == "step":
+            if json.loads(line)["event"] == "checkpoint":
                 break
         assert len(_workers_mentioning(str(tmp_path))) == 4
         proc.kill()
@@ -136,6 +141,20 @@ def test_a_coordinator_killed_with_sigkill_leaves_no_worker(make_config, tmp_pat
     while _workers_mentioning(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _workers_mentioning(str(tmp_path)) == []
+
+    newest = latest_good(Path(cfg.training.out_dir) / "checkpoints")
+    assert newest is not None
+    saved = int(newest.name.removeprefix("step-"))
+    out = subprocess.run([sys.executable, "-m", "narun.cli", "train", str(path), "--json",
+                          "--resume", "auto"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=90)
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert steps == list(range(saved + 1, 121))  # from the checkpoint on, nothing skipped
+    unfaulted = uvloop.run(Coordinator(make_config("ps-sync", 2, out="base", steps=120),
+                                       JsonLinesReporter(io.StringIO())).run())
+    assert events[-1]["val_loss"] == pytest.approx(unfaulted["val_loss"], rel=1e-6)
 
 
 def _workers_mentioning(text: str) -> list[int]:
