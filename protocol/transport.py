@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -54,11 +55,14 @@ class _Socket(zmq.asyncio.Socket):
     (Channel.close, socket.close, Context.destroy), so the Channel stops watching its FD and
     cancels a parked recv or send, as zmq.asyncio does for its own."""
 
-    _on_close: Any = None
+    # Weak: a socket -> channel -> socket cycle would leave the socket's close to the cycle
+    # collector, which may finalize an abandoned Context first, whose term() then hangs.
+    _on_close: weakref.WeakMethod[Any] | None = None
 
     def close(self, linger: int | None = None) -> None:
-        if self._on_close is not None and not self.closed:
-            self._on_close()
+        unwatch = self._on_close() if self._on_close is not None else None
+        if unwatch is not None and not self.closed:
+            unwatch()
         super().close(linger=linger)
 
 
@@ -98,10 +102,15 @@ class Channel:
         self._readable: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
         if isinstance(socket, _Socket):
-            socket._on_close = self._unwatch
+            socket._on_close = weakref.WeakMethod(self._unwatch)
 
     def __repr__(self) -> str:
         return f"<Channel {self.kind} {self.endpoint}>"
+
+    def __del__(self) -> None:
+        # Only reached unwatched, or after the loop died: a watching loop holds the channel.
+        if self._fd is not None:
+            os.close(self._fd)
 
     async def send(self, msg: Message, *, to: bytes | None = None, wait_sent: bool = True,
                    timeout: float | None = None) -> None:

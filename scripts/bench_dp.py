@@ -141,6 +141,8 @@ def serve_echo(kind: str) -> None:
                       handle).start()
         print(json.dumps({"endpoint": box.channel.endpoint}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        box.close()
+        ctx.destroy(linger=0)
 
     uvloop.run(main())
 
