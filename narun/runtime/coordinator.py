@@ -194,6 +194,10 @@ class Coordinator:
         self._tasks.append(asyncio.ensure_future(self._watch(child)))
         return child
 
+    def live_children(self) -> list[Child]:
+        """The processes that joined the job and are running now."""
+        return [c for c in self.children if self._alive(c)]
+
     def _trainers(self) -> list[Child]:
         return [c for c in self.children if c.role == "trainer"]
 
