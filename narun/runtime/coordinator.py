@@ -170,8 +170,16 @@ class Coordinator:
         # their start-up (imports, building the job) overlaps the shards'.
         shards = [await self._spawn("ps", k, spec) for k in range(rt.ps_shards)]
         trainers = [await self._spawn("trainer", r, spec) for r in range(rt.workers)]
-        self.shard_endpoints = list(await asyncio.gather(
-            *(c.read_endpoint(self.wait_timeout) for c in shards)))
+        try:
+            self.shard_endpoints = list(await asyncio.gather(
+                *(c.read_endpoint(self.wait_timeout) for c in shards)))
+        except ActorDiedError:
+            # A shard died starting: _watch says whether that was misconfiguration (fail)
+            # or a kill (roll back: start again, within the budget).
+            await self._wait_for(lambda: any(c.pid in self._exited for c in shards),
+                                 "a dead shard's exit status", lambda: "its exit status")
+            self._check()
+            raise
         line = (json.dumps({"shard_endpoints": self.shard_endpoints}) + "\n").encode()
         for c in trainers:
             await c.write_line(line)
@@ -344,7 +352,15 @@ class Coordinator:
         return next((c for c in self.children if c.identity == identity), None)
 
     def _spawn_task(self, coro: Any) -> None:
-        self._tasks.append(asyncio.ensure_future(coro))
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if not isinstance(exc, _Rollback):  # that one is already on its way
+                self._fail(exc)  # type: ignore[arg-type]
 
     async def _replace(self, dead: Child, reason: str) -> None:
         """Start a new incarnation of a dead trainer; it rejoins at the current step."""
@@ -354,6 +370,8 @@ class Coordinator:
             await asyncio.sleep(self.restart_delay)
         if self._ending or self._closing or self._draining is not None:
             return
+        await self._wait_for(lambda: bool(self.shard_endpoints), "the shards' endpoints",
+                             lambda: "the shards' endpoints")
         start = max(self._latest.get(dead.rank, self.start), self._completed)
         child = await self._spawn("trainer", dead.rank, self._spec(
             shard_endpoints=self.shard_endpoints, start_step=start).to_json())

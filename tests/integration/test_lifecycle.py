@@ -20,6 +20,7 @@ from narun.config import to_dict
 from narun.errors import ActorDiedError, ConfigError
 from narun.events import JsonLinesReporter
 from narun.runtime import Coordinator
+from narun.runtime.supervision import StartupFailure
 from tests.integration.conftest import assert_all_gone
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,3 +171,29 @@ def _workers_mentioning(text: str) -> list[int]:
             if "-m\x00workers\x00" in cmdline and text in cmdline:
                 found.append(int(entry.name))
     return found
+
+
+class SkewedSpec(Coordinator):
+    """Hands its workers a spec with a key they do not know, as a coordinator of another
+    narun version might."""
+
+    def _spec(self, **changes):
+        spec = super()._spec(**changes)
+        text = spec.to_json()
+        spec.to_json = lambda: text[:-1] + ',"from_the_future":1}'  # type: ignore[method-assign]
+        return spec
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_failing_before_it_joins_fails_the_job_at_once_without_restarts(make_config):
+    coordinator = SkewedSpec(make_config("ps-sync", 2, max_restarts=3),
+                             JsonLinesReporter(io.StringIO()))
+    began = time.monotonic()
+    try:
+        with pytest.raises(StartupFailure, match="from_the_future") as info:
+            uvloop.run(coordinator.run())
+    finally:
+        assert_all_gone(coordinator.pids)
+    assert "before joining the job" in str(info.value)
+    assert len(coordinator.pids) == 4  # nobody was restarted
+    assert time.monotonic() - began < 20
