@@ -148,6 +148,13 @@ class Coordinator:
                 except _Rollback as rollback:
                     await self._end_generation()
                     await self._roll_back(rollback)
+                except (ActorDiedError, WaitTimeout):
+                    # A call to a shard that just died (a checkpoint, an eval): its death
+                    # already asked for a rollback, unless it was one too many.
+                    if self._rollback is None or self._failure is not None:
+                        raise
+                    await self._end_generation()
+                    await self._roll_back(self._rollback)
         finally:
             self._closing = True
             await self._end_generation()
@@ -158,10 +165,12 @@ class Coordinator:
                 loop.remove_signal_handler(sig)
 
     def _spec(self, **changes: Any) -> WorkerSpec:
-        return WorkerSpec(config=to_dict(self.cfg), coordinator=self._endpoint,
-                          bucket_bytes=self.bucket_bytes, wait_timeout=self.wait_timeout,
-                          resume=str(self.resume) if self.resume else None,
-                          delays=self.delays, stop_at=self.stop_at, **changes)
+        fields: dict[str, Any] = dict(
+            config=to_dict(self.cfg), coordinator=self._endpoint,
+            bucket_bytes=self.bucket_bytes, wait_timeout=self.wait_timeout,
+            resume=str(self.resume) if self.resume else None, delays=self.delays,
+            stop_at=self.stop_at)
+        return WorkerSpec(**{**fields, **changes})
 
     async def _start_processes(self, context: zmq.asyncio.Context) -> None:
         rt = self.cfg.runtime
@@ -373,8 +382,10 @@ class Coordinator:
         await self._wait_for(lambda: bool(self.shard_endpoints), "the shards' endpoints",
                              lambda: "the shards' endpoints")
         start = max(self._latest.get(dead.rank, self.start), self._completed)
+        # No checkpoint to load: the shards hold the state (and the generation's checkpoint
+        # may have been pruned since).
         child = await self._spawn("trainer", dead.rank, self._spec(
-            shard_endpoints=self.shard_endpoints, start_step=start).to_json())
+            shard_endpoints=self.shard_endpoints, start_step=start, resume=None).to_json())
         self._last_change = time.monotonic()
         log.warning("coordinator.restarted", role="trainer", rank=dead.rank, pid=child.pid,
                     reason=reason, step=self._completed)

@@ -168,3 +168,15 @@ def test_checkpoints_of_a_faulted_run_all_verify(make_config, tmp_path):
     for path in sorted(ckpts.iterdir()):
         verify_checkpoint(path)
     assert latest_good(ckpts).name == f"step-{STEPS:06d}" == done["checkpoint"].split("/")[-1]
+
+
+@pytest.mark.timeout(90)
+def test_a_trainer_replaced_after_its_generations_checkpoint_was_pruned(make_config, base_loss):
+    """Found by scripts/chaos.py: after a rollback to step 10 the newer checkpoints prune
+    step 10 (keep_checkpoints 1); a trainer replaced then must not need it (the shards hold
+    the state)."""
+    cfg = job(make_config, "ps-sync", "run", keep_checkpoints=1)
+    done, events = run(cfg, {13: ("ps", 0, signal.SIGKILL), 24: ("trainer", 0, signal.SIGKILL)})
+    assert done["step"] == STEPS and done["restarts"] == 2
+    assert [(r["role"], r["step"]) for r in events.of("restart")][0] == ("ps", 10)
+    assert done["val_loss"] == pytest.approx(base_loss("ps-sync"), rel=0.05)
