@@ -291,6 +291,7 @@ class Coordinator:
         Trainers that are dead or restarting are not waited for here: in ps-sync the others
         cannot finish a step without them until the shards stop waiting."""
         drain_deadline = None
+        began = time.monotonic()
         while True:
             self._check()
             trainers = self._trainers()
@@ -306,7 +307,8 @@ class Coordinator:
                 if time.monotonic() > drain_deadline:  # stuck behind trainers that stopped
                     await self._shutdown(running, "drain timed out", drain=False)
                     drain_deadline = float("inf")
-            if time.monotonic() > self._last_change + self.wait_timeout:
+            # the clock restarts when a trainer is restarted or rejoins
+            if time.monotonic() > max(began, self._last_change) + self.wait_timeout:
                 got = sorted(r for r, s in self._latest.items() if s >= step)
                 raise WaitTimeout(f"coordinator waited {self.wait_timeout:g} s for step "
                                   f"{step} from every trainer; reported: ranks {got}")

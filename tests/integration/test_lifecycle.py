@@ -197,3 +197,16 @@ def test_a_worker_failing_before_it_joins_fails_the_job_at_once_without_restarts
     assert "before joining the job" in str(info.value)
     assert len(coordinator.pids) == 4  # nobody was restarted
     assert time.monotonic() - began < 20
+
+
+@pytest.mark.timeout(60)
+def test_wait_timeout_bounds_each_wait_not_the_whole_job(make_config):
+    cfg = make_config("ps-sync", 2, steps=150)
+    coordinator = Coordinator(cfg, JsonLinesReporter(io.StringIO()), wait_timeout=5.0,
+                              delays={0: 0.05, 1: 0.05})
+    began = time.monotonic()
+    try:
+        assert uvloop.run(coordinator.run())["step"] == 150
+    finally:
+        assert_all_gone(coordinator.pids)
+    assert time.monotonic() - began > 7.5  # the job outlived one wait_timeout
