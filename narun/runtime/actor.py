@@ -132,6 +132,8 @@ class Actor:
             if self.control is not None:
                 self.control.close(linger=FLUSH_LINGER)
             self.context.destroy(linger=0)
+            with contextlib.suppress(RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGTERM)
 
     def _leave(self) -> None:
         if not self.leaving:
