@@ -101,6 +101,7 @@ class Channel:
         # resolved when the parked reader, or the parked sender, should retry
         self._readable: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
+        self._recheck_due = False
         if isinstance(socket, _Socket):
             socket._on_close = weakref.WeakMethod(self._unwatch)
 
@@ -240,11 +241,20 @@ class Channel:
         # consume the edge. So after each of our calls, whoever is parked re-checks
         # ZMQ_EVENTS (here, or in zmq.asyncio when the socket is used directly); otherwise a
         # reader can sleep beside a message that has arrived (seen as lost replies with
-        # several tasks sending on one socket).
-        if self._readable is not None or self._writable is not None:
-            self._on_events()
+        # several tasks sending on one socket). Once per loop iteration is enough (the loop
+        # does not sleep while a callback is ready), and a burst of sends then costs one
+        # ZMQ_EVENTS read, not one each.
+        if (self._readable is not None or self._writable is not None) \
+                and not self._recheck_due and self._loop is not None:
+            self._recheck_due = True
+            self._loop.call_soon(self._recheck)
         if not self.socket.closed:
             self.socket._schedule_remaining_events()
+
+    def _recheck(self) -> None:
+        self._recheck_due = False
+        if self._readable is not None or self._writable is not None:
+            self._on_events()
 
     def _on_events(self) -> None:
         # The FD's reader, and the re-check after our own calls. Reading ZMQ_EVENTS also
@@ -273,8 +283,15 @@ class Channel:
         # other direction's parked waiter is told what we saw.
         events = _get(self._sync, _EVENTS)
         self._wake(events)
-        if events & event:
-            return
+        if not events & event:
+            await self._park(event, deadline)
+
+    async def _park(self, event: int, deadline: float | None) -> None:
+        """Sleep until the FD's reader (or a re-check) sees ``event``; only right after a
+        ZMQ_EVENTS read that did not show it, with no call on the socket since."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._watch(loop)
         ready: asyncio.Future[None] = loop.create_future()
         if event == _POLLIN:
             self._readable = ready
@@ -317,10 +334,7 @@ class Channel:
             while _get(sync, _RCVMORE):
                 _recv(sync, _DONTWAIT, False)
             self._maybe_partial = False
-        try:
-            frame = _recv(sync, _DONTWAIT, False)
-        except zmq.Again:
-            frame = await self._wait_frame(deadline, timeout)
+        frame = await self._first_frame(deadline, timeout)
         frames, total, overflow = [frame], len(frame), ""
         max_frames = self.limits.max_frames + 2  # + header + routing frame
         while frame.more:
@@ -340,16 +354,22 @@ class Channel:
         self._rearm()
         return frames, overflow
 
-    async def _wait_frame(self, deadline: float | None, timeout: float | None) -> Any:
+    async def _first_frame(self, deadline: float | None, timeout: float | None) -> Any:
+        # ZMQ_EVENTS first, not a recv that may fail: a failed recv costs more (pyzmq
+        # builds an exception), and one read of ZMQ_EVENTS is due before parking anyway.
         # Nothing is taken from the socket while parked, so a cancelled reader leaves no
         # partial message behind.
+        sync = self._sync
         try:
             while True:
-                await self._wait(_POLLIN, deadline)
-                try:
-                    return _recv(self._sync, _DONTWAIT, False)
-                except zmq.Again:
-                    pass
+                events = _get(sync, _EVENTS)
+                self._wake(events)  # reading it consumed the edge a parked sender awaits
+                if events & _POLLIN:
+                    try:
+                        return _recv(sync, _DONTWAIT, False)
+                    except zmq.Again:
+                        continue
+                await self._park(_POLLIN, deadline)
         except asyncio.TimeoutError:
             raise WaitTimeout(f"{self!r}: no message within {timeout} s") from None
 
