@@ -142,6 +142,8 @@ class Coordinator:
             self.reporter.start(self.cfg.training.steps, self.start)
             began = time.perf_counter()
             while True:
+                if self._signal is not None:  # stopped while rolling back: that checkpoint
+                    return self._done(self.start, None, self.resume, began)  # is the last
                 try:
                     await self._start_processes(context)
                     return await self._follow(began)
@@ -261,11 +263,15 @@ class Coordinator:
             self.reporter.emit("checkpoint", step=step, path=str(last_ckpt))
         if self._rollback is not None and self._signal is None:
             raise self._rollback  # a shard asked to leave: drained, checkpointed, restart
-        interrupted = step < t.steps
-        if not interrupted:
+        if step == t.steps:
             val_loss = await asyncio.to_thread(job.evaluate, None)
-        done = {"step": step, "val_loss": val_loss, "checkpoint": str(last_ckpt),
-                "seconds": time.perf_counter() - began, "interrupted": interrupted,
+        return self._done(step, val_loss, last_ckpt, began)
+
+    def _done(self, step: int, val_loss: float | None, checkpoint: Path | None,
+              began: float) -> dict[str, Any]:
+        done = {"step": step, "val_loss": val_loss, "checkpoint": str(checkpoint),
+                "seconds": time.perf_counter() - began,
+                "interrupted": step < self.cfg.training.steps,
                 "restarts": len(self.supervisor.failures), "steps_redone": self.steps_redone}
         self.reporter.emit("done", **done)
         self.reporter.close()
