@@ -33,13 +33,12 @@ import structlog
 
 from narun import checkpoint as ckpt
 from narun.errors import WaitTimeout
-from narun.runtime.actor import Actor
-from narun.runtime.buckets import Bucket, plan_for
+from narun.runtime.buckets import Bucket
 from narun.runtime.mailbox import Mailbox, Refusal, new_id
 from narun.runtime.spec import WorkerSpec
 from narun.tensor._tensor import Tensor
-from narun.train import build_job, restore
 from protocol import Message, message, open_channel, reply
+from workers._job import JobActor
 
 log = structlog.get_logger("workers.ps")
 
@@ -75,23 +74,17 @@ class ShardBucket:
         self.advanced = asyncio.Event()
 
 
-class ParameterServer(Actor):
+class ParameterServer(JobActor):
     role = "ps"
 
     def __init__(self, rank: int, spec: WorkerSpec) -> None:
-        cfg = spec.job_config()
-        super().__init__(rank, spec.coordinator, cfg.runtime.heartbeat_interval,
-                         cfg.runtime.heartbeat_timeout)
-        self.spec = spec
-        self.cfg = cfg
+        super().__init__(rank, spec)
+        cfg = self.cfg
         self.mode = cfg.runtime.mode
         self.workers = cfg.runtime.workers
         self.members = set(range(self.workers))  # whose pushes complete a ps-sync step
         self.max_staleness = cfg.runtime.max_staleness
         self.stopped = asyncio.Event()
-        self.job = build_job(cfg)
-        self.start = restore(self.job, spec.resume) if spec.resume else 0
-        self.plan = plan_for(self.job.model, cfg.runtime.ps_shards, spec.bucket_bytes)
         self.buckets = {b.key: self._make_bucket(b) for b in self.plan.shard_buckets(rank)}
         self._lrs: dict[int, list[float]] = {}
         t = cfg.training

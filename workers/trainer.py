@@ -32,12 +32,11 @@ import numpy as np
 import structlog
 
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
-from narun.runtime.actor import Actor
-from narun.runtime.buckets import pack, plan_for, unpack
+from narun.runtime.buckets import pack, unpack
 from narun.runtime.mailbox import Mailbox, Refused, new_id
 from narun.runtime.spec import WorkerSpec
-from narun.train import build_job, restore
 from protocol import Message, message, open_channel
+from workers._job import JobActor
 from workers.executor import CpuExecutor, make_executor
 
 log = structlog.get_logger("workers.trainer")
@@ -45,25 +44,18 @@ log = structlog.get_logger("workers.trainer")
 MAX_STALE_RETRIES = 100  # re-pulls of one step before giving up (ps-async)
 
 
-class Trainer(Actor):
+class Trainer(JobActor):
     role = "trainer"
 
     def __init__(self, rank: int, spec: WorkerSpec) -> None:
-        cfg = spec.job_config()
-        super().__init__(rank, spec.coordinator, cfg.runtime.heartbeat_interval,
-                         cfg.runtime.heartbeat_timeout)
-        self.spec = spec
-        self.cfg = cfg
-        rt, t = cfg.runtime, cfg.training
+        super().__init__(rank, spec)
+        rt, t = self.cfg.runtime, self.cfg.training
         self.world = rt.workers
         self.local_batch = t.batch_size // self.world
         if self.local_batch % t.grad_accum:
             raise ConfigError(f"training.grad_accum: {t.grad_accum} does not divide the "
                              f"per-trainer batch {self.local_batch} (batch_size {t.batch_size} "
                              f"/ {self.world} workers)")
-        self.job = build_job(cfg)
-        self.start = restore(self.job, spec.resume) if spec.resume else 0
-        self.plan = plan_for(self.job.model, rt.ps_shards, spec.bucket_bytes)
         self.params = list(self.job.model.parameters())
         self.buckets_of = self.plan.buckets_of()
         self.counts = [len(b.pieces) for b in self.plan.buckets]
