@@ -141,7 +141,7 @@ class ParameterServer(JobActor):
         # This shard's state exists nowhere else: keep serving, and ask the coordinator to
         # checkpoint the job and restart it without us (it stops us when done).
         assert self.control is not None
-        asyncio.ensure_future(self.control.send(message(
+        self._asked_to_leave = asyncio.ensure_future(self.control.send(message(
             "shutdown", new_id(), reason=f"{self.name} got SIGTERM", drain=True)))
 
     # -- the schedule ------------------------------------------------------------------

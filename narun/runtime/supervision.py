@@ -55,10 +55,6 @@ class Supervisor:
         self.max_restarts = max_restarts
         self.failures: list[Failure] = []
 
-    @property
-    def restarts(self) -> int:
-        return min(len(self.failures), self.max_restarts)
-
     def record(self, failure: Failure) -> bool:
         """Log the failure; True when the budget still allows restarting it."""
         self.failures.append(failure)
