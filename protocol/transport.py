@@ -47,6 +47,9 @@ _POLLIN, _POLLOUT, _EVENTS, _RCVMORE = (int(zmq.POLLIN), int(zmq.POLLOUT), int(z
                                         int(zmq.RCVMORE))
 _DONTWAIT, _MORE_DONTWAIT = int(zmq.DONTWAIT), int(zmq.SNDMORE | zmq.DONTWAIT)
 
+# Longest a parked reader or sender sleeps without re-reading ZMQ_EVENTS (see _park).
+_RECHECK_S = 0.05
+
 log = structlog.get_logger(__name__)
 
 
@@ -297,9 +300,21 @@ class Channel:
             self._readable = ready
         else:
             self._writable = ready
+        # A safety net, not the mechanism: something outside this Channel (such as
+        # zmq.asyncio used on the socket directly, which reads ZMQ_EVENTS from its own
+        # deferred callbacks) can consume the FD's edge; a wake-up lost so must cost a
+        # moment, never a hang. One timer a park, cheaper than a bounded wait.
+        def recheck() -> None:
+            nonlocal timer
+            if not ready.done() and not self.socket.closed:
+                self._wake(_get(self._sync, _EVENTS))
+                timer = loop.call_later(_RECHECK_S, recheck)
+
+        timer: asyncio.TimerHandle = loop.call_later(_RECHECK_S, recheck)
         try:
             await _until(ready, deadline)
         finally:
+            timer.cancel()
             if event == _POLLIN:
                 self._readable = None
             else:
