@@ -44,6 +44,7 @@ class Job:
     train_data: Any
     val_data: Any
     sampler: Any
+    device: str = "cpu"  # where loss() puts the batch: the model's device
 
     @property
     def text(self) -> bool:
@@ -59,8 +60,10 @@ class Job:
 
     def loss(self, x: np.ndarray, y: np.ndarray) -> narun.Tensor:
         if self.text:
-            return self.model.loss(narun.tensor(x), narun.tensor(y))
-        return F.cross_entropy(self.model(narun.tensor(x)), narun.tensor(y))
+            return self.model.loss(narun.tensor(x, device=self.device),
+                                   narun.tensor(y, device=self.device))
+        return F.cross_entropy(self.model(narun.tensor(x, device=self.device)),
+                               narun.tensor(y, device=self.device))
 
     @narun.no_grad()
     def evaluate(self, max_batches: int | None = EVAL_BATCHES) -> float:

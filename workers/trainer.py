@@ -15,6 +15,10 @@ waiting for (its pushes for buckets already past it are answered, not applied). 
 each trainer counts its own steps; a restarted one starts where the coordinator says its
 predecessor stopped (`spec.start_step`).
 
+On a GPU (`runtime.device` cuda:N, or auto where CuPy sees one) the model lives on the
+device; each bucket is packed there and copied to the host once (pinned), and the shards'
+values are copied back once per bucket before they are unpacked into the parameters.
+
 Timings per step (seconds): compute (forward + backward + packing), push (the part of
 communication overlapped with backward: first bucket sent -> backward done), wait (backward
 done -> last reply), pull (copying the new values into the model).
@@ -35,9 +39,10 @@ from narun.errors import ActorDiedError, ConfigError, WaitTimeout
 from narun.runtime.buckets import pack, unpack
 from narun.runtime.mailbox import Mailbox, Refused, new_id
 from narun.runtime.spec import WorkerSpec
+from narun.tensor._backend import get_array_module
 from protocol import Message, message, open_channel
 from workers._job import JobActor
-from workers.executor import CpuExecutor, make_executor
+from workers.executor import CpuExecutor, make_executor, training_device
 
 log = structlog.get_logger("workers.trainer")
 
@@ -64,6 +69,7 @@ class Trainer(JobActor):
         self.delay = float(spec.delays.get(str(rank), 0.0))
         self.shards: list[Mailbox] = []
         self.executor: Any = None
+        self.dev_bufs: list[Any] | None = None  # packing buffers on a GPU
         self.stale = 0
         self._pending: list[int] = []
         self._streaming = False
@@ -77,9 +83,11 @@ class Trainer(JobActor):
     async def setup(self) -> None:
         assert self.context is not None
         self._loop = asyncio.get_running_loop()
-        device = self.cfg.runtime.device
+        device = training_device(self.cfg.runtime.device)
         self.executor = (CpuExecutor(blas_threads=self.spec.blas_threads) if device == "cpu"
                          else make_executor(device))
+        if device != "cpu":
+            await self.executor.run(self._to_device, device)
         endpoints = self.spec.shard_endpoints or await _read_endpoints()
         for k, endpoint in enumerate(endpoints):
             channel = open_channel(self.context, "dealer", connect=endpoint,
@@ -181,10 +189,22 @@ class Trainer(JobActor):
             if self._pending[b] == 0:
                 self._launch(b)
 
+    def _to_device(self, device: str) -> None:
+        """On the executor thread: the model, the batches and the packing buffers there."""
+        self.job.model.to(device)
+        self.job.device = device
+        xp = get_array_module(self.params[0].data)
+        self.dev_bufs = [xp.empty(b.size, xp.float32) for b in self.plan.buckets]
+
     def _launch(self, b: int) -> None:
-        grads = [p.grad.data if p.grad is not None else np.zeros(p.shape, np.float32)
+        xp = get_array_module(self.params[0].data)
+        grads = [p.grad.data if p.grad is not None else xp.zeros(p.shape, xp.float32)
                  for p in self.params]
-        pack(self.plan.buckets[b], grads, self.bufs[b])
+        if self.dev_bufs is None:
+            pack(self.plan.buckets[b], grads, self.bufs[b])
+        else:  # one device-to-host copy per bucket; the message owns the host array
+            self.bufs[b] = self.executor.to_host(pack(self.plan.buckets[b], grads,
+                                                      self.dev_bufs[b]))
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._start_push, b)
 
@@ -217,7 +237,10 @@ class Trainer(JobActor):
         arrays = [p.data for p in self.params]
         for b, reply in replies:
             bucket = self.plan.buckets[b]
-            unpack(bucket, reply["params"][bucket.key], arrays)
+            flat = reply["params"][bucket.key]
+            if self.dev_bufs is not None:
+                flat = self.executor.to_device(np.asarray(flat))
+            unpack(bucket, flat, arrays)
             self.versions[b] = reply["version"]
 
 

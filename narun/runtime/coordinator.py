@@ -185,15 +185,14 @@ class Coordinator:
             self.shard_endpoints = list(await asyncio.gather(
                 *(c.read_endpoint(self.wait_timeout) for c in shards)))
         except ActorDiedError:
-            # A shard died starting: _watch says whether that was misconfiguration (fail)
-            # or a kill (roll back: start again, within the budget).
-            await self._wait_for(lambda: any(c.pid in self._exited for c in shards),
-                                 "a dead shard's exit status", lambda: "its exit status")
-            self._check()
+            await self._started_dead(shards)
             raise
         line = (json.dumps({"shard_endpoints": self.shard_endpoints}) + "\n").encode()
         for c in trainers:
-            await c.write_line(line)
+            try:
+                await c.write_line(line)
+            except ActorDiedError:
+                await self._started_dead([c])  # a replacement gets the endpoints in its spec
         self._tasks.append(asyncio.ensure_future(self._watchdog()))
         await self._wait_for(lambda: all(c.pid in self._hello for c in self.children), "hello",
                              lambda: "hello from " + ", ".join(
@@ -201,6 +200,14 @@ class Coordinator:
         for k, ep in enumerate(self.shard_endpoints):
             ch = open_channel(context, "dealer", connect=ep, identity=b"coordinator")
             self.shard_links.append(Mailbox(ch, f"ps {k}", watch=True).start())
+
+    async def _started_dead(self, children: list[Child]) -> None:
+        """One of `children` died starting: once _watch has judged it, raise what it
+        decided (a misconfiguration fails the job; a killed shard rolls back; a killed
+        trainer is being replaced, so this returns)."""
+        await self._wait_for(lambda: any(c.pid in self._exited for c in children),
+                             "a dead process's exit status", lambda: "its exit status")
+        self._check()  # _watch judged it in the same step that recorded the exit
 
     async def _spawn(self, role: str, rank: int, spec: str) -> Child:
         identity = f"{role}-{rank}".encode()
@@ -621,9 +628,9 @@ def check_config(cfg: JobConfig) -> None:
         raise ConfigError(f"training.grad_clip: clipping by the global gradient norm is not "
                           f"supported in mode {rt.mode} yet (each shard sees only its slice); "
                           f"set training.grad_clip: null (got {t.grad_clip})")
-    if rt.device != "cpu":
-        raise ConfigError(f"runtime.device: the parameter-server runtime trains on the cpu "
-                          f"in this version, got {rt.device!r}")
+    if rt.device == "mps":
+        raise ConfigError("runtime.device: 'mps' runs the executor through MLX, but narun's "
+                          "engine computes with NumPy or CuPy; train with cpu, cuda:N or auto")
     local = t.batch_size // rt.workers
     if local % t.grad_accum:
         raise ConfigError(f"training.grad_accum: {t.grad_accum} does not divide the "

@@ -88,8 +88,8 @@ class Child:
         try:
             self.proc.stdin.write(line)
             await self.proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            raise ActorDiedError(self.died_message(await self.proc.wait())) from None
+        except (BrokenPipeError, ConnectionResetError, RuntimeError):  # RuntimeError: uvloop's
+            raise ActorDiedError(self.died_message(await self.proc.wait())) from None  # closed pipe
 
     async def wait(self) -> int:
         """The exit status, once the process has exited (reaped)."""

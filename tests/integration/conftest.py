@@ -28,7 +28,8 @@ def blobs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def mlp_config(blobs: Path, out_dir: Path, mode: str = "ps-sync", workers: int = 2,
                shards: int = 2, heartbeat_timeout: float = 5.0, max_restarts: int = 3,
-               rejoin_timeout: float = 30.0, **training: Any) -> JobConfig:
+               rejoin_timeout: float = 30.0, device: str = "cpu",
+               **training: Any) -> JobConfig:
     t = {"steps": 10, "batch_size": 12, "optimizer": "adamw", "lr": 1e-2,
          "weight_decay": 0.1, "schedule": "cosine", "warmup_steps": 2, "grad_clip": None,
          "eval_every": 0, "checkpoint_every": 0, "out_dir": str(out_dir)}
@@ -40,7 +41,8 @@ def mlp_config(blobs: Path, out_dir: Path, mode: str = "ps-sync", workers: int =
         "runtime": {"mode": mode, "workers": workers, "ps_shards": shards,
                     "max_staleness": 2, "heartbeat_interval": 0.5,
                     "heartbeat_timeout": heartbeat_timeout,
-                    "max_restarts": max_restarts, "rejoin_timeout": rejoin_timeout}})
+                    "max_restarts": max_restarts, "rejoin_timeout": rejoin_timeout,
+                    "device": device}})
 
 
 @pytest.fixture
@@ -49,6 +51,14 @@ def make_config(blobs: Path, tmp_path: Path):
              **options: Any) -> JobConfig:
         return mlp_config(blobs, tmp_path / out, mode, workers, shards, **options)
     return make
+
+
+def gpu_count() -> int:
+    try:
+        import cupy
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # not installed, no driver: no GPU here
+        return 0
 
 
 def assert_all_gone(pids: list[int]) -> None:

@@ -12,8 +12,9 @@ import uvloop
 from narun.checkpoint import load_checkpoint
 from narun.events import JsonLinesReporter
 from narun.runtime import Coordinator
+from narun.runtime.supervision import StartupFailure
 from narun.train import train as local_train
-from tests.integration.conftest import assert_all_gone
+from tests.integration.conftest import assert_all_gone, gpu_count
 
 BUCKET = 512  # bytes: the 676-parameter MLP is cut into 6 buckets over 2 shards
 
@@ -108,3 +109,44 @@ def test_ps_sync_gpt_with_tied_weights_equals_one_process(tmp_path):
     for name in ca.model:
         np.testing.assert_allclose(cb.model[name], ca.model[name], rtol=1e-5, atol=1e-6,
                                    err_msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA GPU and CuPy")
+@pytest.mark.timeout(120)
+def test_ps_sync_on_the_gpu_equals_one_process_on_the_cpu(make_config):
+    """Trainers on cuda:0 (model, batches and bucket packing on the GPU; one pinned copy
+    each way per bucket) give the parameters of one CPU process, to float32 GEMM noise."""
+    reference = local_train(make_config("local", 0, out="local"),
+                            JsonLinesReporter(io.StringIO()))
+    done, _ = run(make_config("ps-sync", 2, out="gpu", device="cuda:0"))
+    ca, cb = load_checkpoint(reference["checkpoint"]), load_checkpoint(done["checkpoint"])
+    for name in ca.model:
+        np.testing.assert_allclose(cb.model[name], ca.model[name], rtol=1e-3, atol=1e-5,
+                                   err_msg=name)
+    assert done["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-3)
+
+
+@pytest.mark.skipif(gpu_count() > 0, reason="a GPU is here")
+@pytest.mark.timeout(60)
+def test_a_device_this_machine_lacks_stops_the_job_at_once_naming_it(make_config):
+    coordinator = Coordinator(make_config("ps-sync", 2, device="cuda:0"),
+                              JsonLinesReporter(io.StringIO()), wait_timeout=30.0)
+    try:
+        with pytest.raises(StartupFailure, match=r"device 'cuda.*(needs CuPy|not usable)"):
+            uvloop.run(coordinator.run())
+    finally:
+        assert_all_gone(coordinator.pids)
+
+
+def test_auto_trains_on_the_cpu_without_a_gpu_and_mps_is_refused(make_config, monkeypatch):
+    from narun.errors import ConfigError
+    from workers.executor import training_device
+
+    monkeypatch.setitem(__import__("sys").modules, "cupy", None)
+    assert training_device("auto") == "cpu"
+    assert training_device("cuda") == "cuda:0"
+    with pytest.raises(ConfigError, match="mps.*cpu, cuda:N or auto"):
+        training_device("mps")
+    with pytest.raises(ConfigError, match="mps.*cpu, cuda:N or auto"):
+        Coordinator(make_config("ps-sync", 2, device="mps"), JsonLinesReporter(io.StringIO()))

@@ -8,10 +8,15 @@ builds the right one: `cpu` (NumPy), `cuda:N` (CuPy), `mps` (MLX), or `auto`.
 from workers.executor._base import Executor
 from workers.executor._cpu import CpuExecutor
 from workers.executor._cuda import CudaExecutor
-from workers.executor._factory import make_executor, parse_device, resolve_device
+from workers.executor._factory import (
+    make_executor,
+    parse_device,
+    resolve_device,
+    training_device,
+)
 from workers.executor._mps import MpsExecutor
 
 __all__ = [
     "CpuExecutor", "CudaExecutor", "Executor", "MpsExecutor", "make_executor", "parse_device",
-    "resolve_device",
+    "resolve_device", "training_device",
 ]

@@ -10,7 +10,7 @@ from workers.executor._cpu import CpuExecutor
 from workers.executor._cuda import CudaExecutor, cuda_device_count, import_cupy
 from workers.executor._mps import MpsExecutor, import_mlx, metal_available
 
-__all__ = ["make_executor", "parse_device", "resolve_device"]
+__all__ = ["make_executor", "parse_device", "resolve_device", "training_device"]
 
 _FORMS = "cpu, cuda, cuda:N, mps or auto"
 _CUDA = re.compile(r"cuda:(\d+)")
@@ -49,6 +49,19 @@ def resolve_device(device: str) -> str:
     if _probe_metal():
         return "mps"
     return "cpu"
+
+
+def training_device(device: str) -> str:
+    """Where narun's engine trains for a `runtime.device` value: 'cpu' or 'cuda:N' ('auto'
+    is cuda:0 where CuPy sees a GPU, else cpu). The engine computes with NumPy or CuPy, so
+    'mps' (MLX) cannot train; it is refused with what to use instead."""
+    kind, index = parse_device(device)
+    if kind == "mps":
+        raise ConfigError("runtime.device: 'mps' runs the executor through MLX, but narun's "
+                          "engine computes with NumPy or CuPy; train with cpu, cuda:N or auto")
+    if kind == "auto":
+        return "cuda:0" if _probe_cuda() else "cpu"
+    return "cpu" if kind == "cpu" else f"cuda:{index}"
 
 
 def make_executor(device: str = "cpu", *, blas_threads: int | None = None) -> Executor:
