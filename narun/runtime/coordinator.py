@@ -308,8 +308,10 @@ class Coordinator:
         while True:
             self._check()
             trainers = self._trainers()
-            alive = [c for c in trainers if self._alive(c)]
-            if alive and all(self._latest.get(c.rank, -1) >= step for c in alive):
+            # Finished trainers count with their last report: they may exit before this
+            # loop, busy with a checkpoint, has caught up with their reports.
+            counted = [c for c in trainers if self._alive(c) or self._exited.get(c.pid) == 0]
+            if counted and all(self._latest.get(c.rank, -1) >= step for c in counted):
                 return True
             if self._draining is not None:
                 running = [c for c in trainers if c.pid not in self._exited]

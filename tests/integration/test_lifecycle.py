@@ -210,3 +210,29 @@ def test_wait_timeout_bounds_each_wait_not_the_whole_job(make_config):
     finally:
         assert_all_gone(coordinator.pids)
     assert time.monotonic() - began > 7.5  # the job outlived one wait_timeout
+
+
+class StallAt(JsonLinesReporter):
+    """Blocks the coordinator's loop for `seconds` when `step` is reported."""
+
+    def __init__(self, step: int, seconds: float) -> None:
+        super().__init__(io.StringIO())
+        self.step, self.seconds = step, seconds
+
+    def emit(self, event: str, **fields) -> None:
+        super().emit(event, **fields)
+        if event == "step" and fields["step"] == self.step:
+            time.sleep(self.seconds)
+
+
+@pytest.mark.timeout(60)
+def test_trainers_that_finish_before_the_coordinator_catches_up_still_count(make_config):
+    """The coordinator stalls (a slow checkpoint, a loaded machine) while the trainers run
+    to the end and exit: their reports still complete every step."""
+    coordinator = Coordinator(make_config("ps-sync", 2, steps=30), StallAt(2, 3.0),
+                              wait_timeout=8.0)
+    try:
+        done = uvloop.run(coordinator.run())
+    finally:
+        assert_all_gone(coordinator.pids)
+    assert done["step"] == 30 and not done["interrupted"]
