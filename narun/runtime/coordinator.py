@@ -122,7 +122,7 @@ class Coordinator:
         self._hung: dict[int, str] = {}  # pid -> why it was declared dead and killed
         self._last_step: dict[bytes, int] = {}
         self.members = set(range(self.cfg.runtime.workers))
-        self._away: dict[int, float] = {}  # trainer rank -> when ps-sync stops waiting for it
+        self._away: dict[int, float] = {}  # dead trainer rank -> when to stop waiting for it
         self._rollback: _Rollback | None = None
         self._draining: str | None = None
         self._ending = False  # the generation is being stopped: exits are expected
@@ -299,18 +299,18 @@ class Coordinator:
                 await asyncio.wait_for(self._progress.wait(), left)
 
     async def _wait_step(self, step: int) -> bool:
-        """True once every live trainer reported `step` (or a later one: a trainer catching
-        up after a restart skips steps); False when a drain stopped the trainers first.
-        Trainers that are dead or restarting are not waited for here: in ps-sync the others
-        cannot finish a step without them until the shards stop waiting."""
+        """True once every trainer reported `step` (or a later one: a trainer catching up
+        after a restart may skip steps); False when a drain stopped the trainers first."""
         drain_deadline = None
         began = time.monotonic()
         while True:
             self._check()
             trainers = self._trainers()
             # Finished trainers count with their last report: they may exit before this
-            # loop, busy with a checkpoint, has caught up with their reports.
-            counted = [c for c in trainers if self._alive(c) or self._exited.get(c.pid) == 0]
+            # loop, busy with a checkpoint, has caught up with their reports. Dead ones count
+            # until runtime.rejoin_timeout: their replacements report where they stopped.
+            counted = [c for c in trainers if self._alive(c) or c.rank in self._away
+                       or self._exited.get(c.pid) == 0]
             if counted and all(self._latest.get(c.rank, -1) >= step for c in counted):
                 return True
             if self._draining is not None:
@@ -389,16 +389,19 @@ class Coordinator:
                 self._fail(exc)  # type: ignore[arg-type]
 
     async def _replace(self, dead: Child, reason: str) -> None:
-        """Start a new incarnation of a dead trainer; it rejoins at the current step."""
-        if self.cfg.runtime.mode == "ps-sync":
-            self._away[dead.rank] = time.monotonic() + self.cfg.runtime.rejoin_timeout
+        """Start a new incarnation of a dead trainer. Steps wait for it (up to
+        runtime.rejoin_timeout): in ps-sync it rejoins at the step the others wait on, in
+        ps-async where its predecessor stopped, so no trainer's share of the data is lost."""
+        self._away[dead.rank] = time.monotonic() + self.cfg.runtime.rejoin_timeout
         if self.restart_delay:
             await asyncio.sleep(self.restart_delay)
         if self._ending or self._closing or self._draining is not None:
             return
         await self._wait_for(lambda: bool(self.shard_endpoints), "the shards' endpoints",
                              lambda: "the shards' endpoints")
-        start = max(self._latest.get(dead.rank, self.start), self._completed)
+        start = self._latest.get(dead.rank, self.start)
+        if dead.rank not in self._away:  # given up on: it joins at the current step
+            start = max(start, self._completed)
         # No checkpoint to load: the shards hold the state (and the generation's checkpoint
         # may have been pruned since).
         child = await self._spawn("trainer", dead.rank, self._spec(
@@ -451,13 +454,13 @@ class Coordinator:
                     with contextlib.suppress(ProcessLookupError):
                         c.proc.kill()
             for rank, deadline in list(self._away.items()):
-                if now > deadline and rank in self.members:
+                if now > deadline:
                     del self._away[rank]
-                    self.members.discard(rank)
                     log.warning("coordinator.continuing_without", rank=rank,
-                                trainers=len(self.members), of=rt.workers,
                                 waited=rt.rejoin_timeout)
-                    self._spawn_task(self._send_members())
+                    if rt.mode == "ps-sync" and rank in self.members:
+                        self.members.discard(rank)
+                        self._spawn_task(self._send_members())
 
     async def _send_members(self) -> None:
         """Tell every shard whose pushes complete a ps-sync step."""
