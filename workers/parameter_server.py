@@ -85,6 +85,7 @@ class ParameterServer(JobActor):
         self.members = set(range(self.workers))  # whose pushes complete a ps-sync step
         self.max_staleness = cfg.runtime.max_staleness
         self.stopped = asyncio.Event()
+        self._asked_to_leave: asyncio.Future[None] | None = None  # our SIGTERM's request
         self.buckets = {b.key: self._make_bucket(b) for b in self.plan.shard_buckets(rank)}
         self._lrs: dict[int, list[float]] = {}
         t = cfg.training
