@@ -1,8 +1,10 @@
 """Fixtures for runtime tests with real processes on loopback: a blobs dataset and a tiny
-MLP job config (dropout-free, float32) whose runs take a few seconds on 2 cores."""
+MLP job config (dropout-free, float32) whose runs take a few seconds on 2 cores, and a
+reporter that signals the job's processes at given steps."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,8 @@ import pytest
 
 import narun.models  # noqa: F401  (registers model config fields)
 from narun.config import JobConfig, config_from_dict
-from narun.runtime import launcher
+from narun.events import JsonLinesReporter
+from narun.runtime import Coordinator, launcher
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +54,29 @@ def make_config(blobs: Path, tmp_path: Path):
              **options: Any) -> JobConfig:
         return mlp_config(blobs, tmp_path / out, mode, workers, shards, **options)
     return make
+
+
+class Faults(JsonLinesReporter):
+    """Sends signals to the job's processes when given steps are reported; keeps events."""
+
+    def __init__(self, plan: dict[int, tuple[str, int, int]]) -> None:
+        super().__init__(io.StringIO())
+        self.plan = dict(plan)
+        self.events: list[tuple[str, dict]] = []
+        self.coordinator: Coordinator | None = None
+
+    def emit(self, event: str, **fields) -> None:
+        super().emit(event, **fields)
+        self.events.append((event, fields))
+        if event == "step" and fields["step"] in self.plan:
+            role, rank, sig = self.plan.pop(fields["step"])
+            assert self.coordinator is not None
+            child = next(c for c in self.coordinator.children
+                         if (c.role, c.rank) == (role, rank))
+            os.kill(child.pid, sig)
+
+    def of(self, kind: str) -> list[dict]:
+        return [f for e, f in self.events if e == kind]
 
 
 def gpu_count() -> int:

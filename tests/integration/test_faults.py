@@ -8,8 +8,6 @@ from zero, so "within 5%" compares something.
 
 from __future__ import annotations
 
-import io
-import os
 import signal
 import time
 
@@ -17,36 +15,12 @@ import pytest
 import uvloop
 
 from narun.checkpoint import latest_good, verify_checkpoint
-from narun.events import JsonLinesReporter
 from narun.runtime import Coordinator
 from narun.runtime.supervision import RestartBudgetExhausted
-from tests.integration.conftest import assert_all_gone, mlp_config
+from tests.integration.conftest import Faults, assert_all_gone, mlp_config
 
 STEPS = 30
 DELAYS = {0: 0.05, 1: 0.05}
-
-
-class Faults(JsonLinesReporter):
-    """Sends signals to the job's processes when given steps are reported; keeps events."""
-
-    def __init__(self, plan: dict[int, tuple[str, int, int]]) -> None:
-        super().__init__(io.StringIO())
-        self.plan = dict(plan)
-        self.events: list[tuple[str, dict]] = []
-        self.coordinator: Coordinator | None = None
-
-    def emit(self, event: str, **fields) -> None:
-        super().emit(event, **fields)
-        self.events.append((event, fields))
-        if event == "step" and fields["step"] in self.plan:
-            role, rank, sig = self.plan.pop(fields["step"])
-            assert self.coordinator is not None
-            child = next(c for c in self.coordinator.children
-                         if (c.role, c.rank) == (role, rank))
-            os.kill(child.pid, sig)
-
-    def of(self, kind: str) -> list[dict]:
-        return [f for e, f in self.events if e == kind]
 
 
 def run(cfg, plan=None, **options):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,30 +20,13 @@ from narun.errors import ActorDiedError, ConfigError
 from narun.events import JsonLinesReporter
 from narun.runtime import Coordinator
 from narun.runtime.supervision import StartupFailure
-from tests.integration.conftest import assert_all_gone
+from tests.integration.conftest import Faults, assert_all_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class KillAt(JsonLinesReporter):
-    """Sends `sig` to one of the job's processes when step `step` is reported."""
-
-    def __init__(self, step: int, role: str, rank: int, sig: int) -> None:
-        super().__init__(io.StringIO())
-        self.step, self.role, self.rank, self.sig = step, role, rank, sig
-        self.coordinator: Coordinator | None = None
-
-    def emit(self, event: str, **fields) -> None:
-        super().emit(event, **fields)
-        if event == "step" and fields["step"] == self.step:
-            assert self.coordinator is not None
-            child = next(c for c in self.coordinator.children
-                         if (c.role, c.rank) == (self.role, self.rank))
-            os.kill(child.pid, self.sig)
-
-
 def run_killing(cfg, role, rank, sig, **options):
-    reporter = KillAt(2, role, rank, sig)
+    reporter = Faults({2: (role, rank, sig)})
     coordinator = Coordinator(cfg, reporter, bucket_bytes=512, wait_timeout=30.0,
                               delays={0: 0.05, 1: 0.05}, **options)
     reporter.coordinator = coordinator
