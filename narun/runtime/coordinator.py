@@ -50,7 +50,7 @@ from narun.runtime.assemble import assemble
 from narun.runtime.buckets import BUCKET_BYTES, join, plan_for
 from narun.runtime.launcher import Child, spawn
 from narun.runtime.mailbox import Mailbox, new_id
-from narun.runtime.spec import WorkerSpec
+from narun.runtime.spec import WorkerSpec, check_trainable_device
 from narun.runtime.supervision import Failure, StartupFailure, Supervisor
 from narun.train import build_job, checkpoint_dir, resolve_resume, restore
 from protocol import Message, message, open_channel, reply
@@ -633,9 +633,7 @@ def check_config(cfg: JobConfig) -> None:
         raise ConfigError(f"training.grad_clip: clipping by the global gradient norm is not "
                           f"supported in mode {rt.mode} yet (each shard sees only its slice); "
                           f"set training.grad_clip: null (got {t.grad_clip})")
-    if rt.device == "mps":
-        raise ConfigError("runtime.device: 'mps' runs the executor through MLX, but narun's "
-                          "engine computes with NumPy or CuPy; train with cpu, cuda:N or auto")
+    check_trainable_device(rt.device)
     local = t.batch_size // rt.workers
     if local % t.grad_accum:
         raise ConfigError(f"training.grad_accum: {t.grad_accum} does not divide the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from narun.errors import ConfigError, DeviceError
+from narun.runtime.spec import check_trainable_device
 from workers.executor._base import Executor
 from workers.executor._cpu import CpuExecutor
 from workers.executor._cuda import CudaExecutor, cuda_device_count, import_cupy
@@ -56,9 +57,7 @@ def training_device(device: str) -> str:
     is cuda:0 where CuPy sees a GPU, else cpu). The engine computes with NumPy or CuPy, so
     'mps' (MLX) cannot train; it is refused with what to use instead."""
     kind, index = parse_device(device)
-    if kind == "mps":
-        raise ConfigError("runtime.device: 'mps' runs the executor through MLX, but narun's "
-                          "engine computes with NumPy or CuPy; train with cpu, cuda:N or auto")
+    check_trainable_device(kind)
     if kind == "auto":
         return "cuda:0" if _probe_cuda() else "cpu"
     return "cpu" if kind == "cpu" else f"cuda:{index}"
