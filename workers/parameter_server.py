@@ -15,7 +15,10 @@ exactly updating the whole parameters.
   push for a step the bucket already completed (a restarted trainer catching up) gets the
   current values back, unapplied.
 - ps-async: each push is applied at once; a push computed on a version more than
-  `max_staleness` behind the bucket's is refused with `error` code `stale`.
+  `max_staleness` behind the bucket's is refused with `error` code `stale`. A trainer may
+  also run at most `max_staleness` steps ahead of the slowest member (SSP's clock bound):
+  its push waits until the others catch up, so a trainer that is away (restarting) or slow
+  does not leave the rest training alone.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class ParameterServer(JobActor):
         self.mode = cfg.runtime.mode
         self.workers = cfg.runtime.workers
         self.members = set(range(self.workers))  # whose pushes complete a ps-sync step
+        self._clock: dict[int, int] = {}  # ps-async: trainer rank -> the step it pushes
+        self._paced = asyncio.Event()  # set (and replaced) when a clock or the members move
         self.max_staleness = cfg.runtime.max_staleness
         self.stopped = asyncio.Event()
         self._asked_to_leave: asyncio.Future[None] | None = None  # our SIGTERM's request
@@ -174,6 +179,7 @@ class ParameterServer(JobActor):
                 else:
                     out[key] = b.w.copy()  # late: the members may update it meanwhile
             else:
+                await self._keep_pace(msg["rank"], msg["step"])
                 self._push_async(b, msg["version"], grad)
                 out[key] = b.w.copy()  # the next push may update it while this one is sent
             version = b.version
@@ -217,6 +223,31 @@ class ParameterServer(JobActor):
         if b.version in self._snapshot_steps:
             b.snapshots[b.version] = (b.w.copy(), b.piece_states())
         return True
+
+    async def _keep_pace(self, rank: int, step: int) -> None:
+        """Hold a ps-async push of `step` while it is more than max_staleness steps ahead
+        of the slowest other member (one that has not pushed yet counts as at the start)."""
+        if step > self._clock.get(rank, self.start):
+            self._clock[rank] = step
+            self._wake_pacers()
+        deadline = time.monotonic() + self.spec.wait_timeout
+        while True:
+            behind = {r: self._clock.get(r, self.start) for r in self.members if r != rank}
+            slowest = min(behind.values(), default=step)
+            if step - slowest <= self.max_staleness:
+                return
+            try:
+                await asyncio.wait_for(self._paced.wait(), max(deadline - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                raise WaitTimeout(
+                    f"ps {self.rank}: trainer {rank} at step {step} waited "
+                    f"{self.spec.wait_timeout:g} s for trainer(s) "
+                    f"{sorted(r for r, c in behind.items() if step - c > self.max_staleness)} "
+                    f"to come within runtime.max_staleness {self.max_staleness}") from None
+
+    def _wake_pacers(self) -> None:
+        self._paced.set()
+        self._paced = asyncio.Event()
 
     def _push_async(self, b: ShardBucket, version: int, grad: np.ndarray) -> None:
         lag = b.version - version
@@ -280,6 +311,7 @@ class ParameterServer(JobActor):
         self.members = ranks
         for b in self.buckets.values():
             self._complete(b)  # a step that waited only for a dropped trainer goes on
+        self._wake_pacers()
         return reply(msg, "members", ranks=sorted(ranks))
 
     async def on_checkpoint(self, msg: Message, route: bytes | None) -> Message:

@@ -147,12 +147,10 @@ class Coordinator:
                 try:
                     await self._start_processes(context)
                     return await self._follow(began)
-                except _Rollback as rollback:
-                    await self._end_generation()
-                    await self._roll_back(rollback)
-                except (ActorDiedError, WaitTimeout):
-                    # A call to a shard that just died (a checkpoint, an eval): its death
-                    # already asked for a rollback, unless it was one too many.
+                except (_Rollback, ActorDiedError, WaitTimeout):
+                    # ActorDiedError, WaitTimeout: a call to a shard that just died (a
+                    # checkpoint, an eval), whose death already asked for a rollback, unless
+                    # it was one too many.
                     if self._rollback is None or self._failure is not None:
                         raise
                     await self._end_generation()
@@ -458,7 +456,7 @@ class Coordinator:
                     del self._away[rank]
                     log.warning("coordinator.continuing_without", rank=rank,
                                 waited=rt.rejoin_timeout)
-                    if rt.mode == "ps-sync" and rank in self.members:
+                    if rank in self.members:
                         self.members.discard(rank)
                         self._spawn_task(self._send_members())
 
