@@ -70,6 +70,7 @@ class Trainer(JobActor):
         self.shards: list[Mailbox] = []
         self.executor: Any = None
         self.dev_bufs: list[Any] | None = None  # packing buffers on a GPU
+        self.xp: Any = np  # the parameters' array module (cupy on a GPU)
         self.stale = 0
         self._pending: list[int] = []
         self._streaming = False
@@ -193,11 +194,11 @@ class Trainer(JobActor):
         """On the executor thread: the model, the batches and the packing buffers there."""
         self.job.model.to(device)
         self.job.device = device
-        xp = get_array_module(self.params[0].data)
+        self.xp = xp = get_array_module(self.params[0].data)
         self.dev_bufs = [xp.empty(b.size, xp.float32) for b in self.plan.buckets]
 
     def _launch(self, b: int) -> None:
-        xp = get_array_module(self.params[0].data)
+        xp = self.xp
         grads = [p.grad.data if p.grad is not None else xp.zeros(p.shape, xp.float32)
                  for p in self.params]
         if self.dev_bufs is None:
