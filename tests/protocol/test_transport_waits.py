@@ -171,8 +171,11 @@ async def test_a_lost_wake_up_costs_a_moment_not_a_hang(ctx) -> None:
     # must still get the message, from its periodic ZMQ_EVENTS re-check.
     async with open_channel(ctx, "pull", bind=LOOPBACK) as pull, \
             open_channel(ctx, "push", connect=pull.endpoint) as push:
+        first = asyncio.ensure_future(pull.recv(timeout=5))
+        await asyncio.sleep(0.02)  # parked before the message exists: the FD reader is set
         await push.send(beat(1))
-        assert (await pull.recv(timeout=5)).msg.id == 1  # the FD reader is installed now
+        assert (await first).msg.id == 1
+        assert pull._fd is not None
         loop = asyncio.get_running_loop()
         loop.remove_reader(pull._fd)
         try:
