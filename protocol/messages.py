@@ -87,8 +87,13 @@ _SPECS = (
         _f("step: int"), _f("rank: int"), _f("version: int"), _f("grads: tensors"))),
     MessageSpec("pull_params", "trainer -> ps shard", (
         _f("keys: list[str]"), _f("min_version: int"))),
-    MessageSpec("params", "ps shard -> trainer, reply to pull_params and push_grads", (
+    MessageSpec("params", "ps shard -> trainer, reply to pull_params, push_grads and "
+                          "apply_step", (
         _f("version: int"), _f("params: tensors"))),
+    MessageSpec("grad_norm", "ps shard -> trainer, reply to push_grads when clipping", (
+        _f("step: int"), _f("sq: float"))),
+    MessageSpec("apply_step", "trainer -> ps shard, when clipping", (
+        _f("step: int"), _f("rank: int"), _f("norm: float"))),
     MessageSpec("step_done", "trainer or stage -> coordinator", (
         _f("step: int"), _f("rank: int"), _f("loss: float"), _f("samples: int"),
         _f("timings: map"))),

@@ -19,6 +19,13 @@ exactly updating the whole parameters.
   also run at most `max_staleness` steps ahead of the slowest member (SSP's clock bound):
   its push waits until the others catch up, so a trainer that is away (restarting) or slow
   does not leave the rest training alone.
+
+Clipping by the global gradient norm (training.grad_clip) needs the norm of the whole mean
+gradient, and a shard holds only its slice. In ps-sync a completed step is therefore held,
+not applied: each pusher gets the sum of squares of the bucket's mean gradient
+(`grad_norm`), sums them over all buckets, and sends every shard the total (`apply_step`).
+The first `apply_step` of a step applies the shard's buckets, scaled as clip_grad_norm_
+would scale them. In ps-async each push is one trainer's step, which the trainer clips.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +44,7 @@ import structlog
 
 from narun import checkpoint as ckpt
 from narun.errors import WaitTimeout
+from narun.nn.utils import clip_coefficient
 from narun.runtime.buckets import Bucket
 from narun.runtime.mailbox import Mailbox, Refusal, new_id
 from narun.runtime.spec import WorkerSpec
@@ -58,7 +67,12 @@ class ShardBucket:
     version: int = 0
     pushes: dict[int, np.ndarray] = field(default_factory=dict)
     grad: np.ndarray | None = None
-    advanced: asyncio.Event = field(default_factory=asyncio.Event)
+    # ps-sync with clipping: the assembled mean gradient of step `version`, waiting for the
+    # global norm, and its sum of squares; last_sq is that of the step applied last.
+    held: np.ndarray | None = None
+    sq: float = 0.0
+    last_sq: float | None = None
+    moved: asyncio.Event = field(default_factory=asyncio.Event)  # set on assembly or apply
     snapshots: dict[int, tuple[np.ndarray, list[dict[str, Any]]]] = field(default_factory=dict)
 
     def piece_states(self) -> list[dict[str, Any]]:
@@ -73,8 +87,11 @@ class ShardBucket:
         for t in self.pieces:
             t.grad = None
         self.version += 1
-        self.advanced.set()
-        self.advanced = asyncio.Event()
+        self.wake()
+
+    def wake(self) -> None:
+        self.moved.set()
+        self.moved = asyncio.Event()
 
 
 class ParameterServer(JobActor):
@@ -86,6 +103,8 @@ class ParameterServer(JobActor):
         self.mode = cfg.runtime.mode
         self.workers = cfg.runtime.workers
         self.members = set(range(self.workers))  # whose pushes complete a ps-sync step
+        # ps-sync clips here, from the global norm the trainers send; ps-async trainers clip
+        self.clip = (cfg.training.grad_clip or None) if self.mode == "ps-sync" else None
         self._clock: dict[int, int] = {}  # ps-async: trainer rank -> the step it pushes
         self._paced = asyncio.Event()  # set (and replaced) when a clock or the members move
         self.max_staleness = cfg.runtime.max_staleness
@@ -166,7 +185,7 @@ class ParameterServer(JobActor):
     async def on_push_grads(self, msg: Message, route: bytes | None) -> Message:
         grads: dict[str, np.ndarray] = msg["grads"]
         out: dict[str, np.ndarray] = {}
-        version = 0
+        version, sq = 0, 0.0
         for key, grad in grads.items():
             b = self._bucket(key)
             grad = np.asarray(grad)
@@ -174,7 +193,10 @@ class ParameterServer(JobActor):
                 raise Refusal("protocol", f"ps {self.rank}: bucket {key} takes float32 "
                                           f"({b.bucket.size},), got {grad.dtype} {grad.shape}")
             if self.mode == "ps-sync":
-                if await self._push_sync(b, msg["step"], msg["rank"], grad):
+                on_time = await self._push_sync(b, msg["step"], msg["rank"], grad)
+                if self.clip:
+                    sq += self._sq_of(b, msg["step"])
+                elif on_time:
                     out[key] = b.w  # zero-copy: nobody writes it before every member has it
                 else:
                     out[key] = b.w.copy()  # late: the members may update it meanwhile
@@ -184,6 +206,8 @@ class ParameterServer(JobActor):
                 out[key] = b.w.copy()  # the next push may update it while this one is sent
             version = b.version
         self.step = max(self.step, version)
+        if self.clip:
+            return reply(msg, "grad_norm", step=msg["step"], sq=sq)
         return reply(msg, "params", version=version, params=out)
 
     async def _push_sync(self, b: ShardBucket, step: int, rank: int, grad: np.ndarray) -> bool:
@@ -193,14 +217,17 @@ class ParameterServer(JobActor):
         if step > b.version:
             raise Refusal("busy", f"ps {self.rank}: bucket {b.bucket.key} is assembling step "
                                   f"{b.version}, trainer {rank} pushed step {step}")
+        if b.held is not None:  # assembled: a restarted trainer's recomputed push adds nothing
+            return True
         if rank in b.pushes:
             log.info("ps.push_replaced", shard=self.rank, bucket=b.bucket.key, step=step,
                      trainer=rank)
         b.pushes[rank] = grad
         if self._complete(b):
             return True
-        await self._wait_version(b, step + 1, f"the pushes of step {step} from trainer(s) "
-                                              f"{sorted(self.members - set(b.pushes))}")
+        await self._wait_for(b, lambda: b.version > step or b.held is not None,
+                             f"the pushes of step {step} from trainer(s) "
+                             f"{sorted(self.members - set(b.pushes))}")
         return True
 
     def _complete(self, b: ShardBucket) -> bool:
@@ -219,10 +246,55 @@ class ParameterServer(JobActor):
             for g in grads[2:]:
                 mean += g
             mean *= 1.0 / len(grads)
-        b.apply(mean, self.lrs_at(step))
+        if self.clip:
+            b.held, b.sq = mean, float(np.dot(mean, mean))  # as clip_grad_norm_ sums
+            b.wake()
+        else:
+            self._apply(b, mean, step)
+        return True
+
+    def _apply(self, b: ShardBucket, grad: np.ndarray, step: int) -> None:
+        b.apply(grad, self.lrs_at(step))
         if b.version in self._snapshot_steps:
             b.snapshots[b.version] = (b.w.copy(), b.piece_states())
-        return True
+
+    def _sq_of(self, b: ShardBucket, step: int) -> float:
+        if b.version == step and b.held is not None:
+            return b.sq
+        if b.version == step + 1 and b.last_sq is not None:
+            return b.last_sq
+        raise Refusal("not_found", f"ps {self.rank}: bucket {b.bucket.key} is at version "
+                                   f"{b.version} and keeps no gradient norm of step {step}")
+
+    async def on_apply_step(self, msg: Message, route: bytes | None) -> Message:
+        """Apply the held step `step` scaled by the global norm's clip factor (once: later
+        requests of the step find it applied); answer all buckets at version step + 1."""
+        if not self.clip:
+            raise Refusal("unsupported", f"ps {self.rank}: apply_step is for ps-sync with "
+                                         f"training.grad_clip set")
+        step, rank = msg["step"], msg["rank"]
+        for key, b in self.buckets.items():  # all or nothing: check every bucket first
+            if b.version == step and b.held is None:
+                raise Refusal("busy", f"ps {self.rank}: bucket {key} has not assembled step "
+                                      f"{step}; trainer(s) "
+                                      f"{sorted(self.members - set(b.pushes))} did not push it")
+            if b.version not in (step, step + 1):
+                raise Refusal("not_found", f"ps {self.rank}: bucket {key} is at version "
+                                           f"{b.version}, trainer {rank} applies step {step}")
+        coef = clip_coefficient(msg["norm"], self.clip)
+        out: dict[str, np.ndarray] = {}
+        for key, b in self.buckets.items():
+            if b.version == step:
+                assert b.held is not None
+                grad, b.held, b.last_sq = b.held, None, b.sq
+                if coef != 1.0:
+                    grad = np.multiply(grad, np.float32(coef),
+                                       out=grad if grad.flags.writeable else None)
+                self._apply(b, grad, step)
+            # zero-copy to members: nobody writes it before every member has it
+            out[key] = b.w if rank in self.members else b.w.copy()
+        self.step = max(self.step, step + 1)
+        return reply(msg, "params", version=step + 1, params=out)
 
     async def _keep_pace(self, rank: int, step: int) -> None:
         """Hold a ps-async push of `step` while it is more than max_staleness steps ahead
@@ -264,7 +336,8 @@ class ParameterServer(JobActor):
         out, versions = {}, []
         for key in keys:
             b = self._bucket(key)
-            await self._wait_version(b, want, f"version {want} of bucket {key}")
+            await self._wait_for(b, lambda b=b: b.version >= want,
+                                 f"version {want} of bucket {key}")
             snap = b.snapshots.get(want) if self.mode == "ps-sync" else None
             if snap is not None:
                 out[key], version = snap[0], want
@@ -276,12 +349,12 @@ class ParameterServer(JobActor):
             versions.append(version)
         return reply(msg, "params", version=min(versions), params=out)
 
-    async def _wait_version(self, b: ShardBucket, version: int, what: str) -> None:
+    async def _wait_for(self, b: ShardBucket, ready: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + self.spec.wait_timeout
-        while b.version < version:
+        while not ready():
             left = deadline - time.monotonic()
             try:
-                await asyncio.wait_for(b.advanced.wait(), max(left, 0.0))
+                await asyncio.wait_for(b.moved.wait(), max(left, 0.0))
             except asyncio.TimeoutError:
                 raise WaitTimeout(f"ps {self.rank}: bucket {b.bucket.key} waited "
                                   f"{self.spec.wait_timeout:g} s for {what}; it is at version "

@@ -19,6 +19,12 @@ On a GPU (`runtime.device` cuda:N, or auto where CuPy sees one) the model lives 
 device; each bucket is packed there and copied to the host once (pinned), and the shards'
 values are copied back once per bucket before they are unpacked into the parameters.
 
+With training.grad_clip, ps-sync clips by the norm of the mean gradient, which no process
+holds whole: each push is answered with its bucket's share of the squared norm, and once
+all are in, the trainer sends every shard the total and gets the clipped step's values
+back (one more round trip per step). In ps-async the trainer clips its own gradient as one
+process would, so its pushes wait for the end of backward.
+
 Timings per step (seconds): compute (forward + backward + packing), push (the part of
 communication overlapped with backward: first bucket sent -> backward done), wait (backward
 done -> last reply), pull (copying the new values into the model).
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import time
 from typing import Any
@@ -36,6 +43,7 @@ import numpy as np
 import structlog
 
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
+from narun.nn.utils import clip_grad_norm_
 from narun.runtime.buckets import pack, unpack
 from narun.runtime.mailbox import Mailbox, Refused, new_id
 from narun.runtime.spec import WorkerSpec
@@ -56,6 +64,8 @@ class Trainer(JobActor):
         super().__init__(rank, spec)
         rt, t = self.cfg.runtime, self.cfg.training
         self.world = rt.workers
+        self.sync = rt.mode == "ps-sync"
+        self.clip = t.grad_clip or None
         self.local_batch = t.batch_size // self.world
         if self.local_batch % t.grad_accum:
             raise ConfigError(f"training.grad_accum: {t.grad_accum} does not divide the "
@@ -109,7 +119,7 @@ class Trainer(JobActor):
         steps = self.cfg.training.steps
         if self.spec.stop_at is not None:
             steps = min(steps, self.spec.stop_at)
-        sync = self.cfg.runtime.mode == "ps-sync"
+        sync = self.sync
         step = min(self.versions) if sync else (self.spec.start_step or self.start)
         while step < steps and not self.stopping:
             self._step = step
@@ -145,7 +155,6 @@ class Trainer(JobActor):
         loss = await self.executor.run(self._compute, x, y)
         t1 = time.perf_counter()
         results = await asyncio.gather(*self._pushes, return_exceptions=True)
-        t2 = time.perf_counter()
         self._pushes = []
         stale = False
         replies = []
@@ -156,6 +165,9 @@ class Trainer(JobActor):
                 raise r
             else:
                 replies.append(r)
+        if self.clip and self.sync:
+            replies = await self._apply_clipped(step, replies)
+        t2 = time.perf_counter()
         await self.executor.run(self._load, replies)
         t3 = time.perf_counter()
         if stale:
@@ -170,12 +182,15 @@ class Trainer(JobActor):
         micro = len(x) // accum
         total = 0.0
         for i in range(accum):
-            self._streaming = i == accum - 1  # gradients are final in the last backward
+            # gradients are final in the last backward; a local clip needs all of them first
+            self._streaming = i == accum - 1 and not (self.clip and not self.sync)
             self._pending = list(self.counts)
             loss = job.loss(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro])
             (loss / accum).backward() if accum > 1 else loss.backward()
             total += loss.item() / accum
         self._streaming = False
+        if self.clip and not self.sync:
+            clip_grad_norm_(self.params, self.clip)
         for b, left in enumerate(self._pending):  # parameters the loss did not reach
             if left:
                 self._pending[b] = 0
@@ -222,6 +237,24 @@ class Trainer(JobActor):
             msg, timeout=self.spec.wait_timeout, step=step,
             what=f"the update of bucket {bucket.key} from trainer {self.rank}")
         return b, reply
+
+    async def _apply_clipped(self, step: int,
+                             pushed: list[tuple[int, Message]]) -> list[tuple[int, Message]]:
+        """ps-sync clipping: the global norm from the buckets' shares, sent to every shard,
+        which applies the step and answers all its buckets."""
+        sq = [0.0] * len(self.plan.buckets)
+        for b, r in pushed:
+            sq[b] = r["sq"]
+        norm = math.sqrt(sum(sq))  # summed in bucket order: every trainer gets the same
+
+        async def one(k: int) -> list[tuple[int, Message]]:
+            msg = message("apply_step", new_id(), step=step, rank=self.rank, norm=norm)
+            r = await self.shards[k].call(msg, timeout=self.spec.wait_timeout, step=step,
+                                          what=f"step {step} clipped by norm {norm:.6g}")
+            return [(b.index, r) for b in self.plan.shard_buckets(k)]
+
+        applied = await asyncio.gather(*(one(k) for k in range(len(self.shards))))
+        return [pair for pairs in applied for pair in pairs]
 
     async def _pull(self, indices: Any, min_version: int) -> None:
         async def one(b: int) -> tuple[int, Message]:

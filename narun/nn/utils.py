@@ -10,7 +10,7 @@ import numpy as np
 from narun.errors import ConfigError, GradError
 from narun.tensor._tensor import Tensor
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "zero_grads"]
+__all__ = ["clip_coefficient", "clip_grad_norm_", "clip_grad_value_", "zero_grads"]
 
 
 def zero_grads(parameters: Iterable[Tensor], set_to_none: bool = True) -> None:
@@ -66,13 +66,21 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float,
         raise GradError(f"clip_grad_norm_: the total norm of order {norm_type} of the "
                         f"gradients is non-finite ({total}), so it cannot be clipped; pass "
                         "error_if_nonfinite=False to clip anyway")
-    coef = max_norm / (total + 1e-6)
-    if coef < 1.0 or math.isnan(coef):
-        # A non-finite total scales by 0 or nan, as torch does: inf * 0 is nan, on purpose.
+    coef = clip_coefficient(total, max_norm)
+    if coef != 1.0:
         with np.errstate(invalid="ignore"):
             for g in grads:
                 g.data *= coef
     return Tensor._wrap(xp.asarray(total, dtype=grads[0].dtype))
+
+
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
+    """The factor clip_grad_norm_ scales gradients by: max_norm / (total_norm + 1e-6) when
+    that is below 1, else 1. Shared with the parameter servers, which know the total norm
+    only from the pieces each shard holds."""
+    coef = max_norm / (total_norm + 1e-6)
+    # A non-finite total scales by 0 or nan, as torch does: inf * 0 is nan, on purpose.
+    return coef if coef < 1.0 or math.isnan(coef) else 1.0
 
 
 def clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float) -> None:

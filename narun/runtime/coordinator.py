@@ -627,10 +627,6 @@ def check_config(cfg: JobConfig) -> None:
                           f"ps-async, got {rt.mode!r}")
     if rt.workers < 1:
         raise ConfigError(f"runtime.workers: expected >= 1 in mode {rt.mode}, got {rt.workers}")
-    if t.grad_clip:
-        raise ConfigError(f"training.grad_clip: clipping by the global gradient norm is not "
-                          f"supported in mode {rt.mode} yet (each shard sees only its slice); "
-                          f"set training.grad_clip: null (got {t.grad_clip})")
     check_trainable_device(rt.device)
     local = t.batch_size // rt.workers
     if local % t.grad_accum:

@@ -58,6 +58,8 @@ VECTORS: dict[str, dict[str, Any]] = {
     "pull_params": _v("pull_params", 8, keys=["layer0.w", "layer0.b"], min_version=12),
     "params": _v("params", 8, version=12, params={
         "layer0.b": _t("float32", [3], [0.25, -0.5, 1.0])}),
+    "grad_norm": _v("grad_norm", 24, step=12, sq=0.015625),
+    "apply_step": _v("apply_step", 25, step=12, rank=1, norm=0.125),
     "params_all_dtypes": _v("params", 9, version=1, params=_ONE_OF_EACH),
     "tensor_0d": _v("params", 10, version=0, params={"scale": _t("float64", [], 2.5)}),
     "tensor_empty": _v("params", 11, version=0, params={

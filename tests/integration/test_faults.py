@@ -72,6 +72,19 @@ def test_a_trainer_killed_mid_run_is_replaced_and_the_job_finishes(make_config, 
 
 
 @pytest.mark.timeout(90)
+def test_a_trainer_killed_while_clipping_by_the_global_norm_loses_nothing(make_config):
+    """ps-sync with grad_clip holds each step until a trainer sends the global norm; the
+    replacement of a trainer killed meanwhile rejoins that exchange (answered from the
+    held or the kept norm), and the result equals the unfaulted run."""
+    clip = {"grad_clip": 0.05}
+    base, _ = run(job(make_config, "ps-sync", "base", **clip))
+    done, events = run(job(make_config, "ps-sync", "faulted", **clip),
+                       {8: ("trainer", 1, signal.SIGKILL)}, restart_delay=1.5)
+    assert done["step"] == STEPS and done["restarts"] == 1 and done["steps_redone"] == 0
+    assert done["val_loss"] == pytest.approx(base["val_loss"], rel=1e-6)
+
+
+@pytest.mark.timeout(90)
 def test_a_killed_shard_rolls_every_process_back_to_the_checkpoint(make_config, base_loss):
     """The newest checkpoint (step 10) is the state of every shard at step 10: rolling back
     to it and redoing steps 11.. gives exactly the unfaulted result (ps-sync is exact)."""

@@ -45,6 +45,19 @@ def test_ps_async_converges_on_the_mlp(make_config):
 
 
 @pytest.mark.timeout(60)
+def test_ps_async_with_one_trainer_clips_like_one_process(make_config):
+    """One trainer's pushes are one process's steps; with grad_clip the trainer clips its
+    own gradient before pushing (0.05 clips every step)."""
+    from narun.train import train as local_train
+    from tests.integration.test_ps_sync import assert_same_checkpoint
+
+    reference = local_train(make_config("local", 0, out="local", grad_clip=0.05),
+                            JsonLinesReporter(io.StringIO()))
+    done, _ = run(make_config("ps-async", 1, out="dist", grad_clip=0.05))
+    assert_same_checkpoint(reference["checkpoint"], done["checkpoint"])
+
+
+@pytest.mark.timeout(60)
 def test_ps_async_refuses_stale_pushes_and_still_trains(make_config):
     """Trainer 1 sleeps 0.2 s before each step, trainer 0 only 0.03 s: while trainer 0 runs,
     each of trainer 1's pushes is ~6 versions old, over max_staleness 1, so it is refused;
