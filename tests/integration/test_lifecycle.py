@@ -58,8 +58,9 @@ def test_a_hung_trainer_is_found_by_its_missing_heartbeats(make_config):
 
 
 def test_unsupported_settings_fail_before_any_process_starts(make_config):
-    cfg = make_config("ps-sync", 2, grad_clip=1.0)
-    with pytest.raises(ConfigError, match="training.grad_clip"):
+    cfg = make_config("ps-sync", 2, grad_accum=4)  # divides the batch 12, not its half
+    with pytest.raises(ConfigError, match="training.grad_accum: 4 does not divide the "
+                                          "per-trainer batch 6"):
         Coordinator(cfg, JsonLinesReporter(io.StringIO()))
     with pytest.raises(ConfigError, match="runtime.mode"):
         Coordinator(make_config("local", 0), JsonLinesReporter(io.StringIO()))
