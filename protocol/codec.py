@@ -20,9 +20,11 @@ from protocol.limits import DEFAULT_LIMITS, INLINE_LIMIT, Limits
 from protocol.messages import (
     PROTOCOL_VERSION,
     RESERVED_KEYS,
+    CheckedFields,
     Message,
     check_id,
     convert_fields,
+    convert_tensors,
     error_message,
     spec_for,
 )
@@ -53,7 +55,10 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memory
         return {"dtype": name, "shape": list(arr.shape), "frame": len(frames)}
 
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": spec.type, "id": check_id(msg.id)}
-    header.update(convert_fields(spec, msg.fields, tensor, limits.max_depth))
+    if type(msg.fields) is CheckedFields:  # checked when made: only the tensors change
+        header.update(convert_tensors(spec, msg.fields, tensor))
+    else:
+        header.update(convert_fields(spec, msg.fields, tensor, limits.max_depth))
     try:
         head = msgpack.packb(header, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:  # e.g. a non-str key deep in a map
@@ -82,8 +87,11 @@ def decode(frames: Sequence[BytesLike], limits: Limits = DEFAULT_LIMITS) -> Mess
     if len(frames) - 1 > limits.max_frames:
         raise ProtocolError(f"{len(frames) - 1} buffer frames, over the limit of "
                             f"{limits.max_frames} (Limits.max_frames)")
-    views = [_byte_view(f, i) for i, f in enumerate(frames)]
-    total = sum(v.nbytes for v in views)
+    views, total = [], 0
+    for i, frame in enumerate(frames):
+        view = _byte_view(frame, i)
+        views.append(view)
+        total += view.nbytes
     if total > limits.max_message_bytes:
         raise ProtocolError(f"message is {total} bytes, over the limit of "
                             f"{limits.max_message_bytes} (Limits.max_message_bytes)")
@@ -93,21 +101,20 @@ def decode(frames: Sequence[BytesLike], limits: Limits = DEFAULT_LIMITS) -> Mess
     for key in RESERVED_KEYS:
         if key not in header:
             raise ProtocolError(f"header: missing {key!r}")
-    version = header["v"]
+    version = header.pop("v")  # a fresh map: what is left of it are the fields
     if not _is_version(version):
         raise ProtocolError(f"unsupported protocol version {version!r:.40}: this peer speaks "
                             f"version {PROTOCOL_VERSION}")
-    spec = spec_for(header["type"])
-    msg_id = check_id(header["id"])
+    spec = spec_for(header.pop("type"))
+    msg_id = check_id(header.pop("id"))
     used = [False] * len(views)
 
     def tensor(desc: Any, where: str) -> np.ndarray | BFloat16Array:
         return _tensor_view(desc, where, views, used, limits)
 
-    body = {k: v for k, v in header.items() if k not in RESERVED_KEYS}
-    fields = convert_fields(spec, body, tensor, limits.max_depth)
-    unused = [i for i in range(1, len(views)) if not used[i]]
-    if unused:
+    fields = convert_fields(spec, header, tensor, limits.max_depth)
+    if not all(used[1:]):
+        unused = [i for i in range(1, len(views)) if not used[i]]
         raise ProtocolError(f"{spec.type}: buffer frame(s) {unused} not referenced by any tensor")
     return Message(spec.type, msg_id, fields)
 

@@ -61,12 +61,16 @@ class MessageSpec:
     names: frozenset[str] = field(init=False)
     required: frozenset[str] = field(init=False)
     paths: tuple[str, ...] = field(init=False)  # "type.field", for error messages
+    tensors: tuple[tuple[Field, str], ...] = field(init=False)  # tensor fields, with paths
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "names", frozenset(f.name for f in self.fields))
         object.__setattr__(self, "required",
                            frozenset(f.name for f in self.fields if not f.optional))
         object.__setattr__(self, "paths", tuple(f"{self.type}.{f.name}" for f in self.fields))
+        object.__setattr__(self, "tensors", tuple(
+            (f, p) for f, p in zip(self.fields, self.paths)
+            if f.kind in (Kind.TENSOR, Kind.TENSORS)))
 
 
 def _f(spec: str, choices: tuple[str, ...] = ()) -> Field:
@@ -163,6 +167,13 @@ def check_id(value: object) -> int:
 TensorHook = Callable[[Any, str], Any]
 
 
+class CheckedFields(dict):  # type: ignore[type-arg]
+    """Fields that passed their schema (made by ``message()`` or ``decode``): encode
+    converts only their tensors. Receivers check every message they decode regardless."""
+
+    __slots__ = ()
+
+
 def convert_fields(spec: MessageSpec, fields: Mapping[str, Any], tensor: TensorHook,
                    max_depth: int) -> dict[str, Any]:
     """Check ``fields`` against ``spec`` and convert each value, in the schema's order.
@@ -177,7 +188,7 @@ def convert_fields(spec: MessageSpec, fields: Mapping[str, Any], tensor: TensorH
     if not spec.required.issubset(fields):
         missing = [f.name for f in spec.fields if f.name in spec.required - set(fields)]
         raise ProtocolError(f"{spec.type}: missing field(s) {_names(missing)}")
-    out: dict[str, Any] = {}
+    out = CheckedFields()
     for f, where in zip(spec.fields, spec.paths):
         if f.name in fields:
             out[f.name] = _CONVERT[f.kind](f, fields[f.name], where, tensor, max_depth)
@@ -222,11 +233,29 @@ def _tensor(f: Field, value: Any, where: str, tensor: TensorHook, _: int) -> Any
 
 
 def _tensors(f: Field, value: Any, where: str, tensor: TensorHook, _: int) -> dict[str, Any]:
-    return {key: tensor(item, f"{where}[{key!r:.60}]") for key, item in _str_map(value, where)}
+    out = {}
+    for key, item in _str_map(value, where):
+        try:
+            out[key] = tensor(item, where)
+        except ProtocolError as exc:  # the key's path, built only now: this is per tensor
+            text = str(exc)
+            text = text[len(where):] if text.startswith(where) else f": {text}"
+            raise ProtocolError(f"{where}[{key!r:.60}]{text}") from None
+    return out
+
+
+def convert_tensors(spec: MessageSpec, fields: Mapping[str, Any],
+                    tensor: TensorHook) -> dict[str, Any]:
+    """``fields`` with only their tensors converted: for fields already checked."""
+    out = dict(fields)
+    for f, where in spec.tensors:
+        if f.name in out:
+            out[f.name] = _CONVERT[f.kind](f, out[f.name], where, tensor, 0)
+    return out
 
 
 def _map(f: Field, value: Any, where: str, _: TensorHook, max_depth: int) -> Any:
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise ProtocolError(f"{where}: expected a map, got {type(value).__name__}")
     check_plain(value, where, max_depth)
     return value
@@ -300,11 +329,11 @@ def _plain_problem(item: Any, depth: int, max_depth: int) -> str | None:
 
 
 def _str_map(value: Any, where: str) -> list[tuple[str, Any]]:
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):  # (the ABC check is slow)
         raise ProtocolError(f"{where}: expected a map, got {type(value).__name__}")
     items = list(value.items())
     for key, _ in items:
-        if not isinstance(key, str):
+        if type(key) is not str and not isinstance(key, str):
             raise ProtocolError(f"{where}: map keys must be str, got {type(key).__name__} "
                                 f"{key!r:.40}")
     return items
