@@ -13,9 +13,8 @@ import contextlib
 import os
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 import zmq
@@ -47,7 +46,8 @@ _POLLIN, _POLLOUT, _EVENTS, _RCVMORE = (int(zmq.POLLIN), int(zmq.POLLOUT), int(z
                                         int(zmq.RCVMORE))
 _DONTWAIT, _MORE_DONTWAIT = int(zmq.DONTWAIT), int(zmq.SNDMORE | zmq.DONTWAIT)
 
-# Longest a parked reader or sender sleeps without re-reading ZMQ_EVENTS (see _park).
+# Longest a parked reader or sender sleeps without re-reading ZMQ_EVENTS (see
+# Channel._recheck_parked).
 _RECHECK_S = 0.05
 
 log = structlog.get_logger(__name__)
@@ -69,8 +69,7 @@ class _Socket(zmq.asyncio.Socket):
         super().close(linger=linger)
 
 
-@dataclass(frozen=True)
-class Incoming:
+class Incoming(NamedTuple):
     """A received message and its routing frame: the sending peer's identity on a ROUTER
     (pass it back as ``send(..., to=route)``), the topic on a SUB, else None."""
 
@@ -105,6 +104,7 @@ class Channel:
         self._readable: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
         self._recheck_due = False
+        self._safety_net: asyncio.TimerHandle | None = None  # see _recheck_parked
         if isinstance(socket, _Socket):
             socket._on_close = weakref.WeakMethod(self._unwatch)
 
@@ -132,8 +132,16 @@ class Channel:
             raise ValueError(f"{self!r}: send needs to=<peer identity> (Incoming.route)")
         if to is not None and self.kind not in _ROUTED:
             raise ValueError(f"{self!r}: to= is for router and pub sockets, got {to!r:.40}")
-        route: list[Any] = [] if self.kind not in _ROUTED else [to or b""]
-        await self._send_frames(route + encode(msg, self.limits), wait_sent, timeout, to)
+        frames: list[Any] = encode(msg, self.limits)
+        if self.kind in _ROUTED:
+            frames.insert(0, to or b"")
+        if not wait_sent and not self._sends_waiting:
+            try:  # the common case, without a coroutine more: the socket takes it now
+                if self._try_send(frames):
+                    return
+            except zmq.ZMQError as exc:
+                raise _send_error(self, exc, to) from None
+        await self._send_frames(frames, wait_sent, timeout, to)
 
     async def recv(self, timeout: float | None = None) -> Incoming:
         """The next valid message. Invalid ones are counted in ``refused``, answered with an
@@ -144,11 +152,14 @@ class Channel:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         n_route = 1 if self.kind in _ROUTED else 0
-        try:
-            await asyncio.wait_for(self._recv_lock.acquire(), timeout)
-        except asyncio.TimeoutError:
-            raise WaitTimeout(f"{self!r}: no message within {timeout} s (another reader "
-                              "held the socket)") from None
+        if timeout is None or not self._recv_lock.locked():
+            await self._recv_lock.acquire()
+        else:
+            try:
+                await asyncio.wait_for(self._recv_lock.acquire(), timeout)
+            except asyncio.TimeoutError:
+                raise WaitTimeout(f"{self!r}: no message within {timeout} s (another "
+                                  "reader held the socket)") from None
         try:
             while True:
                 frames, overflow = await self._recv_frames(deadline, timeout)
@@ -203,9 +214,7 @@ class Channel:
             raise WaitTimeout(f"{self!r}: send not accepted within {timeout} s (peer "
                               f"{peer!r} not reading?)") from None
         except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                raise ActorDiedError(f"{self!r}: peer {peer!r} is not connected") from None
-            raise
+            raise _send_error(self, exc, peer) from None
         if tracker is not None:
             # A Frame object holds its own reference to the buffer: ZeroMQ releases it only
             # once the Frame objects are gone too, so drop ours before waiting.
@@ -223,11 +232,13 @@ class Channel:
     def _try_send(self, frames: list[Any]) -> bool:
         # A multipart message is accepted whole or not at all: only its first frame can
         # meet the high-water mark (EAGAIN), or find a ROUTER's peer gone (EHOSTUNREACH).
-        # copy=False: pyzmq still copies frames under its 64 KiB threshold.
+        # bytes (headers, routing frames) are copied: pyzmq would wrap them in a Frame
+        # object first. Tensor buffers (memoryviews, tracked Frames) go without a copy.
         self._check_open()
         sock, last = self._sync, len(frames) - 1
+        first = frames[0]
         try:
-            _send(sock, frames[0], _MORE_DONTWAIT if last else _DONTWAIT, False)
+            _send(sock, first, _MORE_DONTWAIT if last else _DONTWAIT, type(first) is bytes)
         except zmq.Again:
             self._rearm()
             return False
@@ -235,7 +246,8 @@ class Channel:
             self._rearm()
             raise
         for i in range(1, last + 1):
-            _send(sock, frames[i], _MORE_DONTWAIT if i < last else _DONTWAIT, False)
+            frame = frames[i]
+            _send(sock, frame, _MORE_DONTWAIT if i < last else _DONTWAIT, type(frame) is bytes)
         self._rearm()
         return True
 
@@ -300,21 +312,9 @@ class Channel:
             self._readable = ready
         else:
             self._writable = ready
-        # A safety net, not the mechanism: something outside this Channel (such as
-        # zmq.asyncio used on the socket directly, which reads ZMQ_EVENTS from its own
-        # deferred callbacks) can consume the FD's edge; a wake-up lost so must cost a
-        # moment, never a hang. One timer a park, cheaper than a bounded wait.
-        def recheck() -> None:
-            nonlocal timer
-            if not ready.done() and not self.socket.closed:
-                self._wake(_get(self._sync, _EVENTS))
-                timer = loop.call_later(_RECHECK_S, recheck)
-
-        timer: asyncio.TimerHandle = loop.call_later(_RECHECK_S, recheck)
         try:
             await _until(ready, deadline)
         finally:
-            timer.cancel()
             if event == _POLLIN:
                 self._readable = None
             else:
@@ -329,11 +329,28 @@ class Channel:
             self._loop.remove_reader(self._fd)
         loop.add_reader(self._fd, self._on_events)
         self._loop = loop
+        if self._safety_net is not None:
+            self._safety_net.cancel()
+        self._safety_net = loop.call_later(_RECHECK_S, self._recheck_parked)
+
+    def _recheck_parked(self) -> None:
+        # A safety net, not the mechanism: something outside this Channel (such as
+        # zmq.asyncio used on the socket directly, which reads ZMQ_EVENTS from its own
+        # deferred callbacks) can consume the FD's edge; a wake-up lost so must cost a
+        # moment, never a hang. One timer a channel, not one a park: parking is per message.
+        if self._loop is None or self.socket.closed:
+            return
+        if self._readable is not None or self._writable is not None:
+            self._wake(_get(self._sync, _EVENTS))
+        self._safety_net = self._loop.call_later(_RECHECK_S, self._recheck_parked)
 
     def _unwatch(self) -> None:
         for parked in (self._readable, self._writable):
             if parked is not None and not parked.done():
                 parked.cancel()
+        if self._safety_net is not None:
+            self._safety_net.cancel()
+            self._safety_net = None
         if self._fd is not None:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._fd)
@@ -349,7 +366,23 @@ class Channel:
             while _get(sync, _RCVMORE):
                 _recv(sync, _DONTWAIT, False)
             self._maybe_partial = False
-        frame = await self._first_frame(deadline, timeout)
+        # ZMQ_EVENTS first, not a recv that may fail: a failed recv costs more (pyzmq
+        # builds an exception), and one read of ZMQ_EVENTS is due before parking anyway.
+        # Nothing is taken from the socket while parked, so a cancelled reader leaves no
+        # partial message behind.
+        while True:
+            events = _get(sync, _EVENTS)
+            self._wake(events)  # reading it consumed the edge a parked sender awaits
+            if events & _POLLIN:
+                try:
+                    frame = _recv(sync, _DONTWAIT, False)
+                    break
+                except zmq.Again:
+                    continue
+            try:
+                await self._park(_POLLIN, deadline)
+            except asyncio.TimeoutError:
+                raise WaitTimeout(f"{self!r}: no message within {timeout} s") from None
         frames, total, overflow = [frame], len(frame), ""
         max_frames = self.limits.max_frames + 2  # + header + routing frame
         while frame.more:
@@ -369,25 +402,6 @@ class Channel:
         self._rearm()
         return frames, overflow
 
-    async def _first_frame(self, deadline: float | None, timeout: float | None) -> Any:
-        # ZMQ_EVENTS first, not a recv that may fail: a failed recv costs more (pyzmq
-        # builds an exception), and one read of ZMQ_EVENTS is due before parking anyway.
-        # Nothing is taken from the socket while parked, so a cancelled reader leaves no
-        # partial message behind.
-        sync = self._sync
-        try:
-            while True:
-                events = _get(sync, _EVENTS)
-                self._wake(events)  # reading it consumed the edge a parked sender awaits
-                if events & _POLLIN:
-                    try:
-                        return _recv(sync, _DONTWAIT, False)
-                    except zmq.Again:
-                        continue
-                await self._park(_POLLIN, deadline)
-        except asyncio.TimeoutError:
-            raise WaitTimeout(f"{self!r}: no message within {timeout} s") from None
-
     def _refuse(self, route: Sequence[Any], body: Sequence[Any], exc: ProtocolError) -> None:
         self.refused += 1
         self.last_refusal = str(exc)
@@ -402,6 +416,12 @@ class Channel:
         # vanished one too (EHOSTUNREACH); neither ever blocks this loop.
         with contextlib.suppress(zmq.ZMQError):
             self._try_send([*route, *encode(answer, self.limits)])
+
+
+def _send_error(channel: Channel, exc: zmq.ZMQError, peer: bytes | None) -> Exception:
+    if exc.errno == zmq.EHOSTUNREACH:
+        return ActorDiedError(f"{channel!r}: peer {peer!r} is not connected")
+    return exc
 
 
 async def _until(waitable: Any, deadline: float | None) -> Any:

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import random
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -119,9 +119,8 @@ class Mailbox:
     async def call(self, msg: Message, *, to: bytes | None = None, timeout: float,
                    what: str, step: int | None = None) -> Message:
         """Send a request and await its reply (an `error` reply raises)."""
-        who = self._who(to)
         if to in self._dead:
-            raise ActorDiedError(f"{self._dead[to]}; cannot ask {who} for {what}")
+            raise ActorDiedError(f"{self._dead[to]}; cannot ask {self._who(to)} for {what}")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Message] = loop.create_future()
         self._pending[msg.id] = (future, to)
@@ -138,7 +137,7 @@ class Mailbox:
 
         timer = loop.call_later(timeout, expire)
         try:
-            await self._send(msg, to)
+            await self.channel.send(msg, to=to, wait_sent=False)
             reply = await future
         except asyncio.CancelledError:
             if not expired:
@@ -150,13 +149,14 @@ class Mailbox:
             refused = "" if not self.channel.refused else (
                 f"; this side refused {self.channel.refused} message(s), the last: "
                 f"{self.channel.last_refusal}")
-            raise WaitTimeout(f"{who} did not answer {msg.type} ({what}){at} within "
+            raise WaitTimeout(f"{self._who(to)} did not answer {msg.type} ({what}){at} within "
                               f"{timeout:g} s{refused}") from None
         finally:
             timer.cancel()
             self._pending.pop(msg.id, None)
         if reply.type == "error":
-            text = f"{who} refused {msg.type} ({what}): [{reply['code']}] {reply['message']}"
+            text = (f"{self._who(to)} refused {msg.type} ({what}): [{reply['code']}] "
+                    f"{reply['message']}")
             if reply["code"] == "internal":
                 raise RemoteError(text, reply["traceback"])
             raise Refused(text, reply["code"], reply["traceback"])
@@ -176,8 +176,8 @@ class Mailbox:
     def _who(self, route: bytes | None) -> str:
         return self.name if route is None else route.decode(errors="replace")
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
