@@ -149,7 +149,9 @@ def serve_echo(kind: str) -> None:
 
 def bench_transfer(rounds: int) -> dict:
     """Both servers up at once; raw and narun rounds alternate so machine noise hits both
-    alike; each keeps its best round."""
+    alike. Two figures: each side's best round (ratio of the bests), and the median over
+    rounds of raw / narun in the same round (paired, so a burst of load on this shared
+    machine moves both halves of a pair; the steadier figure)."""
     import numpy as np
     import uvloop
     import zmq
@@ -205,6 +207,9 @@ def bench_transfer(rounds: int) -> dict:
     for kind, ts in times.items():
         out[kind] = {"seconds": min(ts), "gb_per_s": 2 * MB100 / min(ts) / 1e9}
     out["ratio"] = out["raw"]["seconds"] / out["narun"]["seconds"]
+    pairs = sorted(r / n for r, n in zip(times["raw"], times["narun"]))
+    out["paired_median"] = statistics.median(pairs)
+    out["paired_quartiles"] = [pairs[len(pairs) // 4], pairs[(3 * len(pairs)) // 4]]
     return out
 
 
@@ -237,7 +242,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=9, help="rounds of the 100 MB transfer")
+    p.add_argument("--rounds", type=int, default=15, help="rounds of the 100 MB transfer")
     p.add_argument("--gpt-rounds", type=int, default=2, help="rounds of the GPT configs")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--serve", choices=("raw", "narun"), help=argparse.SUPPRESS)
@@ -262,8 +267,11 @@ def main() -> None:
     for key, r in rows.items():
         print(f"{names[key]:<28}{r['step_s'] * 1e3:>9.1f}{r['tokens_per_s']:>11,.0f}"
               f"{r['comm_share']:>10.1%}{r['step_s'] / base - 1:>+11.1%}")
+    lo, hi = transfer["paired_quartiles"]
     print(f"\n100 MB push + pull   raw pyzmq {transfer['raw']['gb_per_s']:.2f} GB/s, "
-          f"narun {transfer['narun']['gb_per_s']:.2f} GB/s  -> {transfer['ratio']:.2f} of raw")
+          f"narun {transfer['narun']['gb_per_s']:.2f} GB/s  -> {transfer['ratio']:.2f} of raw"
+          f" (best rounds); paired rounds: median {transfer['paired_median']:.2f}, "
+          f"quartiles {lo:.2f}-{hi:.2f}")
     overhead = rows["1x1"]["step_s"] / base - 1
     print(json.dumps({"bench": "dp", "gpt": GPT, "configs": rows, "transfer_100mb": transfer,
                       "overhead_1x1": overhead, "bar_overhead_ok": overhead <= 0.10,
