@@ -54,8 +54,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                               f"{cfg.runtime.workers} workers is not available; use mode "
                               f"local with workers 0, or ps-sync / ps-async with workers >= 1")
         if cfg.runtime.device not in ("cpu", "auto"):
-            raise ConfigError(f"runtime.device: `narun train` runs on the cpu in this version, "
-                              f"got {cfg.runtime.device!r}")
+            raise ConfigError(f"runtime.device: one process (--workers 0) trains on the cpu; "
+                              f"for {cfg.runtime.device!r} train with --workers N, which puts "
+                              f"each trainer's model there")
         tune_process()  # keep each step's freed temporaries instead of page-faulting them back
         done = train(cfg, reporter, resume=args.resume)
     if done["signal"] == signal.SIGINT:

@@ -142,6 +142,13 @@ def test_data_blobs_writes_a_balanced_known_answer_npz(blobs, tmp_path):
         np.testing.assert_array_equal(f["x"], x)
 
 
+def test_one_process_training_on_a_gpu_exits_2_pointing_at_workers():
+    out = narun_cli("train", ROOT / "configs" / "mlp.yaml", "--set", "runtime.device=cuda:0")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "runtime.device: one process (--workers 0) trains on the cpu" in out.stderr
+    assert "--workers N" in out.stderr
+
+
 def test_data_blobs_with_a_bad_size_exits_2(tmp_path):
     out = narun_cli("data", "blobs", tmp_path / "x.npz", "--classes", 1)
     assert out.returncode == 2 and "classes" in out.stderr and "Traceback" not in out.stderr
