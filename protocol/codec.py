@@ -8,6 +8,7 @@ by it is allocated; every failure is a ProtocolError.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
@@ -54,13 +55,14 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memory
         frames.append(data)
         return {"dtype": name, "shape": list(arr.shape), "frame": len(frames)}
 
-    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": spec.type, "id": check_id(msg.id)}
     if type(msg.fields) is CheckedFields:  # checked when made: only the tensors change
-        header.update(convert_tensors(spec, msg.fields, tensor))
+        header = {"v": PROTOCOL_VERSION, "type": spec.type, "id": msg.id, **msg.fields}
+        convert_tensors(spec, header, tensor)
     else:
-        header.update(convert_fields(spec, msg.fields, tensor, limits.max_depth))
+        header = {"v": PROTOCOL_VERSION, "type": spec.type, "id": check_id(msg.id),
+                  **convert_fields(spec, msg.fields, tensor, limits.max_depth)}
     try:
-        head = msgpack.packb(header, use_bin_type=True)
+        head = _packer().pack(header)
     except (TypeError, ValueError, OverflowError) as exc:  # e.g. a non-str key deep in a map
         raise ProtocolError(f"{spec.type}: cannot pack header: {exc}") from exc
     if len(head) > limits.max_header_bytes:
@@ -74,6 +76,17 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memory
         raise ProtocolError(f"{spec.type}: message is {total} bytes, over the limit of "
                             f"{limits.max_message_bytes} (Limits.max_message_bytes)")
     return [head, *frames]
+
+
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    # msgpack.packb builds a Packer per call; one per thread (a Packer is not thread-safe)
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    return packer
 
 
 def decode(frames: Sequence[BytesLike], limits: Limits = DEFAULT_LIMITS) -> Message:
@@ -224,8 +237,7 @@ def _tensor_view(desc: Any, where: str, views: list[memoryview], used: list[bool
     if name == "bool" and nbytes and np.frombuffer(buf, np.uint8).max() > 1:
         raise ProtocolError(f"{where}: bool tensor holds bytes other than 0 and 1")
     arr = np.ndarray(shape, dtype, buf)  # a view of the frame: no copy
-    if arr.flags.writeable:  # received frames are writable buffers; callers copy instead
-        arr.flags.writeable = False
+    arr.setflags(write=False)  # received frames are writable buffers; callers copy instead
     return BFloat16Array(arr) if name == "bfloat16" else arr
 
 

@@ -244,14 +244,11 @@ def _tensors(f: Field, value: Any, where: str, tensor: TensorHook, _: int) -> di
     return out
 
 
-def convert_tensors(spec: MessageSpec, fields: Mapping[str, Any],
-                    tensor: TensorHook) -> dict[str, Any]:
-    """``fields`` with only their tensors converted: for fields already checked."""
-    out = dict(fields)
+def convert_tensors(spec: MessageSpec, fields: dict[str, Any], tensor: TensorHook) -> None:
+    """Convert the tensors of ``fields`` in place, and nothing else: for checked fields."""
     for f, where in spec.tensors:
-        if f.name in out:
-            out[f.name] = _CONVERT[f.kind](f, out[f.name], where, tensor, 0)
-    return out
+        if f.name in fields:
+            fields[f.name] = _CONVERT[f.kind](f, fields[f.name], where, tensor, 0)
 
 
 def _map(f: Field, value: Any, where: str, _: TensorHook, max_depth: int) -> Any:

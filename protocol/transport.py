@@ -263,8 +263,9 @@ class Channel:
                 and not self._recheck_due and self._loop is not None:
             self._recheck_due = True
             self._loop.call_soon(self._recheck)
-        if not self.socket.closed:
-            self.socket._schedule_remaining_events()
+        sock = self.socket
+        if sock._state and not sock.closed:  # zmq.asyncio waits on this socket itself
+            sock._schedule_remaining_events()
 
     def _recheck(self) -> None:
         self._recheck_due = False
@@ -278,7 +279,8 @@ class Channel:
             self._unwatch()
             return
         self._wake(_get(self._sync, _EVENTS))
-        self.socket._schedule_remaining_events()
+        if self.socket._state:
+            self.socket._schedule_remaining_events()
 
     def _wake(self, events: int) -> None:
         readable, writable = self._readable, self._writable
@@ -368,21 +370,27 @@ class Channel:
             self._maybe_partial = False
         # ZMQ_EVENTS first, not a recv that may fail: a failed recv costs more (pyzmq
         # builds an exception), and one read of ZMQ_EVENTS is due before parking anyway.
+        # A wake-up from parking has just read it (and seen POLLIN): no second read then.
         # Nothing is taken from the socket while parked, so a cancelled reader leaves no
         # partial message behind.
+        ready = False
         while True:
-            events = _get(sync, _EVENTS)
-            self._wake(events)  # reading it consumed the edge a parked sender awaits
-            if events & _POLLIN:
+            if not ready:
+                events = _get(sync, _EVENTS)
+                self._wake(events)  # reading it consumed the edge a parked sender awaits
+                ready = bool(events & _POLLIN)
+            if ready:
                 try:
                     frame = _recv(sync, _DONTWAIT, False)
                     break
                 except zmq.Again:
+                    ready = False
                     continue
             try:
                 await self._park(_POLLIN, deadline)
             except asyncio.TimeoutError:
                 raise WaitTimeout(f"{self!r}: no message within {timeout} s") from None
+            ready = True
         frames, total, overflow = [frame], len(frame), ""
         max_frames = self.limits.max_frames + 2  # + header + routing frame
         while frame.more:

@@ -219,7 +219,7 @@ class Mailbox:
         if reply is None:
             return
         with contextlib.suppress(ActorDiedError):  # the asker left: nobody waits for it
-            await self._send(reply, route)
+            await self.channel.send(reply, to=route, wait_sent=False)
 
     async def _watch_loop(self) -> None:
         assert self._monitor is not None  # set by start()
