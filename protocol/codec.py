@@ -218,20 +218,21 @@ def _tensor_view(desc: Any, where: str, views: list[memoryview], used: list[bool
     if "frame" in desc:
         index = desc["frame"]
         last = len(views) - 1
-        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= last:
+        if type(index) is not int or not 1 <= index <= last:  # (an int subclass: bool)
             span = f"frames 1..{last}" if last else "no buffer frames"
             raise ProtocolError(f"{where}: frame index {index!r:.40} out of range: the message "
                                 f"has {span}")
         if used[index]:
             raise ProtocolError(f"{where}: frame {index} is already used by another tensor")
         used[index] = True
-        buf, source = views[index], f"frame {index}"
+        buf = views[index]
     else:
         data = desc["data"]
         if not isinstance(data, bytes):
             raise ProtocolError(f"{where}: inline data: expected bin, got {type(data).__name__}")
-        buf, source = memoryview(data), "inline data"
+        buf = memoryview(data)
     if buf.nbytes != nbytes:
+        source = f"frame {desc['frame']}" if "frame" in desc else "inline data"
         raise ProtocolError(f"{where}: {name} {tuple(shape)} needs {nbytes} bytes, {source} has "
                             f"{buf.nbytes}")
     if name == "bool" and nbytes and np.frombuffer(buf, np.uint8).max() > 1:
@@ -249,7 +250,7 @@ def _checked_shape(shape: Any, where: str, limits: Limits) -> list[int]:
         raise ProtocolError(f"{where}: shape has {len(shape)} dims, over the limit of "
                             f"{limits.max_ndim} (Limits.max_ndim)")
     for d in shape:
-        if isinstance(d, bool) or not isinstance(d, int):
+        if type(d) is not int:  # (bool is an int subclass)
             raise ProtocolError(f"{where}: shape {shape!r:.80}: dims must be ints, got "
                                 f"{type(d).__name__}")
         if not 0 <= d <= limits.max_message_bytes:
