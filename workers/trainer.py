@@ -119,8 +119,7 @@ class Trainer(JobActor):
         steps = self.cfg.training.steps
         if self.spec.stop_at is not None:
             steps = min(steps, self.spec.stop_at)
-        sync = self.sync
-        step = min(self.versions) if sync else (self.spec.start_step or self.start)
+        step = min(self.versions) if self.sync else (self.spec.start_step or self.start)
         while step < steps and not self.stopping:
             self._step = step
             x, y = self.job.batch(step)
@@ -138,7 +137,7 @@ class Trainer(JobActor):
                 raise WaitTimeout(f"trainer {self.rank}: step {step} was refused as stale "
                                   f"{MAX_STALE_RETRIES} times; raise runtime.max_staleness")
             loss, timings = done
-            step = min(self.versions) if sync else step + 1
+            step = min(self.versions) if self.sync else step + 1
             self.step = step
             timings["stale"] = self.stale
             assert self.control is not None

@@ -167,12 +167,9 @@ class Mailbox:
         """Send without awaiting a reply (arrays in `msg` must not be written afterwards)."""
         if to in self._dead:
             raise ActorDiedError(f"{self._dead[to]}; cannot send {msg.type} to {self._who(to)}")
-        await self._send(msg, to, timeout)
-
-    # -- internals ---------------------------------------------------------------------
-    async def _send(self, msg: Message, to: bytes | None, timeout: float | None = None) -> None:
         await self.channel.send(msg, to=to, wait_sent=False, timeout=timeout)
 
+    # -- internals ---------------------------------------------------------------------
     def _who(self, route: bytes | None) -> str:
         return self.name if route is None else route.decode(errors="replace")
 
