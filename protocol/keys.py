@@ -13,7 +13,7 @@ import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import zmq
@@ -52,7 +52,7 @@ def generate_keypair(directory: str | os.PathLike[str], name: str = "narun") -> 
             raise ConfigError(f"{path} already exists; refusing to overwrite a key "
                               f"(choose another name or delete it first)")
     public, secret = zmq.curve_keypair()
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     _write_new(secret_path, _certificate(stamp, "Secret", public, secret), 0o600)
     _write_new(public_path, _certificate(stamp, "Public", public, None), 0o644)
     return public_path, secret_path

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
@@ -30,7 +30,7 @@ JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 DONE_REASONS = ("length", "stop", "cancelled")
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """The type of a field, as SPEC.md spells it."""
 
     INT = "int"  # msgpack int, -2**63 .. 2**64-1

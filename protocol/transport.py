@@ -157,7 +157,7 @@ class Channel:
         else:
             try:
                 await asyncio.wait_for(self._recv_lock.acquire(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise WaitTimeout(f"{self!r}: no message within {timeout} s (another "
                                   "reader held the socket)") from None
         try:
@@ -210,7 +210,7 @@ class Channel:
                     await self._send_parked(frames, deadline)
                 finally:
                     self._sends_waiting -= 1
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise WaitTimeout(f"{self!r}: send not accepted within {timeout} s (peer "
                               f"{peer!r} not reading?)") from None
         except zmq.ZMQError as exc:
@@ -388,7 +388,7 @@ class Channel:
                     continue
             try:
                 await self._park(_POLLIN, deadline)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise WaitTimeout(f"{self!r}: no message within {timeout} s") from None
             ready = True
         frames, total, overflow = [frame], len(frame), ""

@@ -310,7 +310,7 @@ class ParameterServer(JobActor):
                 return
             try:
                 await asyncio.wait_for(self._paced.wait(), max(deadline - time.monotonic(), 0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise WaitTimeout(
                     f"ps {self.rank}: trainer {rank} at step {step} waited "
                     f"{self.spec.wait_timeout:g} s for trainer(s) "
@@ -355,7 +355,7 @@ class ParameterServer(JobActor):
             left = deadline - time.monotonic()
             try:
                 await asyncio.wait_for(b.moved.wait(), max(left, 0.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise WaitTimeout(f"ps {self.rank}: bucket {b.bucket.key} waited "
                                   f"{self.spec.wait_timeout:g} s for {what}; it is at version "
                                   f"{b.version}") from None

@@ -21,7 +21,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,7 @@ def save_checkpoint(directory: str | os.PathLike[str], step: int, model_state: A
                 files[fname] = {"sha256": sha, "size": size}
         manifest: dict[str, Any] = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
-            "created": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "files": files, "optimizer": opt_tree, "extra": extra_tree,
         }
         manifest["manifest_sha256"] = _json_digest(manifest)

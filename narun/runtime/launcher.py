@@ -70,7 +70,7 @@ class Child:
         assert self.proc.stdout is not None
         try:
             line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise WaitTimeout(f"{self.name} did not report its endpoint within {timeout:g} s; "
                               f"log {self.log_path}") from None
         if not line:
@@ -101,7 +101,7 @@ class Child:
         """Wait up to `grace` seconds for the process to exit, then SIGKILL; reap it."""
         try:
             return await asyncio.wait_for(self.proc.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             return await self.proc.wait()

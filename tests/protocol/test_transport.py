@@ -140,7 +140,7 @@ async def test_oversized_frames_and_too_many_frames_are_refused(ctx) -> None:
                 try:
                     inc = await asyncio.wait_for(received.get(), 0.2)
                     break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
             assert inc.msg.id == 2
             # The reconnection takes 0.1-0.2 s, so an earlier copy of `ok` may still come
