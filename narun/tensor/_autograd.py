@@ -144,89 +144,87 @@ def backward(root: Tensor, grad: Any = None, retain_graph: bool = False) -> None
         grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=root.dtype)
         if grad.shape != root.shape:
             raise GradError(f"backward(): grad has shape {grad.shape}, output has {root.shape}")
-
-    grads: dict[int, Any] = {id(root): grad}
-    # `owned`: arrays the engine allocated and nobody else has seen, safe to add into in place.
-    # Anything handed to a backward rule may come back aliased (add passes its gradient
-    # through), so it leaves `owned` and a leaf gets a copy of it.
-    owned: set[int] = set()
-    # `seen`: arrays handed to a backward rule or stored in a leaf. A leaf takes a fresh array
-    # from a rule as is (matmul's weight gradient, say), but copies anything in `seen` or any
-    # view, so in-place accumulation and optimizers never write through an alias.
-    seen: set[int] = {id(grad)}
-    # A tensor is ready once every op that consumed it has run its backward (counts reach
-    # zero). Leaves are finished the moment they are ready, so their hooks fire as early as
-    # possible: the last layer's gradients are final while the first layer's are computed.
     if root._node is None:  # backward() on a leaf: its gradient is `grad` itself
         _accumulate_leaf(root, grad, exclusive=False)
         return
+    # The gradient pending for each tensor, keyed by the tensor (the graph keeps every tensor
+    # alive until backward returns, so its id cannot be reused meanwhile), with whether the
+    # array is exclusive: nobody else can hold it, so the engine may add into it in place and a
+    # leaf may keep it without a copy. Exclusivity belongs to the pending entry, never to an
+    # array's id: an array freed mid-backward gives its id to the next one allocated.
+    grads: dict[int, tuple[Any, bool]] = {id(root): (grad, False)}
+    # A tensor is ready once every op that consumed it has run its backward (counts reach
+    # zero). Leaves are finished the moment they are ready, so their hooks fire as early as
+    # possible: the last layer's gradients are final while the first layer's are computed.
     pending = _consumer_counts(root)
     ready = [root]
     while ready:
         t = ready.pop()
-        g = grads.pop(id(t), None)
+        g, exclusive = grads.pop(id(t), (None, False))
         node = t._node
         if g is not None and t._retains_grad:
-            _accumulate_leaf(t, g, _exclusive(g, owned, seen))
-            seen.add(id(t.grad.data))
+            _accumulate_leaf(t, g, exclusive)
         if g is None:
             in_grads: Any = (None,) * len(node.parents)  # nothing flows, but unblock parents
+            fresh: Any = in_grads
         else:
             if node.backward is None:
                 raise GradError(f"backward through {node.name} a second time: its saved "
                                 "values were freed; call backward(retain_graph=True) the "
                                 "first time")
-            owned.discard(id(g))
-            seen.add(id(g))
             in_grads = node.backward(g)
-            del g
             if not retain_graph:
                 node.backward = None
             if len(in_grads) != len(node.parents):
                 raise GradError(f"{node.name}: backward returned {len(in_grads)} gradients "
                                 f"for {len(node.parents)} inputs")
-        for p, pg in zip(node.parents, in_grads):
+            fresh = _fresh(in_grads, g)
+            del g
+        for p, pg, new in zip(node.parents, in_grads, fresh):
             if not p.requires_grad:
                 continue
             if pg is not None:
-                _add_grad(grads, owned, p, pg, node.name)
+                _add_grad(grads, p, pg, new, node.name)
             pending[id(p)] -= 1
             if pending[id(p)]:
                 continue
             if p._node is not None:
                 ready.append(p)
             elif id(p) in grads:
-                pg = grads.pop(id(p))
-                _accumulate_leaf(p, pg, _exclusive(pg, owned, seen))
-                seen.add(id(p.grad.data))
+                _accumulate_leaf(p, *grads.pop(id(p)))
 
 
-def _exclusive(g: Any, owned: set[int], seen: set[int]) -> bool:
-    """True when no other tensor or rule can hold `g`, so a leaf may keep it without a copy."""
-    return id(g) in owned or (id(g) not in seen and g.base is None)
+def _fresh(in_grads: Sequence[Any], incoming: Any) -> list[bool]:
+    """For each gradient a rule returned: is it an array nobody else holds? Not when it is
+    the incoming gradient passed through (add), a view (reshape, transpose: its base is
+    someone's), or one array returned for two inputs."""
+    return [pg is not None and not isinstance(pg, IndexGrad) and pg is not incoming
+            and pg.base is None and sum(q is pg for q in in_grads) == 1
+            for pg in in_grads]
 
 
-def _add_grad(grads: dict[int, Any], owned: set[int], p: Tensor, pg: Any, op: str) -> None:
-    """Add `pg` into the pending gradient of `p`, in place only into buffers we own."""
-    prev = grads.get(id(p))
+def _add_grad(grads: dict[int, tuple[Any, bool]], p: Tensor, pg: Any, exclusive: bool,
+              op: str) -> None:
+    """Add `pg` into the pending gradient of `p`, in place only into an exclusive buffer."""
+    prev, prev_exclusive = grads.get(id(p), (None, False))
     if isinstance(pg, IndexGrad):
-        if prev is None or id(prev) not in owned:
+        if not prev_exclusive:
             buf = p.xp.zeros(p.shape, dtype=pg.value.dtype)
             if prev is not None:
                 buf += prev
-            owned.add(id(buf))
-            grads[id(p)] = prev = buf
+            grads[id(p)] = (buf, True)
+            prev = buf
         prev[pg.index] += pg.value
         return
-    pg = unbroadcast(pg, p.shape, op)
+    if pg.shape != p.shape:
+        pg = unbroadcast(pg, p.shape, op)
+        exclusive = True  # a sum over the broadcast axes: a new array (perhaps reshaped)
     if prev is None:
-        grads[id(p)] = pg
-    elif id(prev) in owned:
+        grads[id(p)] = (pg, exclusive)
+    elif prev_exclusive:
         prev += pg
     else:
-        total = prev + pg
-        owned.add(id(total))
-        grads[id(p)] = total
+        grads[id(p)] = (prev + pg, True)
 
 
 def _accumulate_leaf(t: Tensor, g: Any, exclusive: bool) -> None:
