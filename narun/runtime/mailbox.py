@@ -10,7 +10,12 @@ Failures are explicit: an `error` reply raises RemoteError (Refused for a refusa
 as `stale`) with the remote traceback; a peer known dead fails its calls at once with
 ActorDiedError; every call has a timeout whose WaitTimeout names the peer, the step and what
 was awaited. On a DEALER, a socket monitor notices the TCP connection drop when the peer
-process exits, so waiting calls fail immediately instead of at their timeout.
+process exits, so waiting calls fail immediately instead of at their timeout. If the
+receive loop itself fails, every call fails at once with the reason, and the owner's
+`on_error` hears of it (narun.runtime.tasks).
+
+Requests in flight are bounded (`max_requests`): past the bound a request is answered
+`busy` at once, so a flood of requests cannot grow the task count without limit.
 """
 
 from __future__ import annotations
@@ -19,8 +24,7 @@ import asyncio
 import contextlib
 import random
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import structlog
 import zmq
@@ -28,11 +32,16 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from narun.errors import ActorDiedError, NarunError, RemoteError, WaitTimeout
+from narun.runtime.tasks import Background
 from protocol import Channel, Message, error_message
 
 log = structlog.get_logger("narun.runtime")
 
 Handler = Callable[[Message, "bytes | None"], Awaitable["Message | None"]]
+
+#: Requests served at once by default. A parameter server holds one per trainer and bucket
+#: while a ps-sync step assembles, and sizes its own bound from that.
+MAX_REQUESTS = 1024
 
 
 class Refused(RemoteError):
@@ -65,33 +74,35 @@ class Mailbox:
     """
 
     def __init__(self, channel: Channel, name: str, handler: Handler | None = None,
-                 watch: bool = False) -> None:
+                 watch: bool = False, on_error: Callable[[BaseException], None] | None = None,
+                 max_requests: int = MAX_REQUESTS) -> None:
         self.channel = channel
         self.name = name
         self.handler = handler
+        self.max_requests = max_requests
+        self._on_error = on_error
         self._pending: dict[int, tuple[asyncio.Future[Message], bytes | None]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Background(f"mailbox {name}", on_error=self._loop_failed)
+        self._serving = 0  # requests whose handler runs now
+        self.busy_refused = 0  # requests refused `busy` because max_requests were in flight
         self._dead: dict[bytes | None, str] = {}  # route (None: the DEALER's peer) -> why
+        self._broken: str | None = None  # why the receive loop stopped, once it has
         self.peer_lost = asyncio.Event()  # set when the DEALER's peer is known dead
-        self._recv_task: asyncio.Task[None] | None = None
         self._watch = watch and channel.kind == "dealer"
         self._monitor: zmq.asyncio.Socket | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> Mailbox:
-        loop = asyncio.get_running_loop()
-        self._recv_task = loop.create_task(self._recv_loop(), name=f"mailbox {self.name}")
+        self._tasks.spawn(self._recv_loop(), "receive loop")
         if self._watch:
             self._monitor = self.channel.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            self._spawn(self._watch_loop())
+            self._tasks.spawn(self._watch_loop(), "connection monitor")
         return self
 
     def close(self, linger: float = 0.0) -> None:
         """Stop receiving, fail pending calls, close the socket. `linger` seconds let
         messages already queued (a last report) go out first; the default drops them."""
-        for task in [self._recv_task, *self._tasks]:
-            if task is not None:
-                task.cancel()
+        self._tasks.cancel()
         self._fail_all(None, ActorDiedError(f"{self.name}: mailbox closed"))
         if self._monitor is not None:
             self.channel.socket.disable_monitor()
@@ -100,6 +111,19 @@ class Mailbox:
             self.channel.socket.close(linger=int(linger * 1000))
         else:
             self.channel.close()
+
+    @property
+    def serving(self) -> int:
+        """Requests whose handler is running now."""
+        return self._serving
+
+    def _loop_failed(self, exc: BaseException) -> None:
+        # The receive loop (or the monitor) raised: no reply can arrive any more, so every
+        # call fails now, naming why, and the owner decides what that means for it.
+        self._broken = f"{self.name}: the mailbox's receive loop failed: {exc!r}"
+        self._fail_all(None, ActorDiedError(self._broken))
+        if self._on_error is not None:
+            self._on_error(exc)
 
     def peer_died(self, route: bytes | None, why: str) -> None:
         """Mark a peer dead: its pending calls fail now, later calls fail at once."""
@@ -121,29 +145,17 @@ class Mailbox:
         """Send a request and await its reply (an `error` reply raises)."""
         if to in self._dead:
             raise ActorDiedError(f"{self._dead[to]}; cannot ask {self._who(to)} for {what}")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Message] = loop.create_future()
+        if self._broken is not None:
+            raise ActorDiedError(f"{self._broken}; cannot ask {self._who(to)} for {what}")
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[msg.id] = (future, to)
-        # One timer for the send and the reply, cancelling this task when it fires (what
-        # asyncio.timeout does on 3.11+): no helper task per call, unlike wait_for.
-        task = asyncio.current_task()
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            if task is not None:
-                task.cancel()
-
-        timer = loop.call_later(timeout, expire)
+        # One deadline for the send and the reply. asyncio.timeout tells its own expiry
+        # from a cancellation of the caller that races it: a shutdown is never swallowed.
         try:
-            await self.channel.send(msg, to=to, wait_sent=False)
-            reply = await future
-        except asyncio.CancelledError:
-            if not expired:
-                raise
-            if task is not None and hasattr(task, "uncancel"):  # 3.11+: our cancel, consumed
-                task.uncancel()
+            async with asyncio.timeout(timeout):
+                await self.channel.send(msg, to=to, wait_sent=False)
+                reply = await future
+        except TimeoutError:
             at = "" if step is None else f" at step {step}"
             # A peer speaking another protocol version is refused, not answered: say so.
             refused = "" if not self.channel.refused else (
@@ -152,7 +164,6 @@ class Mailbox:
             raise WaitTimeout(f"{self._who(to)} did not answer {msg.type} ({what}){at} within "
                               f"{timeout:g} s{refused}") from None
         finally:
-            timer.cancel()
             self._pending.pop(msg.id, None)
         if reply.type == "error":
             text = (f"{self._who(to)} refused {msg.type} ({what}): [{reply['code']}] "
@@ -173,11 +184,6 @@ class Mailbox:
     def _who(self, route: bytes | None) -> str:
         return self.name if route is None else route.decode(errors="replace")
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _fail_all(self, route: bytes | None, exc: Exception) -> None:
         for future, to in list(self._pending.values()):
             if (route is None or to == route) and not future.done():
@@ -194,10 +200,30 @@ class Mailbox:
             elif msg.type == "error":
                 log.warning("runtime.unsolicited_error", mailbox=self.name,
                             code=msg["code"], message=msg["message"])
+            elif self._serving >= self.max_requests:
+                await self._refuse_busy(msg, route)
             else:
-                self._spawn(self._serve(msg, route))
+                self._serving += 1
+                self._tasks.spawn(self._serve(msg, route), msg.type)
+
+    async def _refuse_busy(self, msg: Message, route: bytes | None) -> None:
+        self.busy_refused += 1
+        if self.busy_refused & (self.busy_refused - 1) == 0:  # 1, 2, 4...: a flood can't flood
+            log.warning("runtime.busy", mailbox=self.name, serving=self._serving,
+                        refused=self.busy_refused)
+        answer = error_message(msg.id, "busy", f"{self.name} is serving {self._serving} "
+                                               f"requests, its limit (max_requests); retry later")
+        # Never parks the receive loop: a peer that does not read its refusals loses them.
+        with contextlib.suppress(ActorDiedError, WaitTimeout):
+            await self.channel.send(answer, to=route, wait_sent=False, timeout=0.0)
 
     async def _serve(self, msg: Message, route: bytes | None) -> None:
+        try:
+            await self._answer(msg, route)
+        finally:
+            self._serving -= 1
+
+    async def _answer(self, msg: Message, route: bytes | None) -> None:
         try:
             if self.handler is None:
                 raise Refusal("unsupported", f"{self.name} serves no requests")

@@ -126,3 +126,82 @@ async def test_a_dead_peer_fails_waiting_and_later_calls_at_once(pair):
     assert time.monotonic() - began < 2
     with pytest.raises(ActorDiedError):
         await cli.call(pull("a"), timeout=5, what="x")
+
+
+async def test_a_cancellation_racing_the_timeout_is_not_swallowed(pair):
+    """The caller is cancelled (a shutdown) in the same loop iteration as its call times
+    out: the cancellation wins; a WaitTimeout here would swallow the shutdown."""
+    _, cli, _ = pair
+    call = asyncio.ensure_future(cli.call(pull("slow"), timeout=0.05, what="x"))
+    await asyncio.sleep(0.01)  # the call is parked on its reply, its deadline armed
+    asyncio.get_running_loop().call_later(0.04, call.cancel)
+    time.sleep(0.1)  # both deadlines pass while the loop is blocked: both fire in one go
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert call.cancelled()
+
+
+async def test_a_failed_receive_loop_fails_calls_at_once_and_tells_the_owner():
+    ctx = zmq.asyncio.Context()
+    srv = Mailbox(open_channel(ctx, "router", bind="tcp://127.0.0.1:0"), "server",
+                  Server().handle).start()
+    channel = open_channel(ctx, "dealer", connect=srv.channel.endpoint)
+    failures = []
+    cli = Mailbox(channel, "ps 3", on_error=failures.append)
+    arrived = asyncio.Event()
+
+    async def broken_recv(timeout=None):
+        await arrived.wait()
+        raise RuntimeError("the socket broke")
+
+    channel.recv = broken_recv
+    cli.start()
+    try:
+        waiting = asyncio.ensure_future(cli.call(pull("a"), timeout=10, what="x"))
+        await asyncio.sleep(0.05)
+        began = time.monotonic()
+        arrived.set()
+        with pytest.raises(ActorDiedError, match="receive loop failed.*the socket broke"):
+            await waiting
+        assert time.monotonic() - began < 1
+        assert [repr(e) for e in failures] == ["RuntimeError('the socket broke')"]
+        with pytest.raises(ActorDiedError, match="the socket broke"):
+            await cli.call(pull("a"), timeout=10, what="x")
+    finally:
+        cli.close()
+        srv.close()
+        ctx.destroy(linger=0)
+
+
+async def test_requests_in_flight_are_bounded_and_the_rest_refused_busy():
+    ctx = zmq.asyncio.Context()
+    release = asyncio.Event()
+
+    async def hold(msg, route):
+        await release.wait()
+        return reply(msg, "params", version=1, params={})
+
+    srv = Mailbox(open_channel(ctx, "router", bind="tcp://127.0.0.1:0"), "server", hold,
+                  max_requests=5).start()
+    cli = Mailbox(open_channel(ctx, "dealer", connect=srv.channel.endpoint), "server").start()
+    try:
+        calls = [asyncio.ensure_future(cli.call(pull(str(i)), timeout=10, what="x"))
+                 for i in range(12)]
+        done, _ = await asyncio.wait(calls, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.sleep(0.2)  # every request has arrived
+        assert srv.serving == 5
+        busy = [c for c in calls if c.done()]
+        assert len(busy) == 7 and srv.busy_refused == 7
+        for c in busy:
+            with pytest.raises(Refused, match="max_requests") as info:
+                c.result()
+            assert info.value.code == "busy"
+        release.set()
+        answers = await asyncio.gather(*(c for c in calls if c not in busy))
+        assert [a.type for a in answers] == ["params"] * 5
+        assert srv.serving == 0
+        assert (await cli.call(pull("again"), timeout=5, what="x")).type == "params"
+    finally:
+        cli.close()
+        srv.close()
+        ctx.destroy(linger=0)
