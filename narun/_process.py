@@ -186,3 +186,12 @@ def blas_env(threads: int) -> dict[str, str]:
     """
     _check_threads(threads)
     return {name: str(threads) for name in _BLAS_ENV_VARS}
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size now (None where /proc is not available)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

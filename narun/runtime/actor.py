@@ -8,7 +8,9 @@ finish its step through `self.stopping`; without, it is cancelled), or at once w
 coordinator is gone (its connection drops, or it echoes no heartbeat for
 `heartbeat_timeout`: nobody needs this process then). SIGTERM makes the actor leave: `main`
 finishes its step and the process exits with EXIT_LEFT, which tells the coordinator to
-replace it (a planned leave, not a failure).
+replace it (a planned leave, not a failure). A background task of the actor (`self.tasks`,
+its mailboxes' receive loops) that fails unexpectedly fails the actor: `main` is cancelled
+and `run` raises that exception, so the process exits with an error the coordinator sees.
 
     class Echo(Actor):
         role = "trainer"
@@ -29,8 +31,10 @@ import uvloop
 import zmq.asyncio
 
 import narun
+from narun._process import rss_bytes
 from narun.errors import ActorDiedError
 from narun.runtime.mailbox import Mailbox, Refusal, new_id
+from narun.runtime.tasks import Background
 from protocol import Message, message, open_channel
 
 log = structlog.get_logger("narun.runtime")
@@ -56,7 +60,9 @@ class Actor:
         self.leaving = False  # set by SIGTERM: stop like a drain, exit EXIT_LEFT
         self.context: zmq.asyncio.Context | None = None
         self.control: Mailbox | None = None
+        self.tasks = Background(self.name, on_error=self.fail)
         self._main: asyncio.Task[Any] | None = None
+        self._failure: BaseException | None = None
 
     @property
     def name(self) -> str:
@@ -75,6 +81,14 @@ class Actor:
 
     async def teardown(self) -> None:
         """Runs after main, always (close what setup opened)."""
+
+    def fail(self, exc: BaseException) -> None:
+        """Something the actor relies on failed (a background task, a receive loop): stop
+        `main`; `run` raises `exc`."""
+        if self._failure is None:
+            self._failure = exc
+            if self._main is not None:
+                self._main.cancel()
 
     # -- handlers the runtime provides ------------------------------------------------
     async def on_shutdown(self, msg: Message, route: bytes | None) -> None:
@@ -102,7 +116,8 @@ class Actor:
             await self.setup()
             channel = open_channel(self.context, "dealer", connect=self.coordinator_endpoint,
                                    identity=identity)
-            self.control = Mailbox(channel, "coordinator", self._dispatch, watch=True).start()
+            self.control = Mailbox(channel, "coordinator", self._dispatch, watch=True,
+                                   on_error=self.fail).start()
             # Bounded like every wait: a wrong address, a closed port or a coordinator of
             # another protocol version fail here within seconds, named.
             await self.control.call(
@@ -110,23 +125,30 @@ class Actor:
                         software=narun.__version__),
                 timeout=self.heartbeat_timeout,
                 what=f"a welcome for {self.name} from {self.coordinator_endpoint}")
-            beats = asyncio.ensure_future(self._heartbeats())
-            self._main = asyncio.ensure_future(self.main())
+            beats = loop.create_task(self._heartbeats(), name=f"{self.name}: heartbeats")
+            self._main = loop.create_task(self.main(), name=f"{self.name}: main")
+            if self._failure is not None:  # a receive loop failed before main existed
+                self._main.cancel()
             try:
                 await asyncio.wait([self._main, beats], return_when=asyncio.FIRST_COMPLETED)
-                if beats.done():
+                if beats.done() and self._failure is None:
                     log.warning("actor.orphaned", role=self.role, rank=self.rank,
                                 reason=str(beats.exception()))
                     self._main.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await self._main
+                    await asyncio.wait([self._main])
+                    self._log_main_error()
                     return EXIT_ORPHANED
+                await asyncio.wait([self._main])
+                if self._failure is not None:
+                    self._log_main_error()
+                    raise self._failure
                 with contextlib.suppress(asyncio.CancelledError):
                     self._main.result()
                 return EXIT_LEFT if self.leaving else 0
             finally:
                 for task in (beats, self._main):
                     task.cancel()
+                self.tasks.cancel()
         finally:
             await self.teardown()
             if self.control is not None:
@@ -134,6 +156,13 @@ class Actor:
             self.context.destroy(linger=0)
             with contextlib.suppress(RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGTERM)
+
+    def _log_main_error(self) -> None:
+        # main's own error, when something else ends the actor: it must not vanish
+        assert self._main is not None
+        if not self._main.cancelled() and self._main.exception() is not None:
+            log.error("actor.main_failed", role=self.role, rank=self.rank,
+                      error=repr(self._main.exception()), exc_info=self._main.exception())
 
     def _leave(self) -> None:
         if not self.leaving:
@@ -149,28 +178,37 @@ class Actor:
         control = self.control
         loop = asyncio.get_running_loop()
         heard = loop.time()
-        pending: set[asyncio.Future[Any]] = set()
-        while not control.peer_lost.is_set():
-            beat = message("heartbeat", new_id(), role=self.role, rank=self.rank,
-                           step=self.step, time=time.time())
-            call = asyncio.ensure_future(control.call(
-                beat, timeout=self.heartbeat_timeout, what="the heartbeat echo"))
-            pending.add(call)
-            done = {c for c in pending if c.done()}
-            pending -= done
-            if any(not c.cancelled() and c.exception() is None for c in done):
+        calls: set[asyncio.Task[Any]] = set()
+
+        def echoed(call: asyncio.Task[Any]) -> None:
+            nonlocal heard
+            calls.discard(call)
+            if not call.cancelled() and call.exception() is None:
                 heard = loop.time()
-            if loop.time() - heard > self.heartbeat_timeout:
-                for c in pending:
-                    c.cancel()
-                raise ActorDiedError(f"the coordinator echoed no heartbeat for "
-                                     f"{loop.time() - heard:.1f} s (heartbeat_timeout "
-                                     f"{self.heartbeat_timeout:g} s)")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(control.peer_lost.wait(), self.heartbeat_interval)
-        for c in pending:
-            c.cancel()
-        raise ActorDiedError("the coordinator's connection dropped")
+
+        try:
+            while not control.peer_lost.is_set():
+                beat = message("heartbeat", new_id(), role=self.role, rank=self.rank,
+                               step=self.step, time=time.time())
+                # each echo awaited on its own: a slow one must not delay the next beat
+                call = loop.create_task(control.call(beat, timeout=self.heartbeat_timeout,
+                                                     what="the heartbeat echo"))
+                calls.add(call)
+                call.add_done_callback(echoed)
+                if loop.time() - heard > self.heartbeat_timeout:
+                    raise ActorDiedError(f"the coordinator echoed no heartbeat for "
+                                         f"{loop.time() - heard:.1f} s (heartbeat_timeout "
+                                         f"{self.heartbeat_timeout:g} s)")
+                # what an operator (and the soak test) watches for leaks: flat after warm-up
+                log.debug("actor.vitals", role=self.role, rank=self.rank, step=self.step,
+                          tasks=len(asyncio.all_tasks()), rss=rss_bytes())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.heartbeat_interval):
+                        await control.peer_lost.wait()
+            raise ActorDiedError("the coordinator's connection dropped")
+        finally:
+            for call in calls:
+                call.cancel()
 
 
 def run_actor(actor: Actor) -> int:

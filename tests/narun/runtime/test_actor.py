@@ -12,6 +12,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
+from structlog.testing import capture_logs
 
 from narun.errors import ConfigError, WaitTimeout
 from narun.events import JsonLinesReporter
@@ -98,6 +99,54 @@ async def test_an_actor_leaves_when_its_coordinator_stops_echoing(echo):
             began = time.monotonic()
             assert await actor.run() == EXIT_ORPHANED
             assert time.monotonic() - began < 3.0
+    finally:
+        fake.close()
+
+
+class WithWatchdog(Idle):
+    """Its background watchdog fails after a moment."""
+
+    async def main(self) -> None:
+        async def watchdog() -> None:
+            await asyncio.sleep(0.2)
+            raise KeyError("the watchdog's own bug")
+
+        self.tasks.spawn(watchdog(), "watchdog")
+        await asyncio.sleep(60)
+
+
+async def test_a_failed_background_task_fails_the_actor():
+    fake = FakeCoordinator()
+    actor = WithWatchdog(0, f"tcp://127.0.0.1:{fake.port}", heartbeat_interval=0.2,
+                         heartbeat_timeout=5.0)
+    try:
+        began = time.monotonic()
+        with capture_logs() as logs, pytest.raises(KeyError, match="the watchdog's own bug"):
+            await actor.run()
+        assert time.monotonic() - began < 3.0
+        failed = [e for e in logs if e["event"] == "runtime.task_failed"]
+        assert [e["task"] for e in failed] == ["trainer 0: watchdog"]
+    finally:
+        fake.close()
+
+
+class FailsWhenStopped(Idle):
+    async def main(self) -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise RuntimeError("could not save on the way out") from None
+
+
+async def test_an_orphaned_actor_logs_the_error_its_main_ended_with():
+    fake = FakeCoordinator(echo=False)
+    actor = FailsWhenStopped(0, f"tcp://127.0.0.1:{fake.port}", heartbeat_interval=0.2,
+                             heartbeat_timeout=1.0)
+    try:
+        with capture_logs() as logs:
+            assert await actor.run() == EXIT_ORPHANED
+        failed = [e for e in logs if e["event"] == "actor.main_failed"]
+        assert len(failed) == 1 and "could not save on the way out" in failed[0]["error"]
     finally:
         fake.close()
 
