@@ -32,6 +32,7 @@ import json
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,15 @@ from narun.runtime.launcher import Child, spawn
 from narun.runtime.mailbox import Mailbox, new_id
 from narun.runtime.spec import WorkerSpec, check_trainable_device
 from narun.runtime.supervision import Failure, StartupFailure, Supervisor
+from narun.runtime.tasks import Background
+from narun.runtime.waiting import Broadcast
 from narun.train import build_job, checkpoint_dir, resolve_resume, restore
 from protocol import Message, message, open_channel, reply
 
 log = structlog.get_logger("narun.runtime")
 
 STOP_GRACE = 5.0  # seconds a process gets to exit after `shutdown` before SIGKILL
+STAGING = ".shards"  # out_dir/STAGING/step-N: the shards' slices of a checkpoint being written
 
 
 class _Rollback(Exception):
@@ -104,7 +108,7 @@ class Coordinator:
         self._closing = False
         self._endpoint = ""
         self.control: Mailbox | None = None
-        self._progress = asyncio.Event()
+        self._changed = Broadcast()  # notified whenever what a wait of the job checks moves
         self._members_lock = asyncio.Lock()
         self._reset_generation()
 
@@ -113,7 +117,7 @@ class Coordinator:
         self.children: list[Child] = []  # the live incarnation of each role and rank
         self.shard_links: list[Mailbox] = []
         self.shard_endpoints: list[str] = []
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks = Background("coordinator", on_error=self._fail, expected=(_Rollback,))
         self._reports: dict[int, dict[int, Message]] = {}
         self._latest: dict[int, int] = {}  # trainer rank -> the last step it reported
         self._hello: set[int] = set()  # pids that joined
@@ -135,10 +139,14 @@ class Coordinator:
         context = zmq.asyncio.Context()
         loop = asyncio.get_running_loop()
         handled = _install_signals(loop, self._on_signal)
+        # Slices of checkpoints an earlier run did not finish (killed mid-checkpoint): they
+        # are nobody's now, and each is a full copy of the model's slice.
+        _clear_staging(self._staging())
         try:
             channel = _listen(context, self.cfg.runtime)
             self._endpoint = channel.endpoint
-            self.control = Mailbox(channel, "coordinator", self._handle).start()
+            self.control = Mailbox(channel, "coordinator", self._handle,
+                                   on_error=self._fail).start()
             self.reporter.start(self.cfg.training.steps, self.start)
             began = time.perf_counter()
             while True:
@@ -185,26 +193,29 @@ class Coordinator:
         except ActorDiedError:
             await self._started_dead(shards)
             raise
+        for c in shards:
+            self._tasks.spawn(c.forward_stdout(), f"{c.name}'s stdout")
         line = (json.dumps({"shard_endpoints": self.shard_endpoints}) + "\n").encode()
         for c in trainers:
             try:
                 await c.write_line(line)
             except ActorDiedError:
                 await self._started_dead([c])  # a replacement gets the endpoints in its spec
-        self._tasks.append(asyncio.ensure_future(self._watchdog()))
-        await self._wait_for(lambda: all(c.pid in self._hello for c in self.children), "hello",
-                             lambda: "hello from " + ", ".join(
-                                 c.name for c in self.children if c.pid not in self._hello))
+        self._tasks.spawn(self._watchdog(), "watchdog")
+        await self._until(lambda: all(c.pid in self._hello for c in self.children),
+                          lambda: "hello from " + ", ".join(
+                              c.name for c in self.children if c.pid not in self._hello))
         for k, ep in enumerate(self.shard_endpoints):
             ch = open_channel(context, "dealer", connect=ep, identity=b"coordinator")
-            self.shard_links.append(Mailbox(ch, f"ps {k}", watch=True).start())
+            self.shard_links.append(Mailbox(ch, f"ps {k}", watch=True,
+                                            on_error=self._fail).start())
 
     async def _started_dead(self, children: list[Child]) -> None:
         """One of `children` died starting: once _watch has judged it, raise what it
         decided (a misconfiguration fails the job; a killed shard rolls back; a killed
         trainer is being replaced, so this returns)."""
-        await self._wait_for(lambda: any(c.pid in self._exited for c in children),
-                             "a dead process's exit status", lambda: "its exit status")
+        await self._until(lambda: any(c.pid in self._exited for c in children),
+                          "a dead process's exit status")
         self._check()  # _watch judged it in the same step that recorded the exit
 
     async def _spawn(self, role: str, rank: int, spec: str) -> Child:
@@ -215,7 +226,7 @@ class Coordinator:
                             incarnation=incarnation)
         self.children = [c for c in self.children if c.identity != identity] + [child]
         self.pids.append(child.pid)
-        self._tasks.append(asyncio.ensure_future(self._watch(child)))
+        self._tasks.spawn(self._watch(child), f"watch {child.name} (pid {child.pid})")
         return child
 
     def live_children(self) -> list[Child]:
@@ -284,50 +295,64 @@ class Coordinator:
         return done
 
     # -- waiting -----------------------------------------------------------------------
-    async def _wait_for(self, ready: Any, what: str, missing: Any) -> None:
-        deadline = time.monotonic() + self.wait_timeout
-        while not ready():
+    async def _until(self, ready: Callable[[], bool], what: Callable[[], str] | str) -> None:
+        """Wait up to wait_timeout for `ready()`; a failure or rollback of the job ends the
+        wait at once (raised)."""
+        def checked() -> bool:
             self._check()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise WaitTimeout(f"coordinator waited {self.wait_timeout:g} s for "
-                                  f"{missing()} ({what})")
-            self._progress.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), left)
+            return ready()
+
+        await self._changed.wait_until(checked, timeout=self.wait_timeout, who="coordinator",
+                                       what=what)
 
     async def _wait_step(self, step: int) -> bool:
         """True once every trainer reported `step` (or a later one: a trainer catching up
         after a restart may skip steps); False when a drain stopped the trainers first."""
-        drain_deadline = None
         began = time.monotonic()
         while True:
-            self._check()
-            trainers = self._trainers()
-            # Finished trainers count with their last report: they may exit before this
-            # loop, busy with a checkpoint, has caught up with their reports. Dead ones count
-            # until runtime.rejoin_timeout: their replacements report where they stopped.
-            counted = [c for c in trainers if self._alive(c) or c.rank in self._away
-                       or self._exited.get(c.pid) == 0]
-            if counted and all(self._latest.get(c.rank, -1) >= step for c in counted):
-                return True
-            if self._draining is not None:
-                running = [c for c in trainers if c.pid not in self._exited]
-                if not running:
-                    return False
-                drain_deadline = drain_deadline or time.monotonic() + \
-                    self.cfg.runtime.heartbeat_timeout
-                if time.monotonic() > drain_deadline:  # stuck behind trainers that stopped
-                    await self._shutdown(running, "drain timed out", drain=False)
-                    drain_deadline = float("inf")
             # the clock restarts when a trainer is restarted or rejoins
-            if time.monotonic() > max(began, self._last_change) + self.wait_timeout:
-                got = sorted(r for r, s in self._latest.items() if s >= step)
-                raise WaitTimeout(f"coordinator waited {self.wait_timeout:g} s for step "
-                                  f"{step} from every trainer; reported: ranks {got}")
-            self._progress.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), 0.5)
+            deadline = max(began, self._last_change) + self.wait_timeout
+            try:
+                await self._changed.wait_until(
+                    lambda: self._check() or self._reported(step) or self._draining is not None,
+                    timeout=deadline - time.monotonic(), who="coordinator",
+                    what=lambda: f"step {step} from every trainer; reported: ranks "
+                                 f"{sorted(r for r, s in self._latest.items() if s >= step)}")
+            except WaitTimeout:
+                if max(began, self._last_change) + self.wait_timeout > time.monotonic():
+                    continue
+                raise
+            if self._reported(step):
+                return True
+            return await self._drain_step(step)
+
+    def _reported(self, step: int) -> bool:
+        # Finished trainers count with their last report: they may exit before this
+        # loop, busy with a checkpoint, has caught up with their reports. Dead ones count
+        # until runtime.rejoin_timeout: their replacements report where they stopped.
+        counted = [c for c in self._trainers() if self._alive(c) or c.rank in self._away
+                   or self._exited.get(c.pid) == 0]
+        return bool(counted) and all(self._latest.get(c.rank, -1) >= step for c in counted)
+
+    async def _drain_step(self, step: int) -> bool:
+        """Draining: the trainers finish their step and stop. True when they all reported
+        `step` first. Trainers still running after heartbeat_timeout are told to stop now."""
+        def stopped() -> bool:
+            self._check()
+            return self._reported(step) or all(c.pid in self._exited for c in self._trainers())
+
+        def running() -> str:
+            return ", ".join(c.name for c in self._trainers() if c.pid not in self._exited)
+
+        try:
+            await self._changed.wait_until(stopped, timeout=self.cfg.runtime.heartbeat_timeout,
+                                           who="coordinator", what=lambda: f"{running()} "
+                                           f"to finish step {step} and stop (draining)")
+        except WaitTimeout:  # stuck behind trainers that stopped stepping
+            await self._shutdown([c for c in self._trainers() if c.pid not in self._exited],
+                                 "drain timed out", drain=False)
+            await self._until(stopped, lambda: f"{running()} to stop (drain timed out)")
+        return self._reported(step)
 
     def _check(self) -> None:
         if self._failure is not None:
@@ -338,13 +363,13 @@ class Coordinator:
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None and not self._closing:
             self._failure = exc
-        self._progress.set()
+        self._changed.notify()
 
     # -- failures and restarts ---------------------------------------------------------
     async def _watch(self, child: Child) -> None:
         code = await child.wait()
         self._exited[child.pid] = code
-        self._progress.set()
+        self._changed.notify()
         if self.control is not None and self._current(child.identity) is child:
             self.control.peer_died(child.identity, f"{child.name} exited")
         if self._closing or self._ending:
@@ -370,21 +395,10 @@ class Coordinator:
         if child.role == "ps":
             self._roll_back_soon(child, reason, planned=False)
         else:
-            self._spawn_task(self._replace(child, reason))
+            self._tasks.spawn(self._replace(child, reason), f"replace {child.name}")
 
     def _current(self, identity: bytes) -> Child | None:
         return next((c for c in self.children if c.identity == identity), None)
-
-    def _spawn_task(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        task.add_done_callback(self._task_done)
-        self._tasks.append(task)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            if not isinstance(exc, _Rollback):  # that one is already on its way
-                self._fail(exc)  # type: ignore[arg-type]
 
     async def _replace(self, dead: Child, reason: str) -> None:
         """Start a new incarnation of a dead trainer. Steps wait for it (up to
@@ -395,8 +409,7 @@ class Coordinator:
             await asyncio.sleep(self.restart_delay)
         if self._ending or self._closing or self._draining is not None:
             return
-        await self._wait_for(lambda: bool(self.shard_endpoints), "the shards' endpoints",
-                             lambda: "the shards' endpoints")
+        await self._until(lambda: bool(self.shard_endpoints), "the shards' endpoints")
         start = self._latest.get(dead.rank, self.start)
         if dead.rank not in self._away:  # given up on: it joins at the current step
             start = max(start, self._completed)
@@ -415,7 +428,7 @@ class Coordinator:
             self._rollback = _Rollback(reason, child.role, child.rank, planned)
             if planned:
                 self._drain(f"{child.name} is leaving: checkpoint, then restart without it")
-        self._progress.set()
+        self._changed.notify()
 
     async def _roll_back(self, rollback: _Rollback) -> None:
         """Reload the newest good checkpoint (or the job's start) and start a generation."""
@@ -458,7 +471,8 @@ class Coordinator:
                                 waited=rt.rejoin_timeout)
                     if rank in self.members:
                         self.members.discard(rank)
-                        self._spawn_task(self._send_members())
+                        self._tasks.spawn(self._send_members(), f"send members (without {rank})")
+                    self._changed.notify()  # a step that waited only for it is complete
 
     async def _send_members(self) -> None:
         """Tell every shard whose pushes complete a ps-sync step."""
@@ -487,7 +501,7 @@ class Coordinator:
             self._last_step[route] = step
             if step > self._completed:
                 self._reports.setdefault(step, {})[rank] = msg
-            self._progress.set()
+            self._changed.notify()
         elif msg.type == "shutdown" and child is not None:  # a worker's own SIGTERM
             log.warning("coordinator.leave_requested", role=child.role, rank=child.rank,
                         reason=msg["reason"])
@@ -507,8 +521,12 @@ class Coordinator:
         if msg["role"] == "trainer" and rank not in self.members:
             self.members.add(rank)  # back after ps-sync went on without it: wait for it again
             log.warning("coordinator.rejoined", rank=rank, trainers=len(self.members))
-            await self._send_members()
-        self._progress.set()
+            # Not awaited: the hello that waits for this welcome is bounded by
+            # heartbeat_timeout, the shards' answers by wait_timeout. Until a shard has the
+            # new list it completes steps without waiting for this trainer, whose pushes it
+            # still averages in when they come before the others' (or answers them late).
+            self._tasks.spawn(self._send_members(), f"send members (trainer {rank} is back)")
+        self._changed.notify()
         return reply(msg, "welcome", role="coordinator", software=narun.__version__,
                      heartbeat_interval=self.cfg.runtime.heartbeat_interval)
 
@@ -523,8 +541,8 @@ class Coordinator:
         """Trainers finish their step and stop; the job then checkpoints."""
         if self._draining is None:
             self._draining = reason
-            self._spawn_task(self._shutdown(self._trainers(), reason, drain=True))
-        self._progress.set()
+            self._tasks.spawn(self._shutdown(self._trainers(), reason, drain=True), "drain")
+        self._changed.notify()
 
     # -- parameters, checkpoints -------------------------------------------------------
     async def _pull_model(self, step: int) -> None:
@@ -544,15 +562,22 @@ class Coordinator:
         """Every shard's slice of `step`, then one checkpoint written whole (manifest last):
         a checkpoint holds all slices of one step or does not exist."""
         assert self.control is not None
-        staging = Path(self.cfg.training.out_dir) / ".shards" / f"step-{step:06d}"
+        staging = self._staging(step)
         calls = [self.control.call(message("checkpoint", new_id(), step=step, path=str(staging)),
                                    to=c.identity, timeout=self.wait_timeout, step=step,
                                    what="its checkpoint slice")
                  for c in self.children if c.role == "ps"]
-        files = [Path(r["path"]) for r in await asyncio.gather(*calls)]
-        return await asyncio.to_thread(self._save, step, files, staging)
+        try:
+            files = [Path(r["path"]) for r in await asyncio.gather(*calls)]
+            return await asyncio.to_thread(self._save, step, files)
+        finally:  # written into the checkpoint, or of no use: a failed one is redone whole
+            await asyncio.to_thread(shutil.rmtree, staging, True)
 
-    def _save(self, step: int, files: list[Path], staging: Path) -> Path:
+    def _staging(self, step: int | None = None) -> Path:
+        root = Path(self.cfg.training.out_dir) / STAGING
+        return root if step is None else root / f"step-{step:06d}"
+
+    def _save(self, step: int, files: list[Path]) -> Path:
         job, cfg = self.job, self.cfg
         model_state, opt_state = assemble(self.plan, files, job.model, job.optimizer)
         self._load(model_state)
@@ -562,7 +587,6 @@ class Coordinator:
             extra["sampler"] = job.sampler.state_dict()
         path = save_checkpoint(checkpoint_dir(cfg), step, job.model.state_dict(), opt_state,
                                extra, keep=cfg.training.keep_checkpoints)
-        shutil.rmtree(staging, ignore_errors=True)
         return path
 
     # -- stopping ----------------------------------------------------------------------
@@ -577,10 +601,11 @@ class Coordinator:
                                                 drain=drain), to=c.identity, timeout=1.0)
 
     async def _end_generation(self) -> None:
-        """Stop every process of this generation and forget them."""
+        """Stop every process of this generation and forget them, and any checkpoint slices
+        they wrote that no checkpoint took (a shard may still write one after its
+        checkpoint request failed elsewhere)."""
         self._ending = True
-        for task in self._tasks:
-            task.cancel()
+        self._tasks.cancel()
         await self._shutdown(self.children, "job finished" if self._closing else
                              "restarting from a checkpoint", drain=False)
         await asyncio.gather(*(c.stop(STOP_GRACE) for c in self.children),
@@ -588,6 +613,13 @@ class Coordinator:
         for link in self.shard_links:
             link.close()
         self.shard_links = []
+        await asyncio.to_thread(_clear_staging, self._staging())
+
+
+def _clear_staging(root: Path) -> None:
+    """Remove every checkpoint's staged slices under `root` (the job's own files stay)."""
+    for staged in root.glob("step-*"):
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def _summary(reports: list[Message], speed_key: str, per_sample: int) -> dict[str, Any]:

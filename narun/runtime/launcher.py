@@ -82,6 +82,15 @@ class Child:
             raise ActorDiedError(f"{self.name} wrote {line[:200]!r} instead of its endpoint") \
                 from None
 
+    async def forward_stdout(self) -> None:
+        """Copy what the child writes to stdout after its endpoint line into its log, until
+        it exits: a pipe nobody reads fills (64 KiB), and a chatty child would block."""
+        assert self.proc.stdout is not None
+        with open(self.log_path, "ab") as log:
+            while chunk := await self.proc.stdout.read(1 << 16):
+                log.write(chunk)
+                log.flush()
+
     async def write_line(self, line: bytes) -> None:
         """Send one line to the child's stdin (trainers read the shard endpoints so)."""
         assert self.proc.stdin is not None
