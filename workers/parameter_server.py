@@ -13,7 +13,9 @@ exactly updating the whole parameters.
   values. Members are every trainer, less those the coordinator dropped (dead, and not back
   within runtime.rejoin_timeout): the mean over fewer pushes keeps the gradient's scale. A
   push for a step the bucket already completed (a restarted trainer catching up) gets the
-  current values back, unapplied.
+  current values back, unapplied. The values after an eval or checkpoint step are kept (a
+  snapshot) until the coordinator has taken them; at most MAX_SNAPSHOTS per bucket, so
+  trainers that run ahead of a slow coordinator wait instead of piling up copies.
 - ps-async: each push is applied at once; a push computed on a version more than
   `max_staleness` behind the bucket's is refused with `error` code `stale`. A trainer may
   also run at most `max_staleness` steps ahead of the slowest member (SSP's clock bound):
@@ -33,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,16 +44,20 @@ import numpy as np
 import structlog
 
 from narun import checkpoint as ckpt
-from narun.errors import WaitTimeout
 from narun.nn.utils import clip_coefficient
 from narun.runtime.buckets import Bucket
 from narun.runtime.mailbox import Mailbox, Refusal, new_id
 from narun.runtime.spec import WorkerSpec
+from narun.runtime.waiting import Broadcast
 from narun.tensor._tensor import Tensor
 from protocol import Message, message, open_channel, reply
 from workers._job import JobActor
 
 log = structlog.get_logger("workers.ps")
+
+#: Snapshots (a bucket's values after an eval or checkpoint step) a bucket keeps for the
+#: coordinator at most; a push that would make one more waits until it takes the oldest.
+MAX_SNAPSHOTS = 2
 
 
 @dataclass
@@ -72,7 +77,7 @@ class ShardBucket:
     held: np.ndarray | None = None
     sq: float = 0.0
     last_sq: float | None = None
-    moved: asyncio.Event = field(default_factory=asyncio.Event)  # set on assembly or apply
+    moved: Broadcast = field(default_factory=Broadcast)  # on assembly, apply, snapshot taken
     snapshots: dict[int, tuple[np.ndarray, list[dict[str, Any]]]] = field(default_factory=dict)
 
     def piece_states(self) -> list[dict[str, Any]]:
@@ -87,11 +92,7 @@ class ShardBucket:
         for t in self.pieces:
             t.grad = None
         self.version += 1
-        self.wake()
-
-    def wake(self) -> None:
-        self.moved.set()
-        self.moved = asyncio.Event()
+        self.moved.notify()
 
 
 class ParameterServer(JobActor):
@@ -106,10 +107,9 @@ class ParameterServer(JobActor):
         # ps-sync clips here, from the global norm the trainers send; ps-async trainers clip
         self.clip = (cfg.training.grad_clip or None) if self.mode == "ps-sync" else None
         self._clock: dict[int, int] = {}  # ps-async: trainer rank -> the step it pushes
-        self._paced = asyncio.Event()  # set (and replaced) when a clock or the members move
+        self._paced = Broadcast()  # when a trainer's clock or the members move
         self.max_staleness = cfg.runtime.max_staleness
         self.stopped = asyncio.Event()
-        self._asked_to_leave: asyncio.Future[None] | None = None  # our SIGTERM's request
         self.buckets = {b.key: self._make_bucket(b) for b in self.plan.shard_buckets(rank)}
         self._lrs: dict[int, list[float]] = {}
         t = cfg.training
@@ -146,7 +146,11 @@ class ParameterServer(JobActor):
     async def setup(self) -> None:
         assert self.context is not None
         channel = open_channel(self.context, "router", bind="tcp://127.0.0.1:0")
-        self.server = Mailbox(channel, f"ps {self.rank}", self._dispatch).start()
+        # In flight at once: a held push per trainer and bucket, a pull each, and twice
+        # that while a replaced trainer's pushes are still held beside its successor's.
+        bound = 2 * self.workers * (len(self.buckets) + 2) + 16
+        self.server = Mailbox(channel, f"ps {self.rank}", self._dispatch, on_error=self.fail,
+                              max_requests=max(bound, 1024)).start()
         # The coordinator reads this one line to learn where trainers connect.
         sys.stdout.write(json.dumps({"endpoint": channel.endpoint}) + "\n")
         sys.stdout.flush()
@@ -166,8 +170,9 @@ class ParameterServer(JobActor):
         # This shard's state exists nowhere else: keep serving, and ask the coordinator to
         # checkpoint the job and restart it without us (it stops us when done).
         assert self.control is not None
-        self._asked_to_leave = asyncio.ensure_future(self.control.send(message(
-            "shutdown", new_id(), reason=f"{self.name} got SIGTERM", drain=True)))
+        self.tasks.spawn(self.control.send(message(
+            "shutdown", new_id(), reason=f"{self.name} got SIGTERM", drain=True)),
+            "ask to leave")
 
     # -- the schedule ------------------------------------------------------------------
     def lrs_at(self, step: int) -> list[float]:
@@ -193,6 +198,7 @@ class ParameterServer(JobActor):
                 raise Refusal("protocol", f"ps {self.rank}: bucket {key} takes float32 "
                                           f"({b.bucket.size},), got {grad.dtype} {grad.shape}")
             if self.mode == "ps-sync":
+                await self._room_for_snapshot(b, msg["step"])
                 on_time = await self._push_sync(b, msg["step"], msg["rank"], grad)
                 if self.clip:
                     sq += self._sq_of(b, msg["step"])
@@ -226,9 +232,18 @@ class ParameterServer(JobActor):
         if self._complete(b):
             return True
         await self._wait_for(b, lambda: b.version > step or b.held is not None,
-                             f"the pushes of step {step} from trainer(s) "
-                             f"{sorted(self.members - set(b.pushes))}")
+                             lambda: f"the pushes of step {step} from trainer(s) "
+                                     f"{sorted(self.members - set(b.pushes))}")
         return True
+
+    async def _room_for_snapshot(self, b: ShardBucket, step: int) -> None:
+        """Hold a push of a step that ends in a snapshot while MAX_SNAPSHOTS wait for the
+        coordinator (it takes them as it evaluates and checkpoints)."""
+        if step + 1 not in self._snapshot_steps or step < b.version:
+            return
+        await self._wait_for(b, lambda: len(b.snapshots) < MAX_SNAPSHOTS,
+                             lambda: f"the coordinator to take the snapshots of steps "
+                                     f"{sorted(b.snapshots)} before step {step + 1}")
 
     def _complete(self, b: ShardBucket) -> bool:
         """Apply the mean of the held pushes once every member has pushed."""
@@ -248,7 +263,7 @@ class ParameterServer(JobActor):
             mean *= 1.0 / len(grads)
         if self.clip:
             b.held, b.sq = mean, float(np.dot(mean, mean))  # as clip_grad_norm_ sums
-            b.wake()
+            b.moved.notify()
         else:
             self._apply(b, mean, step)
         return True
@@ -302,24 +317,19 @@ class ParameterServer(JobActor):
         if step > self._clock.get(rank, self.start):
             self._clock[rank] = step
             self._wake_pacers()
-        deadline = time.monotonic() + self.spec.wait_timeout
-        while True:
-            behind = {r: self._clock.get(r, self.start) for r in self.members if r != rank}
-            slowest = min(behind.values(), default=step)
-            if step - slowest <= self.max_staleness:
-                return
-            try:
-                await asyncio.wait_for(self._paced.wait(), max(deadline - time.monotonic(), 0))
-            except TimeoutError:
-                raise WaitTimeout(
-                    f"ps {self.rank}: trainer {rank} at step {step} waited "
-                    f"{self.spec.wait_timeout:g} s for trainer(s) "
-                    f"{sorted(r for r, c in behind.items() if step - c > self.max_staleness)} "
-                    f"to come within runtime.max_staleness {self.max_staleness}") from None
+
+        def too_far_behind() -> list[int]:
+            return sorted(r for r in self.members if r != rank
+                          and step - self._clock.get(r, self.start) > self.max_staleness)
+
+        await self._paced.wait_until(
+            lambda: not too_far_behind(), timeout=self.spec.wait_timeout,
+            who=f"ps {self.rank}: trainer {rank} at step {step}",
+            what=lambda: f"trainer(s) {too_far_behind()} to come within "
+                         f"runtime.max_staleness {self.max_staleness}")
 
     def _wake_pacers(self) -> None:
-        self._paced.set()
-        self._paced = asyncio.Event()
+        self._paced.notify()
 
     def _push_async(self, b: ShardBucket, version: int, grad: np.ndarray) -> None:
         lag = b.version - version
@@ -336,8 +346,7 @@ class ParameterServer(JobActor):
         out, versions = {}, []
         for key in keys:
             b = self._bucket(key)
-            await self._wait_for(b, lambda b=b: b.version >= want,
-                                 f"version {want} of bucket {key}")
+            await self._wait_for(b, lambda b=b: b.version >= want, f"version {want}")
             snap = b.snapshots.get(want) if self.mode == "ps-sync" else None
             if snap is not None:
                 out[key], version = snap[0], want
@@ -349,16 +358,13 @@ class ParameterServer(JobActor):
             versions.append(version)
         return reply(msg, "params", version=min(versions), params=out)
 
-    async def _wait_for(self, b: ShardBucket, ready: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + self.spec.wait_timeout
-        while not ready():
-            left = deadline - time.monotonic()
-            try:
-                await asyncio.wait_for(b.moved.wait(), max(left, 0.0))
-            except TimeoutError:
-                raise WaitTimeout(f"ps {self.rank}: bucket {b.bucket.key} waited "
-                                  f"{self.spec.wait_timeout:g} s for {what}; it is at version "
-                                  f"{b.version}") from None
+    async def _wait_for(self, b: ShardBucket, ready: Callable[[], bool],
+                        what: Callable[[], str] | str) -> None:
+        def described() -> str:
+            return f"{what() if callable(what) else what}; it is at version {b.version}"
+
+        await b.moved.wait_until(ready, timeout=self.spec.wait_timeout,
+                                 who=f"ps {self.rank}: bucket {b.bucket.key}", what=described)
 
     def _is_checkpoint_step(self, step: int) -> bool:
         t = self.cfg.training
@@ -393,7 +399,7 @@ class ParameterServer(JobActor):
         arrays: dict[str, np.ndarray] = {}
         scalars: dict[str, list[dict[str, Any]]] = {}
         for key, b in self.buckets.items():
-            snap = b.snapshots.pop(step, None) if self.mode == "ps-sync" else None
+            snap = b.snapshots.get(step) if self.mode == "ps-sync" else None
             if snap is None:
                 if self.mode == "ps-sync" and b.version != step:
                     raise Refusal("not_found", f"ps {self.rank}: bucket {key} is at version "
@@ -419,6 +425,7 @@ def _drop_snapshots(b: ShardBucket, upto: int) -> None:
     """Forget the snapshots of versions before `upto` (the coordinator has used them)."""
     for v in [v for v in b.snapshots if v < upto]:
         del b.snapshots[v]
+    b.moved.notify()  # a push held for room may go on
 
 
 def _is_array(v: Any) -> bool:
