@@ -103,7 +103,8 @@ class Trainer(JobActor):
         for k, endpoint in enumerate(endpoints):
             channel = open_channel(self.context, "dealer", connect=endpoint,
                                    identity=f"trainer-{self.rank}".encode())
-            self.shards.append(Mailbox(channel, f"ps {k}", watch=True).start())
+            self.shards.append(Mailbox(channel, f"ps {k}", watch=True,
+                                       on_error=self.fail).start())
 
     async def teardown(self) -> None:
         for tasks in self._pushes:
