@@ -18,6 +18,7 @@ from narun.checkpoint._store import (
     list_checkpoints,
     load_checkpoint,
     prune,
+    read_manifest,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -25,6 +26,6 @@ from narun.errors import CheckpointError
 
 __all__ = [
     "FORMAT_VERSION", "Checkpoint", "CheckpointError", "TensorInfo", "latest_good",
-    "list_checkpoints", "load", "load_checkpoint", "prune", "read_header", "read_metadata",
-    "read_range", "save", "save_checkpoint", "verify_checkpoint",
+    "list_checkpoints", "load", "load_checkpoint", "prune", "read_header", "read_manifest",
+    "read_metadata", "read_range", "save", "save_checkpoint", "verify_checkpoint",
 ]

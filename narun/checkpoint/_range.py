@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,15 +78,18 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
 
 
 def read_range(path: str | os.PathLike[str], name: str, start: int = 0,
-               stop: int | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
+               stop: int | None = None, *, out: np.ndarray | None = None,
+               header: Mapping[str, TensorInfo] | None = None) -> np.ndarray:
     """Elements [start, stop) of tensor `name`, flattened in C order (stop None: to the
     end), read from the file without touching the other bytes of it.
 
     Returns a new 1-D array of the tensor's dtype, or fills `out` (a C-contiguous array of
     stop - start elements of that dtype, e.g. a view into a larger buffer) and returns it.
+    `header` (read_header's first value for this file) saves reading the header again when
+    reading many ranges of one file.
     """
     p = Path(path)
-    infos, _ = read_header(p)
+    infos = read_header(p)[0] if header is None else header
     info = infos.get(name)
     if info is None:
         shown = ", ".join(sorted(infos)[:8]) + (", ..." if len(infos) > 8 else "")

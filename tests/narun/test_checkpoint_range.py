@@ -62,6 +62,8 @@ def test_every_tensor_and_every_range_equals_safetensors_loader(stfile):
             got = read_range(stfile, name, int(start), int(stop))
             assert got.shape == (stop - start,) and got.dtype == want.dtype
             assert got.tobytes() == flat[start:stop].tobytes(), (name, start, stop)
+            again = read_range(stfile, name, int(start), int(stop), header=infos)
+            assert again.tobytes() == got.tobytes()
 
 
 def test_a_read_touches_no_byte_outside_its_range(stfile, monkeypatch):
