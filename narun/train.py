@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,26 +109,34 @@ def build_job(cfg: JobConfig) -> Job:
         val = ArrayDataset(cfg.data.path, names=("x", "y"),
                            val_fraction=cfg.data.val_fraction, split="val")
         sampler = ShardedSampler(len(train), t.batch_size, seed=t.seed, drop_last=True)
-    opt = make_optimizer(model, cfg)
-    warmup = t.warmup_steps
-    if warmup > t.steps:
-        log.warning("warmup_clamped", warmup_steps=warmup, steps=t.steps,
-                    reason="training.warmup_steps exceeds training.steps")
-        warmup = t.steps
-    sched = optim.lr_scheduler.build_scheduler(t.schedule, opt, warmup, t.steps)
-    return Job(cfg, model, opt, sched, train, val, sampler)
+    opt = make_optimizer(model.parameters(), cfg)
+    return Job(cfg, model, opt, make_scheduler(opt, cfg), train, val, sampler)
 
 
-def make_optimizer(model: Any, cfg: JobConfig) -> Any:
-    """The configured optimizer; weight decay only on matrices (not biases, norms), as GPT-2."""
+def make_optimizer(params: Iterable[Any], cfg: JobConfig) -> Any:
+    """The configured optimizer over `params` (a model's, in model order); weight decay only
+    on matrices (not biases, norms), as GPT-2. Only the parameters' shapes decide the groups,
+    so a parameter-server shard builds the same groups over shape-only stand-ins."""
     t = cfg.training
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    params = list(params)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     classes = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW, "lion": optim.Lion}
     return classes[t.optimizer](groups, lr=t.lr)
+
+
+def make_scheduler(optimizer: Any, cfg: JobConfig) -> Any:
+    """The configured LR schedule of `optimizer` (sets its groups' lr for step 0)."""
+    t = cfg.training
+    warmup = t.warmup_steps
+    if warmup > t.steps:
+        log.warning("warmup_clamped", warmup_steps=warmup, steps=t.steps,
+                    reason="training.warmup_steps exceeds training.steps")
+        warmup = t.steps
+    return optim.lr_scheduler.build_scheduler(t.schedule, optimizer, warmup, t.steps)
 
 
 class _StopFlag:

@@ -1,18 +1,15 @@
-"""What every process of a data-parallel job has: the job built from its spec."""
+"""What every process of a data-parallel job has: its spec and the job's config."""
 
 from __future__ import annotations
 
 from narun.runtime.actor import Actor
-from narun.runtime.buckets import plan_for
 from narun.runtime.spec import WorkerSpec
-from narun.train import build_job, restore
 
 
 class JobActor(Actor):
-    """An actor of a data-parallel job. The job (model, data, optimizer, schedule) is built
-    from the spec's config, seeded, so every process starts from the same parameters; it is
-    restored from `spec.resume` when given; `plan` cuts its parameters into buckets the same
-    way in every process."""
+    """An actor of a data-parallel job. A trainer builds the whole job from `cfg`; a shard
+    only what its slice needs (narun.runtime.shard_start). Both cut the parameters into
+    the same buckets, since both plan from the same names and shapes in model order."""
 
     def __init__(self, rank: int, spec: WorkerSpec) -> None:
         cfg = spec.job_config()
@@ -20,6 +17,3 @@ class JobActor(Actor):
                          cfg.runtime.heartbeat_timeout)
         self.spec = spec
         self.cfg = cfg
-        self.job = build_job(cfg)
-        self.start = restore(self.job, spec.resume) if spec.resume else 0
-        self.plan = plan_for(self.job.model, cfg.runtime.ps_shards, spec.bucket_bytes)

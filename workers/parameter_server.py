@@ -1,12 +1,15 @@
 """A parameter-server shard: its buckets of the flat parameters, their optimizer state, and
 the optimizer itself.
 
-The shard builds the job from the config (seeded, so every process starts from the same
-parameters), restores a checkpoint when resuming, and keeps the buckets the plan assigns to
-it (narun.runtime.buckets). Each bucket has an optimizer of the job's class over "pieces":
-flat views of the bucket, one per parameter part, grouped like the job's optimizer (weight
-decay on matrices only). Element-wise optimizers act per element, so updating pieces is
-exactly updating the whole parameters.
+The shard never builds the model or the dataset: it holds only the buckets the plan assigns
+to it (narun.runtime.buckets), reads their starting values (and, resuming, their optimizer
+state) as byte ranges of the coordinator's initial-state file or of the checkpoint, and
+takes the optimizer's groups and the LR schedule from an outline of the job over the
+parameters' shapes (narun.runtime.shard_start), so its memory follows its slice. Each
+bucket has an optimizer of the job's class over "pieces": flat views of the bucket, one per
+parameter part, grouped like the job's optimizer (weight decay on matrices only).
+Element-wise optimizers act per element, so updating pieces is exactly updating the whole
+parameters.
 
 - ps-sync: the pushes of step t for a bucket are held until every member trainer has
   pushed it; then the mean of the pushes is applied once and every pusher gets the new
@@ -44,9 +47,11 @@ import numpy as np
 import structlog
 
 from narun import checkpoint as ckpt
+from narun.errors import ConfigError
 from narun.nn.utils import clip_coefficient
 from narun.runtime.buckets import Bucket
 from narun.runtime.mailbox import Mailbox, Refusal, new_id
+from narun.runtime.shard_start import job_outline
 from narun.runtime.spec import WorkerSpec
 from narun.runtime.waiting import Broadcast
 from narun.tensor._tensor import Tensor
@@ -101,6 +106,13 @@ class ParameterServer(JobActor):
     def __init__(self, rank: int, spec: WorkerSpec) -> None:
         super().__init__(rank, spec)
         cfg = self.cfg
+        if spec.init_state is None:
+            raise ConfigError(f"worker spec of ps {rank}: init_state is missing; a shard "
+                              f"starts from the coordinator's initial-state file "
+                              f"(narun.runtime.shard_start.write_init_state)")
+        self.outline = job_outline(cfg, spec.init_state, spec.resume)
+        self.start = self.outline.start
+        self.plan = self.outline.plan(cfg.runtime.ps_shards, spec.bucket_bytes)
         self.mode = cfg.runtime.mode
         self.workers = cfg.runtime.workers
         self.members = set(range(self.workers))  # whose pushes complete a ps-sync step
@@ -120,20 +132,18 @@ class ParameterServer(JobActor):
         self.server: Mailbox | None = None
 
     def _make_bucket(self, bucket: Bucket) -> ShardBucket:
-        params = list(self.job.model.parameters())
-        full = self.job.optimizer
+        job = self.outline
+        full = job.optimizer
         group_index = {id(p): gi for gi, g in enumerate(full.param_groups) for p in g["params"]}
         w = np.empty(bucket.size, np.float32)
         groups: dict[int, list[Tensor]] = {}
         pieces, states = [], []
         for piece in bucket.pieces:
-            p = params[piece.index]
-            w[piece.offset:piece.offset + piece.size] = p.data.reshape(-1)[piece.start:piece.stop]
-            t = Tensor._wrap(w[piece.offset:piece.offset + piece.size])
+            t = Tensor._wrap(job.read_values(piece, w[piece.offset:piece.offset + piece.size]))
             t.requires_grad = True
-            groups.setdefault(group_index[id(p)], []).append(t)
+            groups.setdefault(group_index[id(job.params[piece.index])], []).append(t)
             pieces.append(t)
-            states.append(_slice_state(full.state.get(p, {}), p.shape, piece.start, piece.stop))
+            states.append(job.read_state(piece))
         order = sorted(groups)
         opt = type(full)([{**{k: v for k, v in full.param_groups[gi].items() if k != "params"},
                            "params": groups[gi]} for gi in order])
@@ -178,12 +188,12 @@ class ParameterServer(JobActor):
     def lrs_at(self, step: int) -> list[float]:
         """The lr of each job optimizer group at `step`, from the job's own scheduler."""
         if step not in self._lrs:
-            sched = self.job.scheduler
+            sched, groups = self.outline.scheduler, self.outline.optimizer.param_groups
             while sched.last_epoch < step:
                 sched.step()
-                self._lrs[sched.last_epoch] = [g["lr"] for g in self.job.optimizer.param_groups]
+                self._lrs[sched.last_epoch] = [g["lr"] for g in groups]
             if step not in self._lrs:  # before the schedule's position: not reachable
-                self._lrs[step] = [g["lr"] for g in self.job.optimizer.param_groups]
+                self._lrs[step] = [g["lr"] for g in groups]
         return self._lrs[step]
 
     # -- trainers' requests ------------------------------------------------------------
@@ -434,15 +444,3 @@ def _is_array(v: Any) -> bool:
 
 def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.copy() if _is_array(v) else v) for k, v in state.items()}
-
-
-def _slice_state(state: dict[str, Any], shape: tuple[int, ...], start: int,
-                 stop: int) -> dict[str, Any]:
-    """A parameter's optimizer state cut to its flat range [start, stop)."""
-    out = {}
-    for k, v in state.items():
-        if hasattr(v, "shape") and tuple(v.shape) == tuple(shape):
-            out[k] = np.array(np.asarray(v).reshape(-1)[start:stop], dtype=np.float32)
-        else:
-            out[k] = v
-    return out

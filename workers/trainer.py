@@ -44,10 +44,11 @@ import structlog
 
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
 from narun.nn.utils import clip_grad_norm_
-from narun.runtime.buckets import pack, unpack
+from narun.runtime.buckets import pack, plan_for, unpack
 from narun.runtime.mailbox import Mailbox, Refused, new_id
 from narun.runtime.spec import WorkerSpec
 from narun.tensor._backend import get_array_module
+from narun.train import build_job, restore
 from protocol import Message, message, open_channel
 from workers._job import JobActor
 from workers.executor import CpuExecutor, make_executor, training_device
@@ -63,6 +64,11 @@ class Trainer(JobActor):
     def __init__(self, rank: int, spec: WorkerSpec) -> None:
         super().__init__(rank, spec)
         rt, t = self.cfg.runtime, self.cfg.training
+        # The whole job, seeded like every process's; its values are replaced by the
+        # shards' before the first step.
+        self.job = build_job(self.cfg)
+        self.start = restore(self.job, spec.resume) if spec.resume else 0
+        self.plan = plan_for(self.job.model, rt.ps_shards, spec.bucket_bytes)
         self.world = rt.workers
         self.sync = rt.mode == "ps-sync"
         self.clip = t.grad_clip or None

@@ -5,10 +5,12 @@
     >>> ckpt = load_checkpoint(latest_good("runs/x/checkpoints"))                 # doctest: +SKIP
 
 `save` / `load` (re-exported as `narun.save` / `narun.load`) write and read one state dict
-as one .safetensors file. Nothing is ever pickled.
+as one .safetensors file; `read_range` reads part of one tensor of such a file without the
+rest. Nothing is ever pickled.
 """
 
 from narun.checkpoint._file import load, read_metadata, save
+from narun.checkpoint._range import TensorInfo, read_header, read_range
 from narun.checkpoint._store import (
     FORMAT_VERSION,
     Checkpoint,
@@ -16,13 +18,14 @@ from narun.checkpoint._store import (
     list_checkpoints,
     load_checkpoint,
     prune,
+    read_manifest,
     save_checkpoint,
     verify_checkpoint,
 )
 from narun.errors import CheckpointError
 
 __all__ = [
-    "FORMAT_VERSION", "Checkpoint", "CheckpointError", "latest_good", "list_checkpoints",
-    "load", "load_checkpoint", "prune", "read_metadata", "save", "save_checkpoint",
-    "verify_checkpoint",
+    "FORMAT_VERSION", "Checkpoint", "CheckpointError", "TensorInfo", "latest_good",
+    "list_checkpoints", "load", "load_checkpoint", "prune", "read_header", "read_manifest",
+    "read_metadata", "read_range", "save", "save_checkpoint", "verify_checkpoint",
 ]

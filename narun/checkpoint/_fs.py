@@ -58,9 +58,16 @@ _TEMP = re.compile(r"\.(?:tmp|old)-(\w+)-(\d+)")
 def is_stale_temp(name: str) -> bool:
     """True for a temp entry written on this host by a process that no longer exists."""
     m = _TEMP.search(name)
-    if m is None or m.end() != len(name) or m.group(1) != temp_tag().split("-")[1]:
+    if m is None or m.end() != len(name):
         return False
-    pid = int(m.group(2))
+    return writer_is_gone(m.group(1), int(m.group(2)))
+
+
+def writer_is_gone(host: str, pid: int) -> bool:
+    """True when (host, pid), as `temp_tag` wrote them, name a process of this host that no
+    longer exists (another host's processes cannot be checked: False)."""
+    if host != temp_tag().split("-")[1]:
+        return False
     if pid == os.getpid():
         return False
     try:

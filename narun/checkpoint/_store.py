@@ -119,6 +119,26 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of the checkpoint at `path`, after checking its own checksum and the
     size and SHA-256 of every file it lists; CheckpointError naming the bad file otherwise."""
     p = Path(path)
+    manifest = read_manifest(p)
+    for fname, info in manifest["files"].items():
+        fpath = p / fname
+        if not fpath.is_file():
+            raise CheckpointError(f"{fpath}: missing (listed in {MANIFEST})")
+        sha, size = file_digest(fpath)
+        if size != info["size"]:
+            raise CheckpointError(f"{fpath}: truncated or overwritten: expected {info['size']} "
+                                  f"bytes, got {size}")
+        if sha != info["sha256"]:
+            raise CheckpointError(f"{fpath}: checksum mismatch: expected sha256 "
+                                  f"{info['sha256'][:16]}..., got {sha[:16]}...; corrupted")
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of the checkpoint at `path`, after checking the manifest alone (format,
+    version, its own checksum, its step and file names), without hashing the files it lists:
+    for a reader of a few byte ranges of a checkpoint that was verified whole already."""
+    p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: no such checkpoint directory")
     mpath = p / MANIFEST
@@ -142,19 +162,9 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if m is not None and int(m.group(1)) != manifest.get("step"):
         raise CheckpointError(f"{mpath}: records step {manifest.get('step')!r} but the "
                               f"directory is named {p.name}")
-    for fname, info in manifest["files"].items():
-        fpath = p / fname
+    for fname in manifest["files"]:
         if Path(fname).name != fname:
             raise CheckpointError(f"{mpath}: file name {fname!r} points outside the checkpoint")
-        if not fpath.is_file():
-            raise CheckpointError(f"{fpath}: missing (listed in {MANIFEST})")
-        sha, size = file_digest(fpath)
-        if size != info["size"]:
-            raise CheckpointError(f"{fpath}: truncated or overwritten: expected {info['size']} "
-                                  f"bytes, got {size}")
-        if sha != info["sha256"]:
-            raise CheckpointError(f"{fpath}: checksum mismatch: expected sha256 "
-                                  f"{info['sha256'][:16]}..., got {sha[:16]}...; corrupted")
     return manifest
 
 

@@ -51,6 +51,7 @@ from narun.runtime.assemble import assemble
 from narun.runtime.buckets import BUCKET_BYTES, join, plan_for
 from narun.runtime.launcher import Child, spawn
 from narun.runtime.mailbox import Mailbox, new_id
+from narun.runtime.shard_start import remove_init_state, write_init_state
 from narun.runtime.spec import WorkerSpec, check_trainable_device
 from narun.runtime.supervision import Failure, StartupFailure, Supervisor
 from narun.runtime.tasks import Background
@@ -109,6 +110,7 @@ class Coordinator:
         self._endpoint = ""
         self.control: Mailbox | None = None
         self._changed = Broadcast()  # notified whenever what a wait of the job checks moves
+        self.init_state: Path | None = None  # narun.runtime.shard_start's file, while running
         self._members_lock = asyncio.Lock()
         self._reset_generation()
 
@@ -147,6 +149,11 @@ class Coordinator:
             self._endpoint = channel.endpoint
             self.control = Mailbox(channel, "coordinator", self._handle,
                                    on_error=self._fail).start()
+            # Once per run, for every generation's shards: the layout, and a fresh start's
+            # values, which a rollback before the first checkpoint starts from again.
+            self.init_state = await asyncio.to_thread(
+                write_init_state, self.job.model, self.cfg.training.out_dir,
+                values=self.first_resume is None)
             self.reporter.start(self.cfg.training.steps, self.start)
             began = time.perf_counter()
             while True:
@@ -168,6 +175,8 @@ class Coordinator:
             await self._end_generation()
             if self.control is not None:
                 self.control.close()
+            if self.init_state is not None:  # every process of the run has stopped
+                remove_init_state(self.init_state)
             context.destroy(linger=0)
             for sig in handled:
                 loop.remove_signal_handler(sig)
@@ -177,7 +186,8 @@ class Coordinator:
             config=to_dict(self.cfg), coordinator=self._endpoint,
             bucket_bytes=self.bucket_bytes, wait_timeout=self.wait_timeout,
             resume=str(self.resume) if self.resume else None, delays=self.delays,
-            stop_at=self.stop_at)
+            stop_at=self.stop_at,
+            init_state=str(self.init_state) if self.init_state else None)
         return WorkerSpec(**{**fields, **changes})
 
     async def _start_processes(self, context: zmq.asyncio.Context) -> None:

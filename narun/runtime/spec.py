@@ -1,7 +1,9 @@
 """What the coordinator tells each process it starts: plain data, as JSON on the command line.
 
-Nothing crosses a process boundary pickled: the job config travels as `to_dict(config)`,
-and each process rebuilds the model, data and optimizer from it (seeded, so identically).
+Nothing crosses a process boundary pickled: the job config travels as `to_dict(config)`;
+each trainer rebuilds the model, data and optimizer from it (seeded, so identically), and
+each shard only the optimizer and schedule, over the parameters' shapes, reading its slice
+of the values from the coordinator's initial-state file or the checkpoint it resumes from.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ class WorkerSpec:
     wait_timeout: float  # seconds any one wait may take before WaitTimeout
     shard_endpoints: list[str] = field(default_factory=list)  # trainers only
     resume: str | None = None  # checkpoint directory to start from
+    # shards: the coordinator's initial-state file (narun.runtime.shard_start): the
+    # parameters' names and shapes, and their initial values when the job started fresh
+    init_state: str | None = None
     start_step: int | None = None  # ps-async: where a restarted trainer picks up
     stop_at: int | None = None  # the last step of this run, when before training.steps
     blas_threads: int | None = 1

@@ -10,7 +10,9 @@ import pytest
 
 from narun.config import to_dict
 from narun.runtime.mailbox import Refusal
+from narun.runtime.shard_start import write_init_state
 from narun.runtime.spec import WorkerSpec
+from narun.train import build_job
 from protocol import message
 from tests.integration.conftest import mlp_config
 from workers.parameter_server import ParameterServer
@@ -24,8 +26,9 @@ def shard(blobs, tmp_path, grad_clip=CLIP) -> ParameterServer:
     cfg = mlp_config(blobs, tmp_path, "ps-sync", workers=2, shards=1, optimizer="sgd", lr=LR,
                      weight_decay=0.0, schedule="constant", warmup_steps=0,
                      grad_clip=grad_clip)
+    init = write_init_state(build_job(cfg).model, tmp_path, values=True)
     spec = WorkerSpec(to_dict(cfg), coordinator="tcp://127.0.0.1:9", bucket_bytes=1 << 20,
-                      wait_timeout=5.0)
+                      wait_timeout=5.0, init_state=str(init))
     return ParameterServer(0, spec)
 
 

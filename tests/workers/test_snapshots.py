@@ -11,7 +11,9 @@ import pytest
 
 from narun.config import to_dict
 from narun.errors import WaitTimeout
+from narun.runtime.shard_start import write_init_state
 from narun.runtime.spec import WorkerSpec
+from narun.train import build_job
 from protocol import message
 from tests.integration.conftest import mlp_config
 from workers.parameter_server import MAX_SNAPSHOTS, ParameterServer
@@ -20,8 +22,9 @@ from workers.parameter_server import MAX_SNAPSHOTS, ParameterServer
 def shard(blobs, tmp_path, wait_timeout=5.0) -> ParameterServer:
     """Shard 0 of 1 (one bucket) for 2 trainers; every step is an eval step."""
     cfg = mlp_config(blobs, tmp_path, "ps-sync", workers=2, shards=1, steps=50, eval_every=1)
+    init = write_init_state(build_job(cfg).model, tmp_path, values=True)
     spec = WorkerSpec(to_dict(cfg), coordinator="tcp://127.0.0.1:9", bucket_bytes=1 << 20,
-                      wait_timeout=wait_timeout)
+                      wait_timeout=wait_timeout, init_state=str(init))
     return ParameterServer(0, spec)
 
 
