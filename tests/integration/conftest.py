@@ -79,6 +79,21 @@ class Faults(JsonLinesReporter):
         return [f for e, f in self.events if e == kind]
 
 
+class Recorder(Coordinator):
+    """A coordinator that keeps (rank, step, pid) of every step_done in the order it
+    receives them (pid tells a restarted trainer from its predecessor)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reports: list[tuple[int, int, int]] = []
+
+    async def _handle(self, msg: Any, route: bytes | None) -> Any:
+        if msg.type == "step_done":
+            child = self._current(route) if route is not None else None
+            self.reports.append((msg["rank"], msg["step"], child.pid if child else -1))
+        return await super()._handle(msg, route)
+
+
 def gpu_count() -> int:
     try:
         import cupy

@@ -13,20 +13,7 @@ from narun.checkpoint import load_checkpoint
 from narun.config import config_from_dict, to_dict
 from narun.events import JsonLinesReporter
 from narun.runtime import Coordinator
-from tests.integration.conftest import assert_all_gone
-
-
-class Recorder(Coordinator):
-    """Keeps (rank, step) of every step_done in the order the coordinator receives them."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reports: list[tuple[int, int]] = []
-
-    async def _handle(self, msg, route):
-        if msg.type == "step_done":
-            self.reports.append((msg["rank"], msg["step"]))
-        return await super()._handle(msg, route)
+from tests.integration.conftest import Recorder, assert_all_gone
 
 
 def run(cfg, coordinator_class=Coordinator, **options):
@@ -113,7 +100,7 @@ def test_ps_async_keeps_every_trainer_within_max_staleness_of_the_slowest(make_c
     assert done["step"] == 12 and not done["interrupted"]
     latest = {0: 0, 1: 0}
     spreads = []
-    for rank, step in coordinator.reports:
+    for rank, step, _pid in coordinator.reports:
         latest[rank] = max(latest[rank], step)
         spreads.append(max(latest.values()) - min(latest.values()))
     assert max(spreads) == staleness + 1, (max(spreads), coordinator.reports)
