@@ -64,6 +64,7 @@ class Faults(JsonLinesReporter):
         self.plan = dict(plan)
         self.events: list[tuple[str, dict]] = []
         self.coordinator: Coordinator | None = None
+        self.signalled: list[tuple[str, int, int, int]] = []  # (role, rank, pid, at step)
 
     def emit(self, event: str, **fields) -> None:
         super().emit(event, **fields)
@@ -73,6 +74,7 @@ class Faults(JsonLinesReporter):
             assert self.coordinator is not None
             child = next(c for c in self.coordinator.children
                          if (c.role, c.rank) == (role, rank))
+            self.signalled.append((role, rank, child.pid, fields["step"]))
             os.kill(child.pid, sig)
 
     def of(self, kind: str) -> list[dict]:

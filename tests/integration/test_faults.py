@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from functools import partial
 
 import pytest
 import uvloop
+from structlog.testing import capture_logs
 
 from narun.checkpoint import latest_good, verify_checkpoint
 from narun.runtime.supervision import RestartBudgetExhausted
@@ -203,6 +205,41 @@ def test_a_trainer_back_after_rejoin_timeout_is_waited_for_again(make_config, tm
                  .read_text().splitlines() if x.startswith("{")]
         members = [x["members"] for x in lines if x.get("event") == "ps.members"]
         assert members == [[0], [0, 1]], (k, lines)
+
+
+@pytest.mark.timeout(60)
+def test_each_death_is_logged_with_who_where_and_when_and_every_log_is_kept(make_config,
+                                                                          tmp_path):
+    """README: the coordinator logs a dead worker's role, rank, host, pid and last step;
+    each process's stderr is in out_dir/logs, `trainer-1.log`, then `trainer-1.1.log` for
+    its replacement. Trainer 1 is killed after step 4, its replacement after step 12, one
+    failure past max_restarts 1. Each was killed once the coordinator had its report of
+    that step, and its last step is one it reported."""
+    cfg = job(make_config, "ps-sync", "run", max_restarts=1)
+    reporter = Faults({4: ("trainer", 1, signal.SIGKILL), 12: ("trainer", 1, signal.SIGKILL)})
+    coordinator = Recorder(cfg, reporter, wait_timeout=30.0, delays=DELAYS)
+    reporter.coordinator = coordinator
+    try:
+        with capture_logs() as logs, pytest.raises(RestartBudgetExhausted) as info:
+            uvloop.run(coordinator.run())
+    finally:
+        assert_all_gone(coordinator.pids)
+    logs_dir = tmp_path / "run" / "logs"
+    assert sorted(p.name for p in logs_dir.iterdir()) == [
+        "ps-0.log", "ps-1.log", "trainer-0.log", "trainer-1.1.log", "trainer-1.log"]
+    dead = [e for e in logs if e["event"] == "actor.dead"]
+    assert len(dead) == 2 == len(reporter.signalled), (dead, reporter.signalled)
+    text = str(info.value)
+    for n, (entry, (role, rank, pid, at), name) in enumerate(
+            zip(dead, reporter.signalled, ["trainer-1.log", "trainer-1.1.log"]), 1):
+        reported = [step for r, step, p in coordinator.reports if p == pid]
+        assert entry["log_level"] == "warning"
+        assert (entry["role"], entry["rank"], entry["pid"], entry["host"]) == \
+            (role, rank, pid, socket.gethostname()), entry
+        assert entry["last_step"] in reported and entry["last_step"] >= at, (entry, reported)
+        assert entry["reason"] == "was killed by signal 9", entry
+        assert (f"  {n}. trainer 1 (pid {pid} on {socket.gethostname()}) was killed by "
+                f"signal 9 at step {entry['last_step']}; log {logs_dir / name}") in text, text
 
 
 @pytest.mark.timeout(60)
