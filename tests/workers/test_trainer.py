@@ -83,3 +83,30 @@ def test_buckets_are_pushed_while_backward_runs(blobs, tmp_path, monkeypatch, mo
         final = pack(trainer.plan.buckets[b], grads, np.empty_like(sent))
         np.testing.assert_array_equal(sent, final, err_msg=f"bucket {b} pushed {sent} "
                                                            f"but its gradient is {final}")
+
+
+@pytest.mark.parametrize("grad_accum", [2, 3])
+def test_accumulated_micro_batches_give_the_local_batchs_gradient(blobs, tmp_path, grad_accum):
+    """The gradient a trainer pushes after grad_accum micro-batches is the gradient of the
+    mean loss over its whole share of the batch (6 samples of 12), to float32 rounding."""
+    cfg = mlp_config(blobs, tmp_path, "ps-sync", workers=2, shards=2, grad_accum=grad_accum)
+    spec = WorkerSpec(to_dict(cfg), coordinator="tcp://127.0.0.1:9", bucket_bytes=512,
+                      wait_timeout=5.0)
+    trainer = Recording(0, spec)
+    loop = asyncio.new_event_loop()
+    trainer._loop = loop
+    x, y = trainer.job.batch(0)
+    x, y = x[:trainer.local_batch], y[:trainer.local_batch]
+    try:
+        loss = trainer._compute(x, y)
+    finally:
+        loop.close()
+    pushed = [p.grad.data.copy() for p in trainer.params]
+    trainer.job.optimizer.zero_grad()
+    whole = trainer.job.loss(x, y)
+    whole.backward()  # not streamed: _compute is over
+    assert loss == pytest.approx(whole.item(), rel=1e-6)
+    for p, got in zip(trainer.params, pushed):
+        scale = np.abs(p.grad.data).max()
+        assert scale > 0
+        np.testing.assert_allclose(got, p.grad.data, rtol=1e-5, atol=1e-6 * scale)
