@@ -6,6 +6,10 @@ check_op(fn, ref, inputs) checks, for each case:
     upstream gradient (so every output element's gradient path is exercised);
   * the same, with inputs passed as non-contiguous views;
   * forward and backward against PyTorch when it is importable (`torch_fn`).
+
+Without torch a comparison against it cannot run: `compare_with_torch` (which check_op
+calls) notes it, and tests/conftest.py reports the test as skipped with the reason once its
+other checks have passed, so a missing torch shows in pytest's summary (`-rs`).
 """
 
 from __future__ import annotations
@@ -22,10 +26,24 @@ try:
 
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)  # tiny ops: worker threads only fight other tests for the cores
-except ImportError:  # torch is an optional oracle
+    TORCH_MISSING = ""
+except ImportError as exc:  # torch is an optional oracle
     torch = None
+    TORCH_MISSING = f"torch is not installed ({exc})"
 
 HAS_TORCH = torch is not None
+
+#: What the running test could not compare against torch (tests/conftest.py empties it
+#: before each test and reports the test as skipped when it is not empty).
+missed: list[str] = []
+
+
+def compare_with_torch(what: str) -> bool:
+    """True when torch is installed. Otherwise False, and the running test is reported as
+    skipped (if it passes) with the reason: torch is missing, so `what` was not compared."""
+    if torch is None:
+        missed.append(what)
+    return torch is not None
 
 
 def noncontiguous(x: np.ndarray) -> np.ndarray:
@@ -142,7 +160,7 @@ def check_op(
                                        atol=1e-12, err_msg="non-contiguous input changed grads")
 
     # PyTorch, when installed
-    if torch is not None and torch_fn is not None:
+    if torch_fn is not None and compare_with_torch("check_op's forward and backward"):
         tts = [torch.tensor(a, requires_grad=bool(d)) if a.dtype.kind == "f"
                else torch.tensor(a) for a, d in zip(x64, diff)]
         touts = _as_list(torch_fn(*tts))

@@ -64,6 +64,7 @@ class Faults(JsonLinesReporter):
         self.plan = dict(plan)
         self.events: list[tuple[str, dict]] = []
         self.coordinator: Coordinator | None = None
+        self.signalled: list[tuple[str, int, int, int]] = []  # (role, rank, pid, at step)
 
     def emit(self, event: str, **fields) -> None:
         super().emit(event, **fields)
@@ -73,10 +74,26 @@ class Faults(JsonLinesReporter):
             assert self.coordinator is not None
             child = next(c for c in self.coordinator.children
                          if (c.role, c.rank) == (role, rank))
+            self.signalled.append((role, rank, child.pid, fields["step"]))
             os.kill(child.pid, sig)
 
     def of(self, kind: str) -> list[dict]:
         return [f for e, f in self.events if e == kind]
+
+
+class Recorder(Coordinator):
+    """A coordinator that keeps (rank, step, pid) of every step_done in the order it
+    receives them (pid tells a restarted trainer from its predecessor)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reports: list[tuple[int, int, int]] = []
+
+    async def _handle(self, msg: Any, route: bytes | None) -> Any:
+        if msg.type == "step_done":
+            child = self._current(route) if route is not None else None
+            self.reports.append((msg["rank"], msg["step"], child.pid if child else -1))
+        return await super()._handle(msg, route)
 
 
 def gpu_count() -> int:

@@ -8,25 +8,30 @@ from zero, so "within 5%" compares something.
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import time
+from functools import partial
 
 import pytest
 import uvloop
+from structlog.testing import capture_logs
 
 from narun.checkpoint import latest_good, verify_checkpoint
-from narun.runtime import Coordinator
 from narun.runtime.supervision import RestartBudgetExhausted
-from tests.integration.conftest import Faults, assert_all_gone, mlp_config
+from tests.integration.conftest import Faults, Recorder, assert_all_gone, mlp_config
 
 STEPS = 30
 DELAYS = {0: 0.05, 1: 0.05}
 
 
-def run(cfg, plan=None, **options):
-    """Run the job with `plan`'s signals; the done fields, the reporter, and no process left."""
+def run(cfg, plan=None, coordinator_class=Recorder, **options):
+    """Run the job with `plan`'s signals; the done fields, the reporter (its `coordinator`
+    a Recorder of the step reports), and no process left."""
     reporter = Faults(plan or {})
-    coordinator = Coordinator(cfg, reporter, wait_timeout=30.0, delays=DELAYS, **options)
+    options.setdefault("delays", DELAYS)
+    coordinator = coordinator_class(cfg, reporter, wait_timeout=30.0, **options)
     reporter.coordinator = coordinator
     try:
         done = uvloop.run(coordinator.run())
@@ -137,6 +142,104 @@ def test_ps_sync_goes_on_without_a_trainer_that_does_not_come_back_in_time(make_
     before = events.events[:names.index("restart")]
     alone = [f["step"] for e, f in before if e == "step" and f["step"] > 6]
     assert len(alone) >= 5, before  # progress without trainer 1, before it was back
+
+
+class DrainWhenBack(Recorder):
+    """Drains the job (as SIGTERM to the coordinator would) once another trainer has
+    reported `steps` steps past the first report of trainer `rank`'s replacement."""
+
+    def __init__(self, *args, rank: int, steps: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rank, self.steps = rank, steps
+        self.back_at: int | None = None
+
+    async def _handle(self, msg, route):
+        answer = await super()._handle(msg, route)
+        if msg.type == "step_done" and self._draining is None:
+            rank, step, pid = self.reports[-1]
+            first = next(p for r, _, p in self.reports if r == self.rank)
+            if self.back_at is None and rank == self.rank and pid != first:
+                self.back_at = step
+            elif self.back_at is not None and rank != self.rank and \
+                    step >= self.back_at + self.steps:
+                self._drain("the test saw enough steps after the rejoin")
+        return answer
+
+
+@pytest.mark.timeout(90)
+def test_a_trainer_back_after_rejoin_timeout_is_waited_for_again(make_config, tmp_path):
+    """README: a trainer not back within rejoin_timeout is "counted again once it says
+    hello". rejoin_timeout 1 s, trainer 1 killed after step 3 and replaced 1.5 s later:
+    trainer 0 goes on alone meanwhile. Trainer 1 is the slow one (0.3 s per step, trainer
+    0 0.02 s), so once the shards wait for its pushes again trainer 0 is held to its pace:
+    trainer 0 reports s + 1 only after step s completed, which needs trainer 1's push of s,
+    made after trainer 1 reported s; so trainer 0's reports are never more than one step
+    ahead of trainer 1's (two until trainer 1's second report: its first push may race the
+    shards learning that it is back). Not counted again, trainer 0 runs ahead alone (about
+    4 to 8 steps per step of trainer 1). The job is drained once trainer 0 reports 6 steps
+    past trainer 1's return. The shards' logs show their member set going from [0] back to
+    [0, 1]."""
+    cfg = make_config("ps-sync", 2, steps=300, lr=3e-3, rejoin_timeout=1.0)
+    done, events = run(cfg, {3: ("trainer", 1, signal.SIGKILL)},
+                       partial(DrainWhenBack, rank=1, steps=6), delays={0: 0.02, 1: 0.3},
+                       restart_delay=1.5)
+    assert done["restarts"] == 1 and done["signal"] is None
+    reports = events.coordinator.reports
+    first = next(pid for rank, _, pid in reports if rank == 1)
+    back = [i for i, (rank, _, pid) in enumerate(reports) if rank == 1 and pid != first]
+    assert len(back) >= 2, reports
+    gone = max(step for rank, step, pid in reports if pid == first)
+    latest = {0: 0, 1: 0}
+    for i, (rank, step, _) in enumerate(reports):
+        latest[rank] = max(latest[rank], step)
+        if i == back[0]:
+            assert latest[0] >= gone + 4, reports  # trainer 0 went on alone meanwhile
+        if i >= back[0]:
+            allowed = 1 if i > back[1] else 2  # its first push may race the shards' news
+            assert latest[0] - latest[1] <= allowed, (
+                f"trainer 0 reported step {latest[0]}, trainer 1 only {latest[1]}: the "
+                f"shards did not wait for trainer 1 after its return", reports[back[0]:])
+    assert len(back) >= 6, reports  # it took part in every step until the drain
+    for k in range(cfg.runtime.ps_shards):
+        lines = [json.loads(x) for x in (tmp_path / "run" / "logs" / f"ps-{k}.log")
+                 .read_text().splitlines() if x.startswith("{")]
+        members = [x["members"] for x in lines if x.get("event") == "ps.members"]
+        assert members == [[0], [0, 1]], (k, lines)
+
+
+@pytest.mark.timeout(60)
+def test_each_death_is_logged_with_who_where_and_when_and_every_log_is_kept(make_config,
+                                                                          tmp_path):
+    """README: the coordinator logs a dead worker's role, rank, host, pid and last step;
+    each process's stderr is in out_dir/logs, `trainer-1.log`, then `trainer-1.1.log` for
+    its replacement. Trainer 1 is killed after step 4, its replacement after step 12, one
+    failure past max_restarts 1. Each was killed once the coordinator had its report of
+    that step, and its last step is one it reported."""
+    cfg = job(make_config, "ps-sync", "run", max_restarts=1)
+    reporter = Faults({4: ("trainer", 1, signal.SIGKILL), 12: ("trainer", 1, signal.SIGKILL)})
+    coordinator = Recorder(cfg, reporter, wait_timeout=30.0, delays=DELAYS)
+    reporter.coordinator = coordinator
+    try:
+        with capture_logs() as logs, pytest.raises(RestartBudgetExhausted) as info:
+            uvloop.run(coordinator.run())
+    finally:
+        assert_all_gone(coordinator.pids)
+    logs_dir = tmp_path / "run" / "logs"
+    assert sorted(p.name for p in logs_dir.iterdir()) == [
+        "ps-0.log", "ps-1.log", "trainer-0.log", "trainer-1.1.log", "trainer-1.log"]
+    dead = [e for e in logs if e["event"] == "actor.dead"]
+    assert len(dead) == 2 == len(reporter.signalled), (dead, reporter.signalled)
+    text = str(info.value)
+    for n, (entry, (role, rank, pid, at), name) in enumerate(
+            zip(dead, reporter.signalled, ["trainer-1.log", "trainer-1.1.log"]), 1):
+        reported = [step for r, step, p in coordinator.reports if p == pid]
+        assert entry["log_level"] == "warning"
+        assert (entry["role"], entry["rank"], entry["pid"], entry["host"]) == \
+            (role, rank, pid, socket.gethostname()), entry
+        assert entry["last_step"] in reported and entry["last_step"] >= at, (entry, reported)
+        assert entry["reason"] == "was killed by signal 9", entry
+        assert (f"  {n}. trainer 1 (pid {pid} on {socket.gethostname()}) was killed by "
+                f"signal 9 at step {entry['last_step']}; log {logs_dir / name}") in text, text
 
 
 @pytest.mark.timeout(60)

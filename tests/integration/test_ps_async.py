@@ -13,18 +13,21 @@ from narun.checkpoint import load_checkpoint
 from narun.config import config_from_dict, to_dict
 from narun.events import JsonLinesReporter
 from narun.runtime import Coordinator
-from tests.integration.conftest import assert_all_gone
+from tests.integration.conftest import Recorder, assert_all_gone
 
 
-def run(cfg, **options):
+def run(cfg, coordinator_class=Coordinator, **options):
     out = io.StringIO()
-    coordinator = Coordinator(cfg, JsonLinesReporter(out), bucket_bytes=512, wait_timeout=30.0,
-                              **options)
+    coordinator = coordinator_class(cfg, JsonLinesReporter(out), bucket_bytes=512,
+                                    wait_timeout=30.0, **options)
     try:
         done = uvloop.run(coordinator.run())
     finally:
         assert_all_gone(coordinator.pids)
-    return done, [json.loads(line) for line in out.getvalue().splitlines()]
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    if coordinator_class is Coordinator:
+        return done, events
+    return done, events, coordinator
 
 
 def with_staleness(cfg, n):
@@ -76,3 +79,28 @@ def test_ps_async_bound_large_enough_refuses_nothing(make_config):
     cfg = with_staleness(make_config("ps-async", 2, steps=8), 100)
     done, events = run(cfg, delays={1: 0.05})
     assert [e for e in events if e["event"] == "step"][-1]["stale"] == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("staleness", [1, 2])
+def test_ps_async_keeps_every_trainer_within_max_staleness_of_the_slowest(make_config,
+                                                                          staleness):
+    """The SSP bound, from the trainers' step_done reports as the coordinator receives them.
+
+    A trainer reports step s + 1 once its pushes of step s returned, and a shard lets a push
+    of step s through only when every other trainer has pushed step >= s - max_staleness;
+    a trainer pushes step c only after reporting c. So when a trainer's report s + 1
+    arrives, every other has reported at least s - max_staleness: the reports never differ
+    by more than max_staleness + 1 (reports sent before a push arrive before the answers
+    that push caused). Trainer 1 is slow (0.15 s per step), so trainer 0 runs into the
+    bound: the test also asserts it was reached."""
+    cfg = with_staleness(make_config("ps-async", 2, steps=12, schedule="constant",
+                                     warmup_steps=0), staleness)
+    done, events, coordinator = run(cfg, Recorder, delays={1: 0.15})
+    assert done["step"] == 12 and not done["interrupted"]
+    latest = {0: 0, 1: 0}
+    spreads = []
+    for rank, step, _pid in coordinator.reports:
+        latest[rank] = max(latest[rank], step)
+        spreads.append(max(latest.values()) - min(latest.values()))
+    assert max(spreads) == staleness + 1, (max(spreads), coordinator.reports)

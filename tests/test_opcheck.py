@@ -1,0 +1,44 @@
+"""Without torch, a comparison against it is reported as a skip with the reason, never a
+silent pass (tests/conftest.py, opcheck.compare_with_torch). Runs a few real tests in a
+pytest subprocess whose `import torch` fails as it does where torch is not installed."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(120)
+def test_missing_torch_turns_each_comparison_into_a_visible_skip(tmp_path):
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "torch.py").write_text(
+        'raise ModuleNotFoundError("No module named \'torch\'", name="torch")\n')
+    tests = [
+        # check_op with torch_fn, twice in one test: both checks still run
+        "tests/narun/tensor/test_reduce_shape_matmul.py::test_max_min[max]",
+        "tests/narun/nn/test_init.py::test_gain[tanh-None-1.6666666666666667]",  # inline
+        "tests/narun/tensor/test_elementwise.py::test_comparisons_have_no_grad",  # no torch
+        "tests/narun/optim/test_clip.py::test_clip_grad_norm_matches_torch[2.0]",  # skipif
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(hidden), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          *tests], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=100)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "1 passed, 3 skipped" in text, text
+    missing = "torch is not installed (No module named 'torch'); not compared with torch: "
+    other = "; the test's other checks passed"
+    assert re.search(re.escape("test_reduce_shape_matmul.py:") + r"\d+: " + re.escape(
+        missing + "check_op's forward and backward x2" + other), text), text
+    assert re.search(re.escape("test_init.py:") + r"\d+: " + re.escape(missing + "gain" + other),
+                     text), text
