@@ -61,5 +61,14 @@ class RemoteError(NarunError, RuntimeError):
         return base
 
 
+class Refused(RemoteError):
+    """A remote actor refused the request with an error code (`stale`, `not_found`, `busy`...)
+    rather than failing on it: an expected answer the caller decides about."""
+
+    def __init__(self, message: str, code: str, remote_traceback: str = "") -> None:
+        super().__init__(message, remote_traceback)
+        self.code = code
+
+
 class WaitTimeout(NarunError, TimeoutError):
     """A wait ran past its deadline; the message names who was waited for and why."""

@@ -50,7 +50,7 @@ from narun import checkpoint as ckpt
 from narun.errors import ConfigError
 from narun.nn.utils import clip_coefficient
 from narun.runtime.buckets import Bucket
-from narun.runtime.mailbox import Mailbox, Refusal, new_id
+from narun.runtime.mailbox import Mailbox, ReplyError, new_id
 from narun.runtime.shard_start import job_outline
 from narun.runtime.spec import WorkerSpec
 from narun.runtime.waiting import Broadcast
@@ -205,7 +205,7 @@ class ParameterServer(JobActor):
             b = self._bucket(key)
             grad = np.asarray(grad)
             if grad.dtype != np.float32 or grad.shape != (b.bucket.size,):
-                raise Refusal("protocol", f"ps {self.rank}: bucket {key} takes float32 "
+                raise ReplyError("protocol", f"ps {self.rank}: bucket {key} takes float32 "
                                           f"({b.bucket.size},), got {grad.dtype} {grad.shape}")
             if self.mode == "ps-sync":
                 await self._room_for_snapshot(b, msg["step"])
@@ -231,7 +231,7 @@ class ParameterServer(JobActor):
         if step < b.version:
             return False
         if step > b.version:
-            raise Refusal("busy", f"ps {self.rank}: bucket {b.bucket.key} is assembling step "
+            raise ReplyError("busy", f"ps {self.rank}: bucket {b.bucket.key} is assembling step "
                                   f"{b.version}, trainer {rank} pushed step {step}")
         if b.held is not None:  # assembled: a restarted trainer's recomputed push adds nothing
             return True
@@ -241,7 +241,7 @@ class ParameterServer(JobActor):
         b.pushes[rank] = grad
         if self._complete(b):
             return True
-        await self._wait_for(b, lambda: b.version > step or b.held is not None,
+        await self._wait_bucket(b, lambda: b.version > step or b.held is not None,
                              lambda: f"the pushes of step {step} from trainer(s) "
                                      f"{sorted(self.members - set(b.pushes))}")
         return True
@@ -251,7 +251,7 @@ class ParameterServer(JobActor):
         coordinator (it takes them as it evaluates and checkpoints)."""
         if step + 1 not in self._snapshot_steps or step < b.version:
             return
-        await self._wait_for(b, lambda: len(b.snapshots) < MAX_SNAPSHOTS,
+        await self._wait_bucket(b, lambda: len(b.snapshots) < MAX_SNAPSHOTS,
                              lambda: f"the coordinator to take the snapshots of steps "
                                      f"{sorted(b.snapshots)} before step {step + 1}")
 
@@ -288,23 +288,23 @@ class ParameterServer(JobActor):
             return b.sq
         if b.version == step + 1 and b.last_sq is not None:
             return b.last_sq
-        raise Refusal("not_found", f"ps {self.rank}: bucket {b.bucket.key} is at version "
+        raise ReplyError("not_found", f"ps {self.rank}: bucket {b.bucket.key} is at version "
                                    f"{b.version} and keeps no gradient norm of step {step}")
 
     async def on_apply_step(self, msg: Message, route: bytes | None) -> Message:
         """Apply the held step `step` scaled by the global norm's clip factor (once: later
         requests of the step find it applied); answer all buckets at version step + 1."""
         if not self.clip:
-            raise Refusal("unsupported", f"ps {self.rank}: apply_step is for ps-sync with "
+            raise ReplyError("unsupported", f"ps {self.rank}: apply_step is for ps-sync with "
                                          f"training.grad_clip set")
         step, rank = msg["step"], msg["rank"]
         for key, b in self.buckets.items():  # all or nothing: check every bucket first
             if b.version == step and b.held is None:
-                raise Refusal("busy", f"ps {self.rank}: bucket {key} has not assembled step "
+                raise ReplyError("busy", f"ps {self.rank}: bucket {key} has not assembled step "
                                       f"{step}; trainer(s) "
                                       f"{sorted(self.members - set(b.pushes))} did not push it")
             if b.version not in (step, step + 1):
-                raise Refusal("not_found", f"ps {self.rank}: bucket {key} is at version "
+                raise ReplyError("not_found", f"ps {self.rank}: bucket {key} is at version "
                                            f"{b.version}, trainer {rank} applies step {step}")
         coef = clip_coefficient(msg["norm"], self.clip)
         out: dict[str, np.ndarray] = {}
@@ -344,7 +344,7 @@ class ParameterServer(JobActor):
     def _push_async(self, b: ShardBucket, version: int, grad: np.ndarray) -> None:
         lag = b.version - version
         if lag > self.max_staleness:
-            raise Refusal("stale", f"ps {self.rank}: bucket {b.bucket.key} is at version "
+            raise ReplyError("stale", f"ps {self.rank}: bucket {b.bucket.key} is at version "
                                    f"{b.version}, the push was computed on version {version} "
                                    f"({lag} behind, runtime.max_staleness is "
                                    f"{self.max_staleness})")
@@ -356,7 +356,7 @@ class ParameterServer(JobActor):
         out, versions = {}, []
         for key in keys:
             b = self._bucket(key)
-            await self._wait_for(b, lambda b=b: b.version >= want, f"version {want}")
+            await self._wait_bucket(b, lambda b=b: b.version >= want, f"version {want}")
             snap = b.snapshots.get(want) if self.mode == "ps-sync" else None
             if snap is not None:
                 out[key], version = snap[0], want
@@ -368,7 +368,7 @@ class ParameterServer(JobActor):
             versions.append(version)
         return reply(msg, "params", version=min(versions), params=out)
 
-    async def _wait_for(self, b: ShardBucket, ready: Callable[[], bool],
+    async def _wait_bucket(self, b: ShardBucket, ready: Callable[[], bool],
                         what: Callable[[], str] | str) -> None:
         def described() -> str:
             return f"{what() if callable(what) else what}; it is at version {b.version}"
@@ -384,7 +384,7 @@ class ParameterServer(JobActor):
     def _bucket(self, key: str) -> ShardBucket:
         b = self.buckets.get(key)
         if b is None:
-            raise Refusal("not_found", f"ps {self.rank} holds buckets {sorted(self.buckets)}, "
+            raise ReplyError("not_found", f"ps {self.rank} holds buckets {sorted(self.buckets)}, "
                                        f"not {key!r}")
         return b
 
@@ -392,7 +392,7 @@ class ParameterServer(JobActor):
     async def on_members(self, msg: Message, route: bytes | None) -> Message:
         ranks = set(msg["ranks"])
         if not ranks <= set(range(self.workers)):
-            raise Refusal("protocol", f"ps {self.rank}: members {sorted(ranks)} are not all "
+            raise ReplyError("protocol", f"ps {self.rank}: members {sorted(ranks)} are not all "
                                       f"trainer ranks of 0..{self.workers - 1}")
         if ranks != self.members:
             log.warning("ps.members", shard=self.rank, members=sorted(ranks),
@@ -412,7 +412,7 @@ class ParameterServer(JobActor):
             snap = b.snapshots.get(step) if self.mode == "ps-sync" else None
             if snap is None:
                 if self.mode == "ps-sync" and b.version != step:
-                    raise Refusal("not_found", f"ps {self.rank}: bucket {key} is at version "
+                    raise ReplyError("not_found", f"ps {self.rank}: bucket {key} is at version "
                                                f"{b.version} and kept no snapshot of step {step}")
                 snap = (b.w.copy(), b.piece_states())
             _drop_snapshots(b, step + 1)

@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 import structlog
 
-from narun.errors import ActorDiedError, ConfigError, WaitTimeout
+from narun.errors import ActorDiedError, ConfigError, Refused, WaitTimeout
 from narun.nn.utils import clip_grad_norm_
 from narun.runtime.buckets import pack, plan_for, unpack
-from narun.runtime.mailbox import Mailbox, Refused, new_id
+from narun.runtime.mailbox import Mailbox, new_id
 from narun.runtime.spec import WorkerSpec
 from narun.tensor._backend import get_array_module
 from narun.train import build_job, restore
@@ -90,7 +90,7 @@ class Trainer(JobActor):
         self.stale = 0
         self._pending: list[int] = []
         self._streaming = False
-        self._step = 0
+        self._step_in_flight = 0
         self._pushes: list[asyncio.Task[tuple[int, Message]]] = []
         self._first_push = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -128,7 +128,7 @@ class Trainer(JobActor):
             steps = min(steps, self.spec.stop_at)
         step = min(self.versions) if self.sync else (self.spec.start_step or self.start)
         while step < steps and not self.stopping:
-            self._step = step
+            self._step_in_flight = step
             x, y = self.job.batch(step)
             lo = self.rank * self.local_batch
             x, y = x[lo:lo + self.local_batch], y[lo:lo + self.local_batch]
@@ -233,7 +233,7 @@ class Trainer(JobActor):
     def _start_push(self, b: int) -> None:
         if not self._first_push:
             self._first_push = time.perf_counter()
-        self._pushes.append(asyncio.ensure_future(self._push(b, self._step)))
+        self._pushes.append(asyncio.ensure_future(self._push(b, self._step_in_flight)))
 
     async def _push(self, b: int, step: int) -> tuple[int, Message]:
         bucket = self.plan.buckets[b]
@@ -267,7 +267,7 @@ class Trainer(JobActor):
             bucket = self.plan.buckets[b]
             msg = message("pull_params", new_id(), keys=[bucket.key], min_version=min_version)
             return b, await self.shards[bucket.shard].call(
-                msg, timeout=self.spec.wait_timeout, step=self._step,
+                msg, timeout=self.spec.wait_timeout, step=self._step_in_flight,
                 what=f"bucket {bucket.key} at version >= {min_version}")
 
         replies = await asyncio.gather(*(one(b) for b in indices))

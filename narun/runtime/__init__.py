@@ -9,6 +9,7 @@ follows the job (DESIGN.md sections 2 and 5):
     >>> narun.runtime.train(cfg)["val_loss"]                                  # doctest: +SKIP
 """
 
+from narun.errors import Refused
 from narun.runtime.actor import Actor, run_actor
 from narun.runtime.buckets import (
     BUCKET_BYTES,
@@ -21,10 +22,10 @@ from narun.runtime.buckets import (
     split,
 )
 from narun.runtime.coordinator import Coordinator, check_config, train
-from narun.runtime.mailbox import Mailbox, Refusal, Refused, new_id
+from narun.runtime.mailbox import Mailbox, ReplyError, new_id
 
 __all__ = [
-    "BUCKET_BYTES", "Actor", "Bucket", "Coordinator", "Mailbox", "Piece", "Plan", "Refusal",
+    "BUCKET_BYTES", "Actor", "Bucket", "Coordinator", "Mailbox", "Piece", "Plan", "ReplyError",
     "Refused", "check_config", "join", "make_plan", "new_id", "plan_for", "run_actor", "split",
     "train",
 ]

@@ -33,7 +33,7 @@ import zmq.asyncio
 import narun
 from narun._process import rss_bytes
 from narun.errors import ActorDiedError
-from narun.runtime.mailbox import Mailbox, Refusal, new_id
+from narun.runtime.mailbox import Mailbox, ReplyError, new_id
 from narun.runtime.tasks import Background
 from protocol import Message, message, open_channel
 
@@ -101,7 +101,7 @@ class Actor:
     async def _dispatch(self, msg: Message, route: bytes | None) -> Message | None:
         handler = getattr(self, f"on_{msg.type}", None)
         if handler is None:
-            raise Refusal("unsupported", f"{self.name} does not handle {msg.type!r}")
+            raise ReplyError("unsupported", f"{self.name} does not handle {msg.type!r}")
         return await handler(msg, route)
 
     # -- lifecycle ---------------------------------------------------------------------

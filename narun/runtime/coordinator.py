@@ -212,7 +212,7 @@ class Coordinator:
             except ActorDiedError:
                 await self._started_dead([c])  # a replacement gets the endpoints in its spec
         self._tasks.spawn(self._watchdog(), "watchdog")
-        await self._until(lambda: all(c.pid in self._hello for c in self.children),
+        await self._wait_until(lambda: all(c.pid in self._hello for c in self.children),
                           lambda: "hello from " + ", ".join(
                               c.name for c in self.children if c.pid not in self._hello))
         for k, ep in enumerate(self.shard_endpoints):
@@ -224,7 +224,7 @@ class Coordinator:
         """One of `children` died starting: once _watch has judged it, raise what it
         decided (a misconfiguration fails the job; a killed shard rolls back; a killed
         trainer is being replaced, so this returns)."""
-        await self._until(lambda: any(c.pid in self._exited for c in children),
+        await self._wait_until(lambda: any(c.pid in self._exited for c in children),
                           "a dead process's exit status")
         self._check()  # _watch judged it in the same step that recorded the exit
 
@@ -305,7 +305,7 @@ class Coordinator:
         return done
 
     # -- waiting -----------------------------------------------------------------------
-    async def _until(self, ready: Callable[[], bool], what: Callable[[], str] | str) -> None:
+    async def _wait_until(self, ready: Callable[[], bool], what: Callable[[], str] | str) -> None:
         """Wait up to wait_timeout for `ready()`; a failure or rollback of the job ends the
         wait at once (raised)."""
         def checked() -> bool:
@@ -361,7 +361,7 @@ class Coordinator:
         except WaitTimeout:  # stuck behind trainers that stopped stepping
             await self._shutdown([c for c in self._trainers() if c.pid not in self._exited],
                                  "drain timed out", drain=False)
-            await self._until(stopped, lambda: f"{running()} to stop (drain timed out)")
+            await self._wait_until(stopped, lambda: f"{running()} to stop (drain timed out)")
         return self._reported(step)
 
     def _check(self) -> None:
@@ -419,7 +419,7 @@ class Coordinator:
             await asyncio.sleep(self.restart_delay)
         if self._ending or self._closing or self._draining is not None:
             return
-        await self._until(lambda: bool(self.shard_endpoints), "the shards' endpoints")
+        await self._wait_until(lambda: bool(self.shard_endpoints), "the shards' endpoints")
         start = self._latest.get(dead.rank, self.start)
         if dead.rank not in self._away:  # given up on: it joins at the current step
             start = max(start, self._completed)

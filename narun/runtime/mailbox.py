@@ -6,13 +6,14 @@ its own task, and whatever the handler returns is sent back as the reply. So bot
 a connection can call each other over one socket (the coordinator asks a shard for a
 checkpoint over the connection the shard opened to it).
 
-Failures are explicit: an `error` reply raises RemoteError (Refused for a refusal code such
-as `stale`) with the remote traceback; a peer known dead fails its calls at once with
-ActorDiedError; every call has a timeout whose WaitTimeout names the peer, the step and what
-was awaited. On a DEALER, a socket monitor notices the TCP connection drop when the peer
-process exits, so waiting calls fail immediately instead of at their timeout. If the
-receive loop itself fails, every call fails at once with the reason, and the owner's
-`on_error` hears of it (narun.runtime.tasks).
+Failures are explicit: an `error` reply raises RemoteError with the remote traceback
+(Refused for a refusal code such as `stale`, which a handler answers by raising
+ReplyError); a peer known dead fails its calls at once with ActorDiedError; every call has
+a timeout whose WaitTimeout names the peer, the step and what was awaited. On a DEALER, a
+socket monitor notices the TCP connection drop when the peer process exits, so waiting
+calls fail immediately instead of at their timeout. If the receive loop itself fails, every
+call fails at once with the reason, and the owner's `on_error` hears of it
+(narun.runtime.tasks).
 
 Requests in flight are bounded (`max_requests`): past the bound a request is answered
 `busy` at once, so a flood of requests cannot grow the task count without limit.
@@ -31,7 +32,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from narun.errors import ActorDiedError, NarunError, RemoteError, WaitTimeout
+from narun.errors import ActorDiedError, NarunError, Refused, RemoteError, WaitTimeout
 from narun.runtime.tasks import Background
 from protocol import Channel, Message, error_message
 
@@ -44,17 +45,9 @@ Handler = Callable[[Message, "bytes | None"], Awaitable["Message | None"]]
 MAX_REQUESTS = 1024
 
 
-class Refused(RemoteError):
-    """The peer refused the request with an error code (`stale`, `not_found`, `busy`...)."""
-
-    def __init__(self, message: str, code: str, remote_traceback: str = "") -> None:
-        super().__init__(message, remote_traceback)
-        self.code = code
-
-
-class Refusal(NarunError):
-    """Raised by a handler to answer `error` with `code` (not `internal`): an expected
-    refusal, such as a stale push, which the caller handles."""
+class ReplyError(NarunError):
+    """Raised by a handler to answer its request with `error` and `code` (not `internal`):
+    an expected refusal, such as a stale push. The caller's call raises Refused with it."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -226,11 +219,11 @@ class Mailbox:
     async def _answer(self, msg: Message, route: bytes | None) -> None:
         try:
             if self.handler is None:
-                raise Refusal("unsupported", f"{self.name} serves no requests")
+                raise ReplyError("unsupported", f"{self.name} serves no requests")
             reply = await self.handler(msg, route)
         except asyncio.CancelledError:
             raise
-        except Refusal as exc:
+        except ReplyError as exc:
             reply = error_message(msg.id, exc.code, str(exc))
         except WaitTimeout as exc:  # the handler waited for a third party (other trainers)
             reply = error_message(msg.id, "timeout", str(exc))

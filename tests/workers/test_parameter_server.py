@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from narun.config import to_dict
-from narun.runtime.mailbox import Refusal
+from narun.runtime.mailbox import ReplyError
 from narun.runtime.shard_start import write_init_state
 from narun.runtime.spec import WorkerSpec
 from narun.train import build_job
@@ -64,7 +64,7 @@ def test_a_step_is_held_until_the_norm_arrives_then_applied_once_and_clipped(blo
         again = await push(ps, 1, 0, g1 * 100)  # a restarted trainer's recomputation
         assert again["sq"] == first["sq"] and b.version == 0
 
-        with pytest.raises(Refusal, match="trainer 1 applies step 3"):
+        with pytest.raises(ReplyError, match="trainer 1 applies step 3"):
             await apply(ps, 1, 3, 1.0)
         norm = np.sqrt(sq)
         values = (await apply(ps, 0, 0, norm))["params"]
@@ -77,7 +77,7 @@ def test_a_step_is_held_until_the_norm_arrives_then_applied_once_and_clipped(blo
 
         late = await push(ps, 1, 0, g1)  # a replacement pushing the step just applied
         assert late.type == "grad_norm" and late["sq"] == first["sq"] and b.version == 1
-        with pytest.raises(Refusal, match="has not assembled step 1"):
+        with pytest.raises(ReplyError, match="has not assembled step 1"):
             await apply(ps, 0, 1, norm)
     asyncio.run(main())
 
@@ -92,6 +92,6 @@ def test_without_clipping_a_push_is_answered_with_values_and_apply_step_refused(
         replies = await asyncio.gather(push(ps, 0, 0, g), push(ps, 1, 0, g))
         assert [r.type for r in replies] == ["params", "params"]
         np.testing.assert_allclose(b.w, w0 - LR, rtol=1e-6)
-        with pytest.raises(Refusal, match="apply_step is for ps-sync with training.grad_clip"):
+        with pytest.raises(ReplyError, match="apply_step is for ps-sync with training.grad_clip"):
             await apply(ps, 0, 0, 1.0)
     asyncio.run(main())

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import zmq.asyncio
 
-from narun.errors import ActorDiedError, RemoteError, WaitTimeout
-from narun.runtime.mailbox import Mailbox, Refusal, Refused, new_id
+from narun.errors import ActorDiedError, Refused, RemoteError, WaitTimeout
+from narun.runtime.mailbox import Mailbox, ReplyError, new_id
 from protocol import message, open_channel, reply
 
 pytestmark = pytest.mark.timeout(20)
@@ -27,7 +27,7 @@ class Server:
             if key == "boom":
                 raise ValueError("the handler failed on purpose")
             if key == "stale":
-                raise Refusal("stale", "too old")
+                raise ReplyError("stale", "too old")
             if key == "slow":
                 await asyncio.sleep(5)
             return reply(msg, "params", version=msg["min_version"] + 1,
