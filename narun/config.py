@@ -4,11 +4,12 @@
     >>> cfg.training.lr, cfg.runtime.mode                                   # doctest: +SKIP
     (0.0003, 'local')
 
-Sections and keys follow DESIGN.md section 6; keys may be added, never renamed. The model
-section holds `name` and `preset`; any other key in it overrides a field of the model's
-config (e.g. `n_layer: 4`) and is kept in `ModelConfig.overrides`. The model package owns
-those fields: it calls `register_model_fields(name, GPTConfig)` so that unknown or mistyped
-model keys fail here like any other key. For a model not registered (yet), overrides are
+Sections, keys and defaults: README.md, "Configuration" (a test holds the two equal); keys
+may be added, never renamed. The model section holds `name` and `preset`; any other key in
+it overrides a field of the model's config (e.g. `n_layer: 4`) and is kept in
+`ModelConfig.overrides`. The model package owns those fields: it calls
+`register_model_fields(name, GPTConfig)` so that unknown or mistyped model keys fail here
+like any other key. For a model not registered (yet), overrides are
 kept as given and `validate_model_overrides` must be called once it is.
 
 YAML is read with one fix over YAML 1.1: exponent floats without a dot (`3e-4`, `1e5`) are

@@ -1,4 +1,4 @@
-"""Training events (DESIGN.md section 6) and the two ways they are shown.
+"""Training events (README.md, "A 60-second tour") and the two ways they are shown.
 
 `--json` (or a stdout that is not a TTY) prints one JSON object per line with an `event`
 key: step, eval, checkpoint, restart, done, error. On a TTY a rich progress bar shows step,

@@ -2,7 +2,7 @@
 
 One process runs one actor on one asyncio (uvloop) loop; the coordinator starts
 parameter-server shards and trainers as `python -m workers ROLE` processes on this host and
-follows the job (DESIGN.md sections 2 and 5):
+follows the job (README.md, "How it fits together" and "What happens when a process dies"):
 
     >>> from narun.config import load_config                                 # doctest: +SKIP
     >>> cfg = load_config("configs/mlp.yaml", ["runtime.mode=ps-sync", "runtime.workers=2"])

@@ -8,7 +8,8 @@ events as the single-process trainer, evaluates and checkpoints at the configure
 (asking each shard for its slice and reassembling one ordinary checkpoint), and stops every
 process at the end. Every wait has a timeout that names what it waited for.
 
-Failures (DESIGN.md section 5; narun.runtime.supervision keeps the record and the budget):
+Failures (README.md, "What happens when a process dies"; narun.runtime.supervision keeps
+the record and the budget):
 - a process that exits, or sends no heartbeat for runtime.heartbeat_timeout (it is then
   killed), is dead; each death draws on the job-wide runtime.max_restarts, and past it the
   job fails listing every failure. A process that exits with an error before it joined the

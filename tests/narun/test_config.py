@@ -1,8 +1,10 @@
 import dataclasses
+import pathlib
 import re
 import typing
 
 import pytest
+import yaml
 
 from narun import config as C
 from narun.config import (
@@ -16,21 +18,14 @@ from narun.config import (
     to_dict,
 )
 
-DESIGN_DEFAULTS = {
-    "model": {"name": "gpt", "preset": "gpt2-tiny"},
-    "data": {"kind": "text", "path": None, "seq_len": 128, "val_fraction": 0.05},
-    "training": {"steps": 2000, "batch_size": 16, "optimizer": "adamw", "lr": 3.0e-4,
-                 "weight_decay": 0.1, "schedule": "cosine", "warmup_steps": 100,
-                 "grad_clip": 1.0, "grad_accum": 1, "seed": 0, "eval_every": 200,
-                 "checkpoint_every": 500, "keep_checkpoints": 3,
-                 "out_dir": "runs/quickstart"},
-    "runtime": {"mode": "local", "workers": 0, "ps_shards": 1, "max_staleness": 4,
-                "device": "cpu", "heartbeat_interval": 1.0, "heartbeat_timeout": 10.0,
-                "max_restarts": 3},
-}
-# Keys added since DESIGN.md was written (keys may be added, never renamed).
-ADDED = {"runtime": {"rejoin_timeout": 30.0, "host": "127.0.0.1", "port": 0}}
-DEFAULTS = {k: {**v, **ADDED.get(k, {})} for k, v in DESIGN_DEFAULTS.items()}
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def readme_defaults() -> dict:
+    """The YAML block of README.md's "Configuration" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Configuration"):]
+    return yaml.safe_load(section[section.index("```yaml") + 7:section.index("```\n")])
 
 
 def error_of(data):
@@ -39,9 +34,10 @@ def error_of(data):
     return str(info.value)
 
 
-def test_defaults_are_design_section_6():
-    assert to_dict(config_from_dict({})) == DEFAULTS
-    assert to_dict(JobConfig()) == DEFAULTS
+def test_defaults_are_the_readmes():
+    defaults = readme_defaults()
+    assert to_dict(config_from_dict({})) == defaults
+    assert to_dict(JobConfig()) == defaults
     assert config_from_dict({"training": None}) == JobConfig()  # an empty section
 
 
