@@ -21,7 +21,8 @@ pyzmq's public API:
   registration replaces the other.
 
 Verified on pyzmq 25.0.0, 25.1.2, 26.0.0, 26.4.0, 27.0.0 and 27.3.0 (tests/protocol and
-tests/narun/runtime, each in its own venv).
+tests/narun/runtime, each in its own venv). pyproject.toml pins ``SUPPORTED``, and
+tests/protocol/test_pyzmq.py keeps the pin, this constant and the installed pyzmq agreeing.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import zmq
 import zmq.asyncio
 from zmq.backend import Socket as _CSocket
 
-#: The pyzmq versions narun is tested with.
+#: The pyzmq versions narun is tested with: pyproject.toml's pin.
 SUPPORTED = ">=25,<27.4"
 
 send = _CSocket.send

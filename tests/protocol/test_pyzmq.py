@@ -1,20 +1,33 @@
-"""protocol/_pyzmq.py: the pyzmq internals narun uses are there in the installed pyzmq, an
-incompatible one fails the import with an error that says what to do, and zmq.asyncio
-waiting on a Channel's own socket is still woken after the Channel's calls consume the FD's
-edge."""
+"""protocol/_pyzmq.py: the pyzmq internals narun uses are there in the installed pyzmq, the
+installed pyzmq lies in the range pyproject.toml pins, an incompatible one fails the import
+with an error that says what to do, and zmq.asyncio waiting on a Channel's own socket is
+still woken after the Channel's calls consume the FD's edge."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
 import time
+import tomllib
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 import zmq
 import zmq.asyncio
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 from protocol import _pyzmq, decode, message, open_channel
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def pinned_pyzmq() -> SpecifierSet:
+    deps = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    (pin,) = [Requirement(d) for d in deps if Requirement(d).name == "pyzmq"]
+    return pin.specifier
 
 
 def import_afresh() -> ModuleType:
@@ -30,6 +43,14 @@ def import_afresh() -> ModuleType:
 def test_the_installed_pyzmq_has_everything_narun_uses() -> None:
     assert _pyzmq.problems() == []
     import_afresh()
+
+
+def test_the_installed_pyzmq_lies_in_the_range_pyproject_pins() -> None:
+    pin = pinned_pyzmq()
+    assert pin == SpecifierSet(_pyzmq.SUPPORTED), "pyproject.toml and _pyzmq.SUPPORTED differ"
+    assert Version(zmq.__version__) in pin, (
+        f"pyzmq {zmq.__version__} is installed, outside the pinned pyzmq{pin}: test it "
+        f"(tests/protocol, tests/narun/runtime) and widen the pin, or install one inside")
 
 
 def _remove(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> None:
