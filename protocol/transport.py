@@ -106,6 +106,7 @@ class Channel:
         self._writable: asyncio.Future[None] | None = None
         self._recheck_due = False
         self._safety_net: asyncio.TimerHandle | None = None  # see _recheck_parked
+        self._disarm_due = False  # _disarm_if_idle is scheduled
         if isinstance(socket, _Socket):
             socket._on_close = weakref.WeakMethod(self._unwatch)
 
@@ -312,6 +313,8 @@ class Channel:
             self._readable = ready
         else:
             self._writable = ready
+        if self._safety_net is None:
+            self._safety_net = loop.call_later(_RECHECK_S, self._recheck_parked)
         try:
             await _until(ready, deadline)
         finally:
@@ -319,6 +322,13 @@ class Channel:
                 self._readable = None
             else:
                 self._writable = None
+            if self._readable is None and self._writable is None \
+                    and self._safety_net is not None and not self._disarm_due:
+                # Cancelled at the end of this loop iteration, not here: a reader loop parks
+                # again within this step, and cancelling and re-arming the timer every park
+                # cost ~2 us of main-thread CPU a small request/reply (two parks, uvloop).
+                self._disarm_due = True
+                loop.call_soon(self._disarm_if_idle)
         self._check_open()
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -329,20 +339,30 @@ class Channel:
             self._loop.remove_reader(self._fd)
         loop.add_reader(self._fd, self._on_events)
         self._loop = loop
-        if self._safety_net is not None:
+        if self._safety_net is not None:  # armed on the old loop: _park arms it on this one
             self._safety_net.cancel()
-        self._safety_net = loop.call_later(_RECHECK_S, self._recheck_parked)
+            self._safety_net = None
+        self._disarm_due = False
 
     def _recheck_parked(self) -> None:
         # A safety net, not the mechanism: something outside this Channel (such as
         # zmq.asyncio used on the socket directly, which reads ZMQ_EVENTS from its own
         # deferred callbacks) can consume the FD's edge; a wake-up lost so must cost a
-        # moment, never a hang. One timer a channel, not one a park: parking is per message.
+        # moment, never a hang. One timer a channel, however many wait, and only while one
+        # does: _park arms it, and when the last waiter leaves it is cancelled at the end of
+        # that loop iteration (_disarm_if_idle). An idle channel schedules nothing.
+        self._safety_net = None
         if self._loop is None or self.socket.closed:
             return
         if self._readable is not None or self._writable is not None:
             self._wake(self._getopt(_EVENTS))
-        self._safety_net = self._loop.call_later(_RECHECK_S, self._recheck_parked)
+            self._safety_net = self._loop.call_later(_RECHECK_S, self._recheck_parked)
+
+    def _disarm_if_idle(self) -> None:
+        self._disarm_due = False
+        if self._readable is None and self._writable is None and self._safety_net is not None:
+            self._safety_net.cancel()
+            self._safety_net = None
 
     def _unwatch(self) -> None:
         for parked in (self._readable, self._writable):
