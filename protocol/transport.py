@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import os
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import structlog
 import zmq
@@ -50,6 +50,7 @@ _DONTWAIT, _MORE_DONTWAIT = int(zmq.DONTWAIT), int(zmq.SNDMORE | zmq.DONTWAIT)
 _RECHECK_S = 0.05
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 class _Socket(zmq.asyncio.Socket):
@@ -154,11 +155,11 @@ class Channel:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         n_route = 1 if self.kind in _ROUTED else 0
-        if timeout is None or not self._recv_lock.locked():
+        if deadline is None or not self._recv_lock.locked():
             await self._recv_lock.acquire()
         else:
             try:
-                await asyncio.wait_for(self._recv_lock.acquire(), timeout)
+                await _until(self._recv_lock.acquire(), deadline)
             except TimeoutError:
                 raise WaitTimeout(f"{self!r}: no message within {timeout} s (another "
                                   "reader held the socket)") from None
@@ -450,12 +451,11 @@ def _send_error(channel: Channel, exc: zmq.ZMQError, peer: bytes | None) -> Exce
     return exc
 
 
-async def _until(waitable: Any, deadline: float | None) -> Any:
+async def _until(waitable: Awaitable[T], deadline: float | None) -> T:
     if deadline is None:
         return await waitable
-    # wait_for on the awaitable itself: it is cancelled when time runs out
-    return await asyncio.wait_for(waitable,
-                                  max(deadline - asyncio.get_running_loop().time(), 0.0))
+    async with asyncio.timeout_at(deadline):  # cancels the wait, raises TimeoutError
+        return await waitable
 
 
 async def _released(tracker: zmq.MessageTracker, deadline: float | None,

@@ -265,3 +265,20 @@ async def test_a_reader_that_parks_again_at_once_keeps_its_safety_net(ctx, monke
             assert armed.count(pull._recheck_parked) == 1
         finally:
             reading.cancel()
+
+
+@pytest.mark.timeout(30)
+async def test_a_reader_that_times_out_behind_another_says_so_and_leaves_the_lock_free(
+        ctx) -> None:
+    async with open_channel(ctx, "pull", bind="inproc://two-readers") as pull, \
+            open_channel(ctx, "push", connect=pull.endpoint) as push:
+        first = asyncio.ensure_future(pull.recv())  # holds the socket, no deadline
+        await asyncio.sleep(0.01)
+        began = time.monotonic()
+        with pytest.raises(WaitTimeout, match="no message within 0.1 s .another reader held"):
+            await asyncio.wait_for(pull.recv(timeout=0.1), 5)
+        assert time.monotonic() - began < 1.0
+        await push.send(beat(1))
+        await push.send(beat(2))
+        assert (await first).msg.id == 1
+        assert (await pull.recv(timeout=5)).msg.id == 2  # the timed-out reader took nothing
