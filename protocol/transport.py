@@ -12,16 +12,17 @@ import asyncio
 import contextlib
 import os
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import structlog
 import zmq
 import zmq.asyncio
-from zmq.backend import Socket as _CSocket
 
 from narun.errors import ActorDiedError, ConfigError, ProtocolError, WaitTimeout
+from protocol._pyzmq import send as _send
+from protocol._pyzmq import wake_asyncio, watch_fd
 from protocol.codec import decode, encode, refusal
 from protocol.curve import CurveClient, CurveServer
 from protocol.limits import DEFAULT_LIMITS, INLINE_LIMIT, Limits
@@ -38,10 +39,8 @@ _SEND_ONLY = {"push", "pub"}
 _RECV_ONLY = {"pull", "sub"}
 # Dead-peer detection below the heartbeats, for half-open TCP connections (seconds, count).
 _KEEPALIVE_IDLE, _KEEPALIVE_INTERVAL, _KEEPALIVE_COUNT = 30, 10, 3
-# The hot path calls pyzmq's C-level methods with plain ints: its Python wrappers
-# (send_multipart, Socket.get) and IntFlag arithmetic cost ~3 us an operation, a fair part
-# of a message's cost in scripts/bench_dp.py's transfer.
-_send, _recv, _get = _CSocket.send, _CSocket.recv, _CSocket.get
+# Plain ints, computed once: the hot path's flag arithmetic on zmq's IntFlags (SNDMORE |
+# DONTWAIT) costs ~0.5 us an operation.
 _POLLIN, _POLLOUT, _EVENTS, _RCVMORE = (int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.EVENTS),
                                         int(zmq.RCVMORE))
 _DONTWAIT, _MORE_DONTWAIT = int(zmq.DONTWAIT), int(zmq.SNDMORE | zmq.DONTWAIT)
@@ -51,6 +50,7 @@ _DONTWAIT, _MORE_DONTWAIT = int(zmq.DONTWAIT), int(zmq.SNDMORE | zmq.DONTWAIT)
 _RECHECK_S = 0.05
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 class _Socket(zmq.asyncio.Socket):
@@ -93,6 +93,8 @@ class Channel:
         # message). Waiting is done here: the event loop watches a duplicate of the socket's
         # FD (the zmq.asyncio socket, if used directly, keeps its own registration).
         self._sync = zmq.Socket.shadow(socket.underlying)
+        # bound once: the hot path calls them several times a message
+        self._getopt, self._recv_frame = self._sync.get, self._sync.recv
         self._sends_waiting = 0  # sends parked: later ones queue behind them, in order
         self._send_lock = asyncio.Lock()  # held by the one parked sender that retries
         self._maybe_partial = False
@@ -105,6 +107,7 @@ class Channel:
         self._writable: asyncio.Future[None] | None = None
         self._recheck_due = False
         self._safety_net: asyncio.TimerHandle | None = None  # see _recheck_parked
+        self._disarm_due = False  # _disarm_if_idle is scheduled
         if isinstance(socket, _Socket):
             socket._on_close = weakref.WeakMethod(self._unwatch)
 
@@ -152,11 +155,11 @@ class Channel:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         n_route = 1 if self.kind in _ROUTED else 0
-        if timeout is None or not self._recv_lock.locked():
+        if deadline is None or not self._recv_lock.locked():
             await self._recv_lock.acquire()
         else:
             try:
-                await asyncio.wait_for(self._recv_lock.acquire(), timeout)
+                await _until(self._recv_lock.acquire(), deadline)
             except TimeoutError:
                 raise WaitTimeout(f"{self!r}: no message within {timeout} s (another "
                                   "reader held the socket)") from None
@@ -263,9 +266,7 @@ class Channel:
                 and not self._recheck_due and self._loop is not None:
             self._recheck_due = True
             self._loop.call_soon(self._recheck)
-        sock = self.socket
-        if sock._state and not sock.closed:  # zmq.asyncio waits on this socket itself
-            sock._schedule_remaining_events()
+        wake_asyncio(self.socket)
 
     def _recheck(self) -> None:
         self._recheck_due = False
@@ -278,9 +279,8 @@ class Channel:
         if self.socket.closed:  # closed without telling us (a socket not from open_channel)
             self._unwatch()
             return
-        self._wake(_get(self._sync, _EVENTS))
-        if self.socket._state:
-            self.socket._schedule_remaining_events()
+        self._wake(self._getopt(_EVENTS))
+        wake_asyncio(self.socket)
 
     def _wake(self, events: int) -> None:
         readable, writable = self._readable, self._writable
@@ -298,7 +298,7 @@ class Channel:
         # The failed call, or any call since, may have consumed the FD's edge: ZMQ_EVENTS
         # is the truth, so look once before sleeping. Looking consumes the edge too, so the
         # other direction's parked waiter is told what we saw.
-        events = _get(self._sync, _EVENTS)
+        events = self._getopt(_EVENTS)
         self._wake(events)
         if not events & event:
             await self._park(event, deadline)
@@ -314,6 +314,8 @@ class Channel:
             self._readable = ready
         else:
             self._writable = ready
+        if self._safety_net is None:
+            self._safety_net = loop.call_later(_RECHECK_S, self._recheck_parked)
         try:
             await _until(ready, deadline)
         finally:
@@ -321,30 +323,47 @@ class Channel:
                 self._readable = None
             else:
                 self._writable = None
+            if self._readable is None and self._writable is None \
+                    and self._safety_net is not None and not self._disarm_due:
+                # Cancelled at the end of this loop iteration, not here: a reader loop parks
+                # again within this step, and cancelling and re-arming the timer every park
+                # cost ~2 us of main-thread CPU a small request/reply (two parks, uvloop).
+                self._disarm_due = True
+                loop.call_soon(self._disarm_if_idle)
         self._check_open()
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         self._check_open()
         if self._fd is None:
-            self._fd = os.dup(_get(self._sync, int(zmq.FD)))
+            self._fd = watch_fd(self._sync)
         elif self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._fd)
         loop.add_reader(self._fd, self._on_events)
         self._loop = loop
-        if self._safety_net is not None:
+        if self._safety_net is not None:  # armed on the old loop: _park arms it on this one
             self._safety_net.cancel()
-        self._safety_net = loop.call_later(_RECHECK_S, self._recheck_parked)
+            self._safety_net = None
+        self._disarm_due = False
 
     def _recheck_parked(self) -> None:
         # A safety net, not the mechanism: something outside this Channel (such as
         # zmq.asyncio used on the socket directly, which reads ZMQ_EVENTS from its own
         # deferred callbacks) can consume the FD's edge; a wake-up lost so must cost a
-        # moment, never a hang. One timer a channel, not one a park: parking is per message.
+        # moment, never a hang. One timer a channel, however many wait, and only while one
+        # does: _park arms it, and when the last waiter leaves it is cancelled at the end of
+        # that loop iteration (_disarm_if_idle). An idle channel schedules nothing.
+        self._safety_net = None
         if self._loop is None or self.socket.closed:
             return
         if self._readable is not None or self._writable is not None:
-            self._wake(_get(self._sync, _EVENTS))
-        self._safety_net = self._loop.call_later(_RECHECK_S, self._recheck_parked)
+            self._wake(self._getopt(_EVENTS))
+            self._safety_net = self._loop.call_later(_RECHECK_S, self._recheck_parked)
+
+    def _disarm_if_idle(self) -> None:
+        self._disarm_due = False
+        if self._readable is None and self._writable is None and self._safety_net is not None:
+            self._safety_net.cancel()
+            self._safety_net = None
 
     def _unwatch(self) -> None:
         for parked in (self._readable, self._writable):
@@ -363,10 +382,10 @@ class Channel:
                            timeout: float | None) -> tuple[list[Any], str]:
         """One whole multipart message, but never more than the limits: past them, the rest
         is read and dropped frame by frame, and the reason returned."""
-        sync = self._sync
+        getopt, recv_frame = self._getopt, self._recv_frame
         if self._maybe_partial:  # a read stopped inside a multipart message
-            while _get(sync, _RCVMORE):
-                _recv(sync, _DONTWAIT, False)
+            while getopt(_RCVMORE):
+                recv_frame(_DONTWAIT, False)
             self._maybe_partial = False
         # ZMQ_EVENTS first, not a recv that may fail: a failed recv costs more (pyzmq
         # builds an exception), and one read of ZMQ_EVENTS is due before parking anyway.
@@ -376,12 +395,12 @@ class Channel:
         ready = False
         while True:
             if not ready:
-                events = _get(sync, _EVENTS)
+                events = getopt(_EVENTS)
                 self._wake(events)  # reading it consumed the edge a parked sender awaits
                 ready = bool(events & _POLLIN)
             if ready:
                 try:
-                    frame = _recv(sync, _DONTWAIT, False)
+                    frame = recv_frame(_DONTWAIT, False)
                     break
                 except zmq.Again:
                     ready = False
@@ -395,7 +414,7 @@ class Channel:
         max_frames = self.limits.max_frames + 2  # + header + routing frame
         while frame.more:
             # the rest of a multipart message has arrived with its first frame
-            frame = _recv(sync, _DONTWAIT, False)
+            frame = recv_frame(_DONTWAIT, False)
             if overflow:
                 continue
             total += len(frame)
@@ -432,12 +451,11 @@ def _send_error(channel: Channel, exc: zmq.ZMQError, peer: bytes | None) -> Exce
     return exc
 
 
-async def _until(waitable: Any, deadline: float | None) -> Any:
+async def _until(waitable: Awaitable[T], deadline: float | None) -> T:
     if deadline is None:
         return await waitable
-    # wait_for on the awaitable itself: it is cancelled when time runs out
-    return await asyncio.wait_for(waitable,
-                                  max(deadline - asyncio.get_running_loop().time(), 0.0))
+    async with asyncio.timeout_at(deadline):  # cancels the wait, raises TimeoutError
+        return await waitable
 
 
 async def _released(tracker: zmq.MessageTracker, deadline: float | None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import zmq
 import zmq.asyncio
 
 from narun.errors import WaitTimeout
-from protocol import Channel, message, open_channel
+from protocol import Channel, message, open_channel, transport
 
 LOOPBACK = "tcp://127.0.0.1:0"
 
@@ -187,3 +188,97 @@ async def test_a_lost_wake_up_costs_a_moment_not_a_hang(ctx) -> None:
             assert time.monotonic() - began < 1.0
         finally:
             loop.add_reader(pull._fd, pull._on_events)
+
+
+async def safety_nets(channel: Channel) -> int:
+    """Timers a plain asyncio loop holds for ``channel`` (live ones, not cancelled) once this
+    loop iteration has ended: the last waiter to leave lets the timer go at its end."""
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    return sum(1 for timer in loop._scheduled  # asyncio's heap of TimerHandles
+               if not timer.cancelled() and getattr(timer._callback, "__self__", None) is channel)
+
+
+@pytest.mark.timeout(30)
+async def test_the_safety_net_runs_only_while_a_reader_or_sender_is_parked(ctx) -> None:
+    # Its re-check every 50 ms is for a parked waiter; an idle channel must cost the loop
+    # nothing (a process holds many channels that sit idle for long stretches).
+    assert hasattr(asyncio.get_running_loop(), "_scheduled"), "needs asyncio's own loop"
+    pull = open_channel(ctx, "pull", bind="inproc://safety-net", hwm=1)
+    push = open_channel(ctx, "push", connect=pull.endpoint, hwm=1)
+    try:
+        waiting = asyncio.ensure_future(pull.recv(timeout=5))
+        await asyncio.sleep(0.01)
+        assert await safety_nets(pull) == 1  # a parked reader
+        await push.send(beat(0))
+        assert (await waiting).msg.id == 0
+        assert await safety_nets(pull) == await safety_nets(push) == 0
+        await asyncio.sleep(0.2)  # idle for a few periods of the re-check
+        assert await safety_nets(pull) == await safety_nets(push) == 0
+        sending = []  # nobody reads: the pipe fills, then a send parks
+        while not sending or sending[-1].done():
+            sending.append(asyncio.ensure_future(push.send(beat(len(sending)))))
+            await asyncio.sleep(0.01)
+        assert await safety_nets(push) == 1  # a parked sender
+        for i in range(len(sending)):
+            assert (await pull.recv(timeout=5)).msg.id == i
+        await asyncio.gather(*sending)
+        assert await safety_nets(pull) == await safety_nets(push) == 0
+        with pytest.raises(WaitTimeout):
+            await pull.recv(timeout=0.1)  # a reader parked until its deadline
+        assert await safety_nets(pull) == 0
+    finally:
+        pull.close()
+        push.close()
+
+
+@pytest.mark.timeout(30)
+async def test_a_reader_that_parks_again_at_once_keeps_its_safety_net(ctx, monkeypatch) -> None:
+    # A reader loop is the common case; a timer cancelled and armed again for every message
+    # costs ~5% of a small request/reply. One timer serves all of its messages.
+    monkeypatch.setattr(transport, "_RECHECK_S", 60.0)  # it must not fire during the test
+    loop = asyncio.get_running_loop()
+    armed = []
+    call_later = loop.call_later
+
+    def counting_call_later(delay: float, callback: Callable[..., object],
+                            *args: object) -> asyncio.TimerHandle:
+        armed.append(callback)
+        return call_later(delay, callback, *args)
+
+    monkeypatch.setattr(loop, "call_later", counting_call_later)
+    async with open_channel(ctx, "pull", bind="inproc://reader-loop") as pull, \
+            open_channel(ctx, "push", connect=pull.endpoint) as push:
+        got: list[int] = []
+
+        async def read() -> None:
+            while True:
+                got.append((await pull.recv()).msg.id)
+
+        reading = asyncio.ensure_future(read())
+        try:
+            for i in range(20):
+                await push.send(beat(i))
+                while len(got) <= i:
+                    await asyncio.sleep(0.001)
+            assert got == list(range(20))
+            assert armed.count(pull._recheck_parked) == 1
+        finally:
+            reading.cancel()
+
+
+@pytest.mark.timeout(30)
+async def test_a_reader_that_times_out_behind_another_says_so_and_leaves_the_lock_free(
+        ctx) -> None:
+    async with open_channel(ctx, "pull", bind="inproc://two-readers") as pull, \
+            open_channel(ctx, "push", connect=pull.endpoint) as push:
+        first = asyncio.ensure_future(pull.recv())  # holds the socket, no deadline
+        await asyncio.sleep(0.01)
+        began = time.monotonic()
+        with pytest.raises(WaitTimeout, match="no message within 0.1 s .another reader held"):
+            await asyncio.wait_for(pull.recv(timeout=0.1), 5)
+        assert time.monotonic() - began < 1.0
+        await push.send(beat(1))
+        await push.send(beat(2))
+        assert (await first).msg.id == 1
+        assert (await pull.recv(timeout=5)).msg.id == 2  # the timed-out reader took nothing
