@@ -43,6 +43,23 @@ class JsonLinesReporter:
         return None
 
 
+class ListReporter:
+    """Keeps every event as a dict (with its `event` key) in `.events`: for programs that
+    run training from Python and read what happened afterwards."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        return None
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self.events.append({"event": event, **fields})
+
+    def close(self) -> None:
+        return None
+
+
 class RichReporter:
     """A live progress bar (step, loss, throughput, ETA); evals and checkpoints as lines."""
 

@@ -62,26 +62,13 @@ def gpt_config(mode: str, workers: int, shards: int, steps: int, out: str):
         "runtime": {"mode": mode, "workers": workers, "ps_shards": shards}})
 
 
-class Collect:
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def start(self, total_steps: int, first_step: int) -> None:
-        pass
-
-    def emit(self, event: str, **fields) -> None:
-        self.events.append({"event": event, **fields})
-
-    def close(self) -> None:
-        pass
-
-
 def bench_gpt(workers: int, shards: int, steps: int, warmup: int) -> dict:
     from narun._process import tune_process
+    from narun.events import ListReporter
 
     tune_process(1)  # as `narun train` and every worker do: malloc kept, 1 BLAS thread
     out = tempfile.mkdtemp(prefix="bench_dp_")
-    rep = Collect()
+    rep = ListReporter()
     tokens = GPT["batch"] * GPT["seq"]
     if workers == 0:
         from narun.train import train

@@ -65,32 +65,17 @@ def peak_rss(pid: int | str) -> int | None:
     return None
 
 
-class Collect:
-    """A reporter that keeps the events (the bench prints its own table)."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def start(self, total_steps: int, first_step: int) -> None:
-        pass
-
-    def emit(self, event: str, **fields) -> None:
-        self.events.append({"event": event, **fields})
-
-    def close(self) -> None:
-        pass
-
-
 def run_job(run: str, workers: int, shards: int, steps: int, out: str) -> dict:
     import uvloop
 
     from narun._process import tune_process
+    from narun.events import ListReporter
     from narun.runtime import Coordinator
 
     tune_process(1)  # as `narun train` and every worker do
     total = steps if run == "fresh" else 2 * steps
     cfg = gpt_config(workers, shards, total, out)
-    coordinator = Coordinator(cfg, Collect(), "auto" if run == "resume" else None,
+    coordinator = Coordinator(cfg, ListReporter(), "auto" if run == "resume" else None,
                               stop_at=steps if run == "fresh" else None)
     peaks: dict[tuple[str, int], int] = {}
     seen: dict[int, tuple[str, int]] = {}
