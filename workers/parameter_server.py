@@ -206,7 +206,7 @@ class ParameterServer(JobActor):
             grad = np.asarray(grad)
             if grad.dtype != np.float32 or grad.shape != (b.bucket.size,):
                 raise ReplyError("protocol", f"ps {self.rank}: bucket {key} takes float32 "
-                                          f"({b.bucket.size},), got {grad.dtype} {grad.shape}")
+                                             f"({b.bucket.size},), got {grad.dtype} {grad.shape}")
             if self.mode == "ps-sync":
                 await self._room_for_snapshot(b, msg["step"])
                 on_time = await self._push_sync(b, msg["step"], msg["rank"], grad)
@@ -232,7 +232,7 @@ class ParameterServer(JobActor):
             return False
         if step > b.version:
             raise ReplyError("busy", f"ps {self.rank}: bucket {b.bucket.key} is assembling step "
-                                  f"{b.version}, trainer {rank} pushed step {step}")
+                                     f"{b.version}, trainer {rank} pushed step {step}")
         if b.held is not None:  # assembled: a restarted trainer's recomputed push adds nothing
             return True
         if rank in b.pushes:
@@ -242,8 +242,8 @@ class ParameterServer(JobActor):
         if self._complete(b):
             return True
         await self._wait_bucket(b, lambda: b.version > step or b.held is not None,
-                             lambda: f"the pushes of step {step} from trainer(s) "
-                                     f"{sorted(self.members - set(b.pushes))}")
+                                lambda: f"the pushes of step {step} from trainer(s) "
+                                        f"{sorted(self.members - set(b.pushes))}")
         return True
 
     async def _room_for_snapshot(self, b: ShardBucket, step: int) -> None:
@@ -252,8 +252,8 @@ class ParameterServer(JobActor):
         if step + 1 not in self._snapshot_steps or step < b.version:
             return
         await self._wait_bucket(b, lambda: len(b.snapshots) < MAX_SNAPSHOTS,
-                             lambda: f"the coordinator to take the snapshots of steps "
-                                     f"{sorted(b.snapshots)} before step {step + 1}")
+                                lambda: f"the coordinator to take the snapshots of steps "
+                                        f"{sorted(b.snapshots)} before step {step + 1}")
 
     def _complete(self, b: ShardBucket) -> bool:
         """Apply the mean of the held pushes once every member has pushed."""
@@ -289,23 +289,23 @@ class ParameterServer(JobActor):
         if b.version == step + 1 and b.last_sq is not None:
             return b.last_sq
         raise ReplyError("not_found", f"ps {self.rank}: bucket {b.bucket.key} is at version "
-                                   f"{b.version} and keeps no gradient norm of step {step}")
+                                      f"{b.version} and keeps no gradient norm of step {step}")
 
     async def on_apply_step(self, msg: Message, route: bytes | None) -> Message:
         """Apply the held step `step` scaled by the global norm's clip factor (once: later
         requests of the step find it applied); answer all buckets at version step + 1."""
         if not self.clip:
             raise ReplyError("unsupported", f"ps {self.rank}: apply_step is for ps-sync with "
-                                         f"training.grad_clip set")
+                                            f"training.grad_clip set")
         step, rank = msg["step"], msg["rank"]
         for key, b in self.buckets.items():  # all or nothing: check every bucket first
             if b.version == step and b.held is None:
                 raise ReplyError("busy", f"ps {self.rank}: bucket {key} has not assembled step "
-                                      f"{step}; trainer(s) "
-                                      f"{sorted(self.members - set(b.pushes))} did not push it")
+                                         f"{step}; trainer(s) "
+                                         f"{sorted(self.members - set(b.pushes))} did not push it")
             if b.version not in (step, step + 1):
                 raise ReplyError("not_found", f"ps {self.rank}: bucket {key} is at version "
-                                           f"{b.version}, trainer {rank} applies step {step}")
+                                              f"{b.version}, trainer {rank} applies step {step}")
         coef = clip_coefficient(msg["norm"], self.clip)
         out: dict[str, np.ndarray] = {}
         for key, b in self.buckets.items():
@@ -345,9 +345,9 @@ class ParameterServer(JobActor):
         lag = b.version - version
         if lag > self.max_staleness:
             raise ReplyError("stale", f"ps {self.rank}: bucket {b.bucket.key} is at version "
-                                   f"{b.version}, the push was computed on version {version} "
-                                   f"({lag} behind, runtime.max_staleness is "
-                                   f"{self.max_staleness})")
+                                      f"{b.version}, the push was computed on version {version} "
+                                      f"({lag} behind, runtime.max_staleness is "
+                                      f"{self.max_staleness})")
         b.apply(grad, self.lrs_at(b.version // max(self.workers, 1)))
 
     async def on_pull_params(self, msg: Message, route: bytes | None) -> Message:
@@ -385,7 +385,7 @@ class ParameterServer(JobActor):
         b = self.buckets.get(key)
         if b is None:
             raise ReplyError("not_found", f"ps {self.rank} holds buckets {sorted(self.buckets)}, "
-                                       f"not {key!r}")
+                                          f"not {key!r}")
         return b
 
     # -- the coordinator's requests ----------------------------------------------------
@@ -393,7 +393,7 @@ class ParameterServer(JobActor):
         ranks = set(msg["ranks"])
         if not ranks <= set(range(self.workers)):
             raise ReplyError("protocol", f"ps {self.rank}: members {sorted(ranks)} are not all "
-                                      f"trainer ranks of 0..{self.workers - 1}")
+                                         f"trainer ranks of 0..{self.workers - 1}")
         if ranks != self.members:
             log.warning("ps.members", shard=self.rank, members=sorted(ranks),
                         of=self.workers)
@@ -412,8 +412,9 @@ class ParameterServer(JobActor):
             snap = b.snapshots.get(step) if self.mode == "ps-sync" else None
             if snap is None:
                 if self.mode == "ps-sync" and b.version != step:
-                    raise ReplyError("not_found", f"ps {self.rank}: bucket {key} is at version "
-                                               f"{b.version} and kept no snapshot of step {step}")
+                    raise ReplyError("not_found", f"ps {self.rank}: bucket {key} is at "
+                                                  f"version {b.version} and kept no snapshot of "
+                                                  f"step {step}")
                 snap = (b.w.copy(), b.piece_states())
             _drop_snapshots(b, step + 1)
             values, states = snap
