@@ -214,8 +214,8 @@ class Coordinator:
                 await self._started_dead([c])  # a replacement gets the endpoints in its spec
         self._tasks.spawn(self._watchdog(), "watchdog")
         await self._wait_until(lambda: all(c.pid in self._hello for c in self.children),
-                          lambda: "hello from " + ", ".join(
-                              c.name for c in self.children if c.pid not in self._hello))
+                               lambda: "hello from " + ", ".join(
+                                   c.name for c in self.children if c.pid not in self._hello))
         for k, ep in enumerate(self.shard_endpoints):
             ch = open_channel(context, "dealer", connect=ep, identity=b"coordinator")
             self.shard_links.append(Mailbox(ch, f"ps {k}", watch=True,
@@ -226,7 +226,7 @@ class Coordinator:
         decided (a misconfiguration fails the job; a killed shard rolls back; a killed
         trainer is being replaced, so this returns)."""
         await self._wait_until(lambda: any(c.pid in self._exited for c in children),
-                          "a dead process's exit status")
+                               "a dead process's exit status")
         self._check()  # _watch judged it in the same step that recorded the exit
 
     async def _spawn(self, role: str, rank: int, spec: str) -> Child:
