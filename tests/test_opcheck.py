@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from tests import opcheck
+from tests.opcheck import check_op
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,3 +46,16 @@ def test_missing_torch_turns_each_comparison_into_a_visible_skip(tmp_path):
         missing + "check_op's forward and backward x2" + other), text), text
     assert re.search(re.escape("test_init.py:") + r"\d+: " + re.escape(missing + "gain" + other),
                      text), text
+
+
+@pytest.mark.skipif(not opcheck.HAS_TORCH, reason="needs torch: checks that check_op "
+                                                   "compares with it")
+def test_an_op_without_gradients_is_still_compared_with_torch():
+    """check_op used to return after finding no differentiable output, before comparing
+    with torch: a wrong non-differentiable op matched any torch_fn."""
+    x = np.array([[0.5, -1.0, 2.0], [3.0, 0.0, -2.0]])
+    check_op(lambda a: a.argmax(-1), lambda a: a.argmax(-1), [x], grad=[False],
+             torch_fn=lambda a: a.argmax(-1))
+    with pytest.raises(AssertionError, match="forward differs from torch"):
+        check_op(lambda a: a.argmax(-1), None, [x], grad=[False],
+                 torch_fn=lambda a: a.argmin(-1))
