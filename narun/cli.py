@@ -21,10 +21,19 @@ EXIT_FAILURE, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 def _load_job_config(path: str, overrides: Sequence[str]) -> Any:
+    """The config `narun train` would run, checked as `train` checks it (narun.train.check_job:
+    model, data files, seq_len against the model, device, mode), so `config check` refuses
+    exactly what `train` refuses."""
     import narun.models  # noqa: F401  (registers model fields, so model.* keys are checked)
     from narun.config import load_config
+    from narun.train import check_job
 
-    return load_config(path, overrides)
+    cfg = load_config(path, overrides)
+    try:
+        check_job(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -49,14 +58,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         from narun.train import train
 
-        if cfg.runtime.mode != "local" or cfg.runtime.workers:
-            raise ConfigError(f"runtime.mode: {cfg.runtime.mode!r} with "
-                              f"{cfg.runtime.workers} workers is not available; use mode "
-                              f"local with workers 0, or ps-sync / ps-async with workers >= 1")
-        if cfg.runtime.device not in ("cpu", "auto"):
-            raise ConfigError(f"runtime.device: one process (--workers 0) trains on the cpu; "
-                              f"for {cfg.runtime.device!r} train with --workers N, which puts "
-                              f"each trainer's model there")
         tune_process()  # keep each step's freed temporaries instead of page-faulting them back
         done = train(cfg, reporter, resume=args.resume)
     if done["signal"] == signal.SIGINT:

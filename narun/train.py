@@ -21,11 +21,11 @@ import structlog
 import narun
 from narun import checkpoint as ckpt
 from narun import optim
-from narun.config import JobConfig, to_dict
+from narun.config import JobConfig, _choice_message, check_trainable_device, to_dict
 from narun.data import ArrayDataset, ShardedSampler, TextDataset, WindowSampler
 from narun.errors import CheckpointError, ConfigError
 from narun.events import Reporter
-from narun.models import build_from_config
+from narun.models import build_from_config, gpt_config, model_names
 from narun.nn import functional as F
 from narun.nn.utils import clip_grad_norm_
 
@@ -92,15 +92,51 @@ class Job:
             self.model.train()
 
 
+def check_job(cfg: JobConfig) -> None:
+    """Everything `narun train` refuses about a config, checked before anything is built or
+    started; `narun config check`, one-process and distributed training all call this, so
+    they refuse the same configs with the same ConfigError."""
+    rt, t, data = cfg.runtime, cfg.training, cfg.data
+    distributed = rt.mode in ("ps-sync", "ps-async")
+    if not distributed and (rt.mode != "local" or rt.workers):
+        raise ConfigError(f"runtime.mode: {rt.mode!r} with {rt.workers} workers is not "
+                          f"available; use mode local with workers 0, or ps-sync / ps-async "
+                          f"with workers >= 1")
+    if distributed and rt.workers < 1:
+        raise ConfigError(f"runtime.workers: expected >= 1 in mode {rt.mode}, got {rt.workers}")
+    check_trainable_device(rt.device, distributed)
+    if distributed and (t.batch_size // rt.workers) % t.grad_accum:
+        raise ConfigError(f"training.grad_accum: {t.grad_accum} does not divide the "
+                          f"per-trainer batch {t.batch_size // rt.workers} (batch_size "
+                          f"{t.batch_size} / {rt.workers} workers)")
+    if cfg.model.name not in model_names():
+        raise ConfigError(_choice_message("model.name", cfg.model.name, model_names()))
+    if data.kind == "text" and cfg.model.name != "gpt":
+        raise ConfigError(f"data.kind: text needs a language model (model.name: gpt), "
+                          f"got model.name {cfg.model.name!r}")
+    if data.path is not None:
+        p = Path(data.path)
+        if not p.exists():
+            raise ConfigError(f"data.path: no such file {data.path!r}"
+                              + (" (make it with `narun data blobs PATH`)"
+                                 if data.kind == "arrays" else ""))
+        if p.is_dir():
+            raise ConfigError(f"data.path: {data.path!r} is a directory, expected a file")
+    if data.kind == "text":
+        block = gpt_config(cfg.model.preset, **cfg.model.overrides).block_size
+        if data.seq_len > block:
+            raise ConfigError(f"data.seq_len: {data.seq_len} exceeds the model's block_size "
+                              f"{block} (the longest context it is built for); set "
+                              f"data.seq_len <= {block}, or model.block_size >= "
+                              f"{data.seq_len}")
+
+
 def build_job(cfg: JobConfig) -> Job:
     """Model, data, optimizer and schedule from a config (seeded by training.seed)."""
     t = cfg.training
     narun.manual_seed(t.seed)
     model = build_from_config(cfg.model)
     if cfg.data.kind == "text":
-        if cfg.model.name != "gpt":
-            raise ConfigError(f"data.kind: text needs a language model (model.name: gpt), "
-                              f"got model.name {cfg.model.name!r}")
         train, val = TextDataset.splits(cfg.data.path, cfg.data.seq_len, cfg.data.val_fraction)
         sampler: Any = WindowSampler(len(train), t.batch_size, seed=t.seed)
     else:
@@ -205,6 +241,7 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
     `stop_at` ends the run early at that step with a checkpoint, as a signal would, without
     changing the schedule (which is laid out for `training.steps`).
     """
+    check_job(cfg)
     job = build_job(cfg)
     t = cfg.training
     start = 0

@@ -53,11 +53,11 @@ from narun.runtime.buckets import BUCKET_BYTES, join, plan_for
 from narun.runtime.launcher import Child, spawn
 from narun.runtime.mailbox import Mailbox, new_id
 from narun.runtime.shard_start import remove_init_state, write_init_state
-from narun.runtime.spec import WorkerSpec, check_trainable_device
+from narun.runtime.spec import WorkerSpec
 from narun.runtime.supervision import Failure, StartupFailure, Supervisor
 from narun.runtime.tasks import Background
 from narun.runtime.waiting import Broadcast
-from narun.train import build_job, checkpoint_dir, resolve_resume, restore
+from narun.train import build_job, check_job, checkpoint_dir, resolve_resume, restore
 from protocol import Message, message, open_channel, reply
 
 log = structlog.get_logger("narun.runtime")
@@ -663,19 +663,12 @@ def _listen(context: zmq.asyncio.Context, rt: Any) -> Any:
 
 
 def check_config(cfg: JobConfig) -> None:
-    """What the parameter-server runtime supports, checked before any process starts."""
-    rt, t = cfg.runtime, cfg.training
-    if rt.mode not in ("ps-sync", "ps-async"):
+    """What the parameter-server runtime supports, checked before any process starts: what
+    `narun train` checks of every job (narun.train.check_job), in mode ps-sync / ps-async."""
+    if cfg.runtime.mode not in ("ps-sync", "ps-async"):
         raise ConfigError(f"runtime.mode: the parameter-server runtime runs ps-sync or "
-                          f"ps-async, got {rt.mode!r}")
-    if rt.workers < 1:
-        raise ConfigError(f"runtime.workers: expected >= 1 in mode {rt.mode}, got {rt.workers}")
-    check_trainable_device(rt.device)
-    local = t.batch_size // rt.workers
-    if local % t.grad_accum:
-        raise ConfigError(f"training.grad_accum: {t.grad_accum} does not divide the "
-                          f"per-trainer batch {local} (batch_size {t.batch_size} / "
-                          f"{rt.workers} workers)")
+                          f"ps-async, got {cfg.runtime.mode!r}")
+    check_job(cfg)
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, handler: Any) -> list[int]:

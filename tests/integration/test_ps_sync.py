@@ -165,7 +165,7 @@ def test_auto_trains_on_the_cpu_without_a_gpu_and_mps_is_refused(make_config, mo
     monkeypatch.setitem(__import__("sys").modules, "cupy", None)
     assert training_device("auto") == "cpu"
     assert training_device("cuda") == "cuda:0"
-    with pytest.raises(ConfigError, match="mps.*cpu, cuda:N or auto"):
+    with pytest.raises(ConfigError, match="'mps' cannot train yet"):
         training_device("mps")
-    with pytest.raises(ConfigError, match="mps.*cpu, cuda:N or auto"):
+    with pytest.raises(ConfigError, match="'mps' cannot train yet"):
         Coordinator(make_config("ps-sync", 2, device="mps"), JsonLinesReporter(io.StringIO()))

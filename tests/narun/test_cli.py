@@ -78,8 +78,9 @@ def gpt_run(tmp_path_factory):
 
 # ---- config check --------------------------------------------------------------------------
 
-def test_config_check_prints_the_resolved_config(tmp_path):
-    out = narun_cli("config", "check", "configs/mlp.yaml", "--set", "training.lr=0.25",
+def test_config_check_prints_the_resolved_config(tmp_path, blobs):
+    out = narun_cli("config", "check", "configs/mlp.yaml", "--set", f"data.path={blobs}",
+                    "--set", "training.lr=0.25",
                     "--set", "model.sizes=[16, 8, 4]")
     assert out.returncode == 0, out.stderr
     resolved = yaml.safe_load(out.stdout)
@@ -123,6 +124,57 @@ def test_config_check_on_a_missing_file_exits_2(tmp_path):
     assert out.returncode == 2 and "nope.yaml" in out.stderr
 
 
+# What `train` refuses, `config check` refuses: the same message, exit 2, before any step.
+REFUSED = [
+    (["--set", "model.name=gtp"], "model.name: must be one of gpt, mlp, got 'gtp'; "
+     "did you mean 'gpt'?"),
+    (["--set", "data.path=no/such/corpus.txt"], "data.path: no such file "
+     "'no/such/corpus.txt'"),
+    (["--set", "data.seq_len=64"], "data.seq_len: 64 exceeds the model's block_size 32"),
+    (["--set", "runtime.device=mps"], "runtime.device: 'mps' cannot train yet"),
+    (["--set", "runtime.device=cuda:0"], "runtime.device: one process (--workers 0) trains "
+     "on the cpu"),
+]
+
+
+@pytest.mark.parametrize("args,message", REFUSED)
+def test_config_check_refuses_what_train_refuses(gpt_config_file, args, message):
+    check = narun_cli("config", "check", gpt_config_file, *args)
+    train = narun_cli("train", gpt_config_file, *args)
+    for out in (check, train):
+        assert out.returncode == 2, (out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr
+        assert message in out.stderr, out.stderr
+    assert check.stderr == train.stderr
+    assert check.stdout == "" and not (gpt_config_file.parent / "run").exists()
+
+
+def test_mps_is_refused_with_one_message_in_one_process_and_distributed(gpt_config_file):
+    one = narun_cli("train", gpt_config_file, "--set", "runtime.device=mps")
+    two = narun_cli("train", gpt_config_file, "--set", "runtime.device=mps", "--workers", 2)
+    assert one.returncode == two.returncode == 2
+    assert "'mps' cannot train yet" in one.stderr and one.stderr == two.stderr
+
+
+def test_an_empty_config_file_is_an_error_not_a_default_run(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here yet\n")
+    for args in (["config", "check", empty], ["train", empty]):
+        out = narun_cli(*args)
+        assert out.returncode == 2, (out.stdout, out.stderr)
+        assert f"{empty}: the config is empty" in out.stderr
+    assert out.stdout == ""  # `train` stopped before its first step (no step event)
+
+
+@pytest.fixture
+def gpt_config_file(tmp_path):
+    data = json.loads(json.dumps(TINY_GPT))
+    data["training"]["out_dir"] = str(tmp_path / "run")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 # ---- data blobs -----------------------------------------------------------------------------
 
 def test_data_blobs_writes_a_balanced_known_answer_npz(blobs, tmp_path):
@@ -142,8 +194,9 @@ def test_data_blobs_writes_a_balanced_known_answer_npz(blobs, tmp_path):
         np.testing.assert_array_equal(f["x"], x)
 
 
-def test_one_process_training_on_a_gpu_exits_2_pointing_at_workers():
-    out = narun_cli("train", ROOT / "configs" / "mlp.yaml", "--set", "runtime.device=cuda:0")
+def test_one_process_training_on_a_gpu_exits_2_pointing_at_workers(blobs):
+    out = narun_cli("train", ROOT / "configs" / "mlp.yaml", "--set", "runtime.device=cuda:0",
+                    "--set", f"data.path={blobs}")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "runtime.device: one process (--workers 0) trains on the cpu" in out.stderr
     assert "--workers N" in out.stderr

@@ -13,6 +13,7 @@ import pytest
 import narun.models  # noqa: F401  (registers model fields)
 from narun.checkpoint import load_checkpoint
 from narun.config import config_from_dict
+from narun.errors import ConfigError
 from narun.events import JsonLinesReporter
 from narun.train import build_job, train
 
@@ -135,6 +136,17 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert Path(done["checkpoint"]).name == f"step-{done['step']:06d}"
 
 
+def test_train_refuses_a_context_longer_than_the_model_before_any_step(tmp_path):
+    # Was a ShapeError from GPT.forward mid-step (exit 1); it is a config error (exit 2).
+    job = cfg(tmp_path)
+    job.data.seq_len = 64
+    events = Events()
+    with pytest.raises(ConfigError, match=r"data\.seq_len: 64 exceeds the model's block_size "
+                                          r"32 .*set data\.seq_len <= 32"):
+        train(job, events)
+    assert events.events == [] and not (tmp_path / "checkpoints").exists()
+
+
 def test_bad_config_fails_fast_with_the_key(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("training:\n  lrr: 0.1\n")
@@ -145,10 +157,17 @@ def test_bad_config_fails_fast_with_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "mlp.yaml"])
-def test_shipped_configs_pass_config_check(name):
+def test_shipped_configs_pass_config_check(name, tmp_path):
     root = Path(__file__).resolve().parents[3]
-    out = subprocess.run([sys.executable, "-m", "narun.cli", "config", "check",
-                          str(root / "configs" / name)], capture_output=True, text=True,
-                         timeout=60)
+    check = [sys.executable, "-m", "narun.cli", "config", "check", str(root / "configs" / name)]
+    if name == "mlp.yaml":  # its data is made by `narun data blobs runs/blobs.npz`, in cwd
+        missing = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 2
+        assert "data.path: no such file 'runs/blobs.npz'" in missing.stderr
+        assert "narun data blobs" in missing.stderr
+        made = subprocess.run([sys.executable, "-m", "narun.cli", "data", "blobs",
+                               "runs/blobs.npz", "--n", "64"], cwd=tmp_path, timeout=60)
+        assert made.returncode == 0
+    out = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "training:" in out.stdout and "model:" in out.stdout
