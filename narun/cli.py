@@ -36,7 +36,16 @@ def _load_job_config(path: str, overrides: Sequence[str]) -> Any:
     return cfg
 
 
+# Each trainer is a process computing its own steps: more trainers than cores only
+# time-share them (measured in issue 12: 64 trainers on a 2-core machine ran 16x slower).
+_OVERSUBSCRIBED = ("each trainer is a process computing its own steps; beyond one per core "
+                   "they time-share the cores (measured: 64 trainers on 2 cores ran 16x "
+                   "slower)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import structlog
+
     from narun._process import tune_process
     from narun.events import make_reporter
 
@@ -50,6 +59,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.workers:  # `--workers N` alone means the default distributed mode
         overrides.append("runtime.mode=ps-sync")
     cfg = _load_job_config(args.config, overrides)
+    if args.ps_shards is not None and cfg.runtime.mode not in ("ps-sync", "ps-async"):
+        raise ConfigError(f"--ps-shards {args.ps_shards}: parameter-server shards run only in "
+                          f"mode ps-sync or ps-async, and this job runs mode "
+                          f"{cfg.runtime.mode!r}; add --workers N, or drop --ps-shards")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores and cfg.runtime.workers > cores:
+        structlog.get_logger("narun.cli").warning(
+            "workers_exceed_cores", workers=cfg.runtime.workers, cores=cores,
+            reason=_OVERSUBSCRIBED)
     reporter = make_reporter(True if args.json else None)
     if cfg.runtime.mode in ("ps-sync", "ps-async"):
         from narun.runtime import train as distributed_train
@@ -167,10 +185,17 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from narun import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="narun", description="narun: train models with narun's "
                                 "own autograd engine.")
     p.add_argument("--log-json", action="store_true", help="log as JSON lines on stderr")
+    p.add_argument("--version", action="version", version=f"narun {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train the job a YAML config describes")

@@ -175,6 +175,32 @@ def gpt_config_file(tmp_path):
     return path
 
 
+def test_version_prints_the_package_version():
+    out = narun_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"narun {narun.__version__}"
+
+
+def test_ps_shards_in_mode_local_is_an_error_not_ignored(gpt_config_file):
+    out = narun_cli("train", gpt_config_file, "--ps-shards", 2)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--ps-shards 2: parameter-server shards run only in mode ps-sync or ps-async" in \
+        out.stderr and "add --workers N" in out.stderr
+    assert not (gpt_config_file.parent / "run").exists()
+
+
+def test_more_workers_than_cores_warns_once_with_the_reason(gpt_config_file, tmp_path):
+    workers = len(os.sched_getaffinity(0)) + 1
+    # a --resume that does not exist stops the job after the warning, before any process
+    out = narun_cli("train", gpt_config_file, "--workers", workers, "--set",
+                    f"training.batch_size={workers}", "--resume", tmp_path / "nope")
+    assert out.returncode == 3, out.stderr
+    warnings = [line for line in out.stderr.splitlines() if "workers_exceed_cores" in line]
+    assert len(warnings) == 1, out.stderr
+    assert f'"workers": {workers}' in warnings[0] and "time-share the cores" in warnings[0]
+    fits = narun_cli("train", gpt_config_file, "--workers", 1, "--resume", tmp_path / "nope")
+    assert fits.returncode == 3 and "workers_exceed_cores" not in fits.stderr
+
+
 # ---- data blobs -----------------------------------------------------------------------------
 
 def test_data_blobs_writes_a_balanced_known_answer_npz(blobs, tmp_path):
