@@ -145,12 +145,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if job.text:
         result["perplexity"] = math.exp(val)
         result["bits_per_byte"] = val / math.log(2)
+    else:  # a classifier: a loss near 0 says little, the share it gets right says it all
+        result["accuracy"] = job.accuracy()
     if args.json:
         print(json.dumps(result))
+    elif job.text:
+        print(f"step {c.step}: val_loss {val:.4f}, perplexity {result['perplexity']:.3f}, "
+              f"{result['bits_per_byte']:.3f} bits/byte")
     else:
-        print(f"step {c.step}: val_loss {val:.4f}"
-              + (f", perplexity {result['perplexity']:.3f}, {result['bits_per_byte']:.3f} "
-                 "bits/byte" if job.text else ""))
+        print(f"step {c.step}: val_loss {val:.4f}, accuracy {result['accuracy']:.4f} "
+              f"({len(job.val_data)} validation rows)")
     return 0
 
 
@@ -223,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
 
-    e = sub.add_parser("evaluate", help="validation loss (and perplexity) of a checkpoint")
+    e = sub.add_parser("evaluate", help="validation loss, and perplexity (language models) "
+                       "or accuracy (classifiers), of a checkpoint")
     e.add_argument("checkpoint", help="a step directory, or a run directory (newest good one)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_evaluate)

@@ -66,28 +66,50 @@ class Job:
         return F.cross_entropy(self.model(narun.tensor(x, device=self.device)),
                                narun.tensor(y, device=self.device))
 
+    def _val_batches(self, max_batches: int | None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        bs = self.config.training.batch_size
+        if self.text:
+            return self.val_data.iter_eval_batches(bs, max_batches=max_batches)
+        n = len(self.val_data)
+        stops = range(0, n, bs)
+        if max_batches is not None:
+            stops = stops[:max_batches]
+        return (self.val_data.batch(np.arange(s, min(s + bs, n))) for s in stops)
+
     @narun.no_grad()
     def evaluate(self, max_batches: int | None = EVAL_BATCHES) -> float:
         """Mean validation loss (nats per token for text)."""
         self.model.eval()
         try:
             losses, weights = [], []
-            bs = self.config.training.batch_size
-            if self.text:
-                batches = self.val_data.iter_eval_batches(bs, max_batches=max_batches)
-            else:
-                n = len(self.val_data)
-                stops = range(0, n, bs)
-                if max_batches is not None:
-                    stops = stops[:max_batches]
-                batches = (self.val_data.batch(np.arange(s, min(s + bs, n))) for s in stops)
-            for x, y in batches:
+            for x, y in self._val_batches(max_batches):
                 losses.append(self.loss(x, y).item())
                 weights.append(len(x))
             if not losses:
                 raise ConfigError("data.val_fraction: the validation split is empty; "
                                   "raise val_fraction to evaluate")
             return float(np.average(losses, weights=weights))
+        finally:
+            self.model.train()
+
+    @narun.no_grad()
+    def accuracy(self, max_batches: int | None = None) -> float:
+        """Fraction of validation rows whose highest-scoring class is the label (array data:
+        classifiers); language models are judged by loss, perplexity and bits per byte."""
+        if self.text:
+            raise ConfigError("data.kind: accuracy is for classifiers (data.kind: arrays); "
+                              "a language model reports perplexity")
+        self.model.eval()
+        try:
+            right = total = 0
+            for x, y in self._val_batches(max_batches):
+                logits = self.model(narun.tensor(x, device=self.device)).numpy()
+                right += int((logits.argmax(axis=-1) == y).sum())
+                total += len(y)
+            if not total:
+                raise ConfigError("data.val_fraction: the validation split is empty; "
+                                  "raise val_fraction to evaluate")
+            return right / total
         finally:
             self.model.train()
 

@@ -18,7 +18,7 @@ import yaml
 
 import narun
 import narun.models  # noqa: F401  (registers model fields for config_from_dict)
-from narun.checkpoint import load_checkpoint
+from narun.checkpoint import load_checkpoint, save_checkpoint
 from narun.config import config_from_dict
 from narun.data import ArrayDataset, ByteTokenizer
 from narun.models import build_from_config
@@ -261,7 +261,7 @@ def test_train_mlp_reaches_the_known_accuracy(mlp_run, blobs):
     assert accuracy >= 0.97, accuracy
 
 
-def test_evaluate_mlp_checkpoint_reports_the_final_val_loss(mlp_run):
+def test_evaluate_mlp_checkpoint_reports_the_final_val_loss_and_accuracy(mlp_run, blobs):
     done = mlp_run[-1]
     out = narun_cli("evaluate", done["checkpoint"], "--json")
     assert out.returncode == 0, out.stderr
@@ -269,6 +269,32 @@ def test_evaluate_mlp_checkpoint_reports_the_final_val_loss(mlp_run):
     assert result["event"] == "eval" and result["step"] == 300
     assert result["val_loss"] == pytest.approx(done["val_loss"], rel=1e-9)
     assert "perplexity" not in result  # perplexity is for language models
+    # the accuracy a user would compute from the checkpoint's model over the val split
+    ckpt = load_checkpoint(done["checkpoint"])
+    cfg = config_from_dict(ckpt.extra["config"])
+    model = build_from_config(cfg.model)
+    model.load_state_dict(ckpt.model)
+    model.eval()
+    x, y = ArrayDataset(blobs, names=("x", "y"), val_fraction=cfg.data.val_fraction,
+                        split="val")[:]
+    with narun.no_grad():
+        expected = float((model(narun.tensor(x)).numpy().argmax(-1) == y).mean())
+    assert result["accuracy"] == pytest.approx(expected, abs=1e-12) and expected >= 0.97
+    text = narun_cli("evaluate", done["checkpoint"])
+    assert text.returncode == 0
+    assert f"accuracy {expected:.4f} ({len(y)} validation rows)" in text.stdout
+
+
+def test_evaluate_a_checkpoint_without_optimizer_state(gpt_run, tmp_path):
+    # e.g. weights saved from Python for sharing: model and config only
+    ckpt = load_checkpoint(gpt_run["events"][-1]["checkpoint"])
+    path = save_checkpoint(tmp_path, ckpt.step, ckpt.model, None,
+                           {"config": ckpt.extra["config"]})
+    assert not (path / "optimizer.safetensors").exists()
+    out = narun_cli("evaluate", path, "--json")
+    assert out.returncode == 0, out.stderr
+    (result,) = json_lines(out.stdout)
+    assert result["val_loss"] == pytest.approx(gpt_run["events"][-1]["val_loss"], rel=1e-9)
 
 
 def test_generate_on_an_mlp_checkpoint_exits_3(mlp_run):
