@@ -276,7 +276,7 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
     speed_key = "tokens_per_s" if job.text else "samples_per_s"
     began = time.perf_counter()
     last_ckpt = None
-    val_loss = None
+    val_loss = val_step = None
     step = start
     end = t.steps if stop_at is None else min(stop_at, t.steps)
     reporter.start(t.steps, start)
@@ -299,7 +299,7 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
             reporter.emit("step", step=step, loss=total, lr=lr,
                           **{speed_key: per_step / (time.perf_counter() - t0)})
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                val_loss = job.evaluate()
+                val_loss, val_step = job.evaluate(), step
                 reporter.emit("eval", step=step, val_loss=val_loss)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
                 last_ckpt = save(job, step)
@@ -309,8 +309,11 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
         last_ckpt = save(job, step)
         reporter.emit("checkpoint", step=step, path=str(last_ckpt))
     if not interrupted:
-        val_loss = job.evaluate(max_batches=None)
-    done = {"step": step, "val_loss": val_loss, "checkpoint": str(last_ckpt),
+        val_loss, val_step = job.evaluate(max_batches=None), step
+    # val_step: the step val_loss is from; after an interrupt, the last periodic eval's (or
+    # None), not the stopping step's, whose weights were not evaluated
+    done = {"step": step, "val_loss": val_loss, "val_step": val_step,
+            "checkpoint": str(last_ckpt),
             "seconds": time.perf_counter() - began, "interrupted": interrupted}
     reporter.emit("done", **done)
     reporter.close()

@@ -257,7 +257,7 @@ class Coordinator:
         per_sample = cfg.data.seq_len if text else 1
         speed_key = "tokens_per_s" if text else "samples_per_s"
         end = t.steps if self.stop_at is None else min(self.stop_at, t.steps)
-        step, last_ckpt, val_loss = self.start, None, None
+        step, last_ckpt, val_loss, val_step = self.start, None, None, None
         while step < end:
             if not await self._wait_step(step + 1):
                 break
@@ -281,7 +281,7 @@ class Coordinator:
             elif is_eval:
                 await self._pull_model(step)
             if is_eval:
-                val_loss = await asyncio.to_thread(job.evaluate)
+                val_loss, val_step = await asyncio.to_thread(job.evaluate), step
                 self.reporter.emit("eval", step=step, val_loss=val_loss)
             if is_ckpt:
                 self.reporter.emit("checkpoint", step=step, path=str(last_ckpt))
@@ -291,12 +291,14 @@ class Coordinator:
         if self._rollback is not None and self._signal is None:
             raise self._rollback  # a shard asked to leave: drained, checkpointed, restart
         if step == t.steps:
-            val_loss = await asyncio.to_thread(job.evaluate, None)
-        return self._done(step, val_loss, last_ckpt, began)
+            val_loss, val_step = await asyncio.to_thread(job.evaluate, None), step
+        return self._done(step, val_loss, last_ckpt, began, val_step)
 
     def _done(self, step: int, val_loss: float | None, checkpoint: Path | None,
-              began: float) -> dict[str, Any]:
-        done = {"step": step, "val_loss": val_loss, "checkpoint": str(checkpoint),
+              began: float, val_step: int | None = None) -> dict[str, Any]:
+        # val_step: the step val_loss is from (as narun.train.train's done event)
+        done = {"step": step, "val_loss": val_loss, "val_step": val_step,
+                "checkpoint": str(checkpoint),
                 "seconds": time.perf_counter() - began,
                 "interrupted": step < self.cfg.training.steps,
                 "restarts": len(self.supervisor.failures), "steps_redone": self.steps_redone}

@@ -109,6 +109,19 @@ def test_events_are_json_lines_with_the_documented_fields(tmp_path):
     assert np.isfinite(done["val_loss"]) and done["val_loss"] < np.log(256) + 0.5
 
 
+def test_an_interrupted_run_says_which_validation_its_done_event_reports(tmp_path):
+    ev = Events()
+    done = train(cfg(tmp_path / "a", steps=10, eval_every=4), ev, stop_at=7)
+    (last_eval,) = [e for e in ev.events if e["event"] == "eval"]
+    assert done["interrupted"] and done["step"] == 7
+    assert done["val_step"] == last_eval["step"] == 4  # not step 7's weights
+    assert done["val_loss"] == last_eval["val_loss"]
+    none = train(cfg(tmp_path / "b", steps=10, eval_every=0), Events(), stop_at=3)
+    assert none["val_step"] is None and none["val_loss"] is None
+    full = train(cfg(tmp_path / "c", steps=3, eval_every=0), Events())
+    assert full["val_step"] == 3 and not full["interrupted"]
+
+
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     config = tmp_path / "job.yaml"
     import yaml
