@@ -20,19 +20,22 @@ from narun.errors import CheckpointError, ConfigError, NarunError
 EXIT_FAILURE, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
-def _load_job_config(path: str, overrides: Sequence[str]) -> Any:
-    """The config `narun train` would run, checked as `train` checks it (narun.train.check_job:
-    model, data files, seq_len against the model, device, mode), so `config check` refuses
-    exactly what `train` refuses."""
+def _load_job_config(path: str, sets: Sequence[str], flags: Sequence[str] = ()) -> Any:
+    """The config `narun train` would run (`--set` items, then what flags such as --workers
+    set), checked as `train` checks it (narun.train.check_job: model, data files, seq_len
+    against the model, device, mode), so `config check` refuses exactly what `train` does."""
     import narun.models  # noqa: F401  (registers model fields, so model.* keys are checked)
     from narun.config import load_config
     from narun.train import check_job
 
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, [*sets, *flags])
     try:
         check_job(cfg)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        key = str(err).partition(":")[0]  # every check_job message starts with its key path
+        origin = [o for o in sets if o.partition("=")[0].strip() == key]
+        where = f" [from --set {origin[-1]}]" if origin else ""
+        raise ConfigError(f"{path}: {err}{where}") from None
     return cfg
 
 
@@ -49,16 +52,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from narun._process import tune_process
     from narun.events import make_reporter
 
-    overrides = list(args.set)
+    flags: list[str] = []  # what the flags set, after (over) the --set items
     if args.workers is not None:
-        overrides.append(f"runtime.workers={args.workers}")
+        flags.append(f"runtime.workers={args.workers}")
     if args.ps_shards is not None:
-        overrides.append(f"runtime.ps_shards={args.ps_shards}")
+        flags.append(f"runtime.ps_shards={args.ps_shards}")
     if args.mode is not None:
-        overrides.append(f"runtime.mode={args.mode}")
+        flags.append(f"runtime.mode={args.mode}")
     elif args.workers:  # `--workers N` alone means the default distributed mode
-        overrides.append("runtime.mode=ps-sync")
-    cfg = _load_job_config(args.config, overrides)
+        flags.append("runtime.mode=ps-sync")
+    cfg = _load_job_config(args.config, args.set, flags)
     if args.ps_shards is not None and cfg.runtime.mode not in ("ps-sync", "ps-async"):
         raise ConfigError(f"--ps-shards {args.ps_shards}: parameter-server shards run only in "
                           f"mode ps-sync or ps-async, and this job runs mode "

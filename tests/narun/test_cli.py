@@ -145,6 +145,7 @@ def test_config_check_refuses_what_train_refuses(gpt_config_file, args, message)
         assert out.returncode == 2, (out.stdout, out.stderr)
         assert "Traceback" not in out.stderr
         assert message in out.stderr, out.stderr
+        assert out.stderr.rstrip().endswith(f"[from --set {args[1]}]"), out.stderr
     assert check.stderr == train.stderr
     assert check.stdout == "" and not (gpt_config_file.parent / "run").exists()
 
