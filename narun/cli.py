@@ -20,27 +20,57 @@ from narun.errors import CheckpointError, ConfigError, NarunError
 EXIT_FAILURE, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
-def _load_job_config(path: str, overrides: Sequence[str]) -> Any:
+def _load_job_config(path: str, sets: Sequence[str], flags: Sequence[str] = ()) -> Any:
+    """The config `narun train` would run (`--set` items, then what flags such as --workers
+    set), checked as `train` checks it (narun.train.check_job: model, data files, seq_len
+    against the model, device, mode), so `config check` refuses exactly what `train` does."""
     import narun.models  # noqa: F401  (registers model fields, so model.* keys are checked)
     from narun.config import load_config
+    from narun.train import check_job
 
-    return load_config(path, overrides)
+    cfg = load_config(path, [*sets, *flags])
+    try:
+        check_job(cfg)
+    except ConfigError as err:
+        key = str(err).partition(":")[0]  # every check_job message starts with its key path
+        origin = [o for o in sets if o.partition("=")[0].strip() == key]
+        where = f" [from --set {origin[-1]}]" if origin else ""
+        raise ConfigError(f"{path}: {err}{where}") from None
+    return cfg
+
+
+# Each trainer is a process computing its own steps: more trainers than cores only
+# time-share them (measured in issue 12: 64 trainers on a 2-core machine ran 16x slower).
+_OVERSUBSCRIBED = ("each trainer is a process computing its own steps; beyond one per core "
+                   "they time-share the cores (measured: 64 trainers on 2 cores ran 16x "
+                   "slower)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import structlog
+
     from narun._process import tune_process
     from narun.events import make_reporter
 
-    overrides = list(args.set)
+    flags: list[str] = []  # what the flags set, after (over) the --set items
     if args.workers is not None:
-        overrides.append(f"runtime.workers={args.workers}")
+        flags.append(f"runtime.workers={args.workers}")
     if args.ps_shards is not None:
-        overrides.append(f"runtime.ps_shards={args.ps_shards}")
+        flags.append(f"runtime.ps_shards={args.ps_shards}")
     if args.mode is not None:
-        overrides.append(f"runtime.mode={args.mode}")
+        flags.append(f"runtime.mode={args.mode}")
     elif args.workers:  # `--workers N` alone means the default distributed mode
-        overrides.append("runtime.mode=ps-sync")
-    cfg = _load_job_config(args.config, overrides)
+        flags.append("runtime.mode=ps-sync")
+    cfg = _load_job_config(args.config, args.set, flags)
+    if args.ps_shards is not None and cfg.runtime.mode not in ("ps-sync", "ps-async"):
+        raise ConfigError(f"--ps-shards {args.ps_shards}: parameter-server shards run only in "
+                          f"mode ps-sync or ps-async, and this job runs mode "
+                          f"{cfg.runtime.mode!r}; add --workers N, or drop --ps-shards")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores and cfg.runtime.workers > cores:
+        structlog.get_logger("narun.cli").warning(
+            "workers_exceed_cores", workers=cfg.runtime.workers, cores=cores,
+            reason=_OVERSUBSCRIBED)
     reporter = make_reporter(True if args.json else None)
     if cfg.runtime.mode in ("ps-sync", "ps-async"):
         from narun.runtime import train as distributed_train
@@ -49,14 +79,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         from narun.train import train
 
-        if cfg.runtime.mode != "local" or cfg.runtime.workers:
-            raise ConfigError(f"runtime.mode: {cfg.runtime.mode!r} with "
-                              f"{cfg.runtime.workers} workers is not available; use mode "
-                              f"local with workers 0, or ps-sync / ps-async with workers >= 1")
-        if cfg.runtime.device not in ("cpu", "auto"):
-            raise ConfigError(f"runtime.device: one process (--workers 0) trains on the cpu; "
-                              f"for {cfg.runtime.device!r} train with --workers N, which puts "
-                              f"each trainer's model there")
         tune_process()  # keep each step's freed temporaries instead of page-faulting them back
         done = train(cfg, reporter, resume=args.resume)
     if done["signal"] == signal.SIGINT:
@@ -126,12 +148,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if job.text:
         result["perplexity"] = math.exp(val)
         result["bits_per_byte"] = val / math.log(2)
+    else:  # a classifier: a loss near 0 says little, the share it gets right says it all
+        result["accuracy"] = job.accuracy()
     if args.json:
         print(json.dumps(result))
+    elif job.text:
+        print(f"step {c.step}: val_loss {val:.4f}, perplexity {result['perplexity']:.3f}, "
+              f"{result['bits_per_byte']:.3f} bits/byte")
     else:
-        print(f"step {c.step}: val_loss {val:.4f}"
-              + (f", perplexity {result['perplexity']:.3f}, {result['bits_per_byte']:.3f} "
-                 "bits/byte" if job.text else ""))
+        print(f"step {c.step}: val_loss {val:.4f}, accuracy {result['accuracy']:.4f} "
+              f"({len(job.val_data)} validation rows)")
     return 0
 
 
@@ -166,10 +192,17 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from narun import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="narun", description="narun: train models with narun's "
                                 "own autograd engine.")
     p.add_argument("--log-json", action="store_true", help="log as JSON lines on stderr")
+    p.add_argument("--version", action="version", version=f"narun {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train the job a YAML config describes")
@@ -197,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
 
-    e = sub.add_parser("evaluate", help="validation loss (and perplexity) of a checkpoint")
+    e = sub.add_parser("evaluate", help="validation loss, and perplexity (language models) "
+                       "or accuracy (classifiers), of a checkpoint")
     e.add_argument("checkpoint", help="a step directory, or a run directory (newest good one)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_evaluate)

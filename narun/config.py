@@ -34,8 +34,8 @@ from narun.errors import ConfigError
 
 __all__ = [
     "ConfigError", "DataConfig", "JobConfig", "ModelConfig", "RuntimeConfig", "TrainingConfig",
-    "apply_overrides", "config_from_dict", "format_config", "load_config", "parse_yaml",
-    "register_model_fields", "to_dict", "validate_model_overrides",
+    "apply_overrides", "check_trainable_device", "config_from_dict", "format_config",
+    "load_config", "parse_yaml", "register_model_fields", "to_dict", "validate_model_overrides",
 ]
 
 _DEVICE = re.compile(r"cpu|cuda|cuda:\d+|mps|auto")
@@ -152,6 +152,21 @@ class JobConfig:
                 f"training.batch_size: must be divisible by runtime.workers ({workers}) in mode "
                 f"{self.runtime.mode}, got {self.training.batch_size}"
             )
+
+
+def check_trainable_device(device: str, distributed: bool = True) -> None:
+    """Refuse a `runtime.device` narun cannot train on, with one message wherever it is
+    checked (config check, one-process training, the coordinator, each trainer): the engine
+    computes with NumPy or CuPy, so 'mps' (MLX) cannot train until MLX training lands, and
+    one process (`distributed` False) trains on the cpu only."""
+    if device == "mps":
+        raise ConfigError("runtime.device: 'mps' cannot train yet: narun's engine computes "
+                          "with NumPy (cpu) or CuPy (cuda:N), and MLX training has not "
+                          "landed; use cpu or auto (or cuda:N with --workers N)")
+    if not distributed and device not in ("cpu", "auto"):
+        raise ConfigError(f"runtime.device: one process (--workers 0) trains on the cpu; "
+                          f"for {device!r} train with --workers N, which puts each "
+                          f"trainer's model there")
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -287,6 +302,9 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
     except (IsADirectoryError, UnicodeDecodeError) as err:
         raise ConfigError(f"{p}: cannot read config: {err}") from None
     data = parse_yaml(text, str(p))
+    if not data:  # an empty file, only comments, or `{}`: all defaults is not a job
+        raise ConfigError(f"{p}: the config is empty; a job config needs at least its data "
+                          f"and training sections (start from configs/quickstart.yaml)")
     try:
         return config_from_dict(apply_overrides(data, overrides))
     except ConfigError as err:

@@ -21,11 +21,11 @@ import structlog
 import narun
 from narun import checkpoint as ckpt
 from narun import optim
-from narun.config import JobConfig, to_dict
+from narun.config import JobConfig, _choice_message, check_trainable_device, to_dict
 from narun.data import ArrayDataset, ShardedSampler, TextDataset, WindowSampler
 from narun.errors import CheckpointError, ConfigError
 from narun.events import Reporter
-from narun.models import build_from_config
+from narun.models import build_from_config, gpt_config, model_names
 from narun.nn import functional as F
 from narun.nn.utils import clip_grad_norm_
 
@@ -66,22 +66,23 @@ class Job:
         return F.cross_entropy(self.model(narun.tensor(x, device=self.device)),
                                narun.tensor(y, device=self.device))
 
+    def _val_batches(self, max_batches: int | None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        bs = self.config.training.batch_size
+        if self.text:
+            return self.val_data.iter_eval_batches(bs, max_batches=max_batches)
+        n = len(self.val_data)
+        stops = range(0, n, bs)
+        if max_batches is not None:
+            stops = stops[:max_batches]
+        return (self.val_data.batch(np.arange(s, min(s + bs, n))) for s in stops)
+
     @narun.no_grad()
     def evaluate(self, max_batches: int | None = EVAL_BATCHES) -> float:
         """Mean validation loss (nats per token for text)."""
         self.model.eval()
         try:
             losses, weights = [], []
-            bs = self.config.training.batch_size
-            if self.text:
-                batches = self.val_data.iter_eval_batches(bs, max_batches=max_batches)
-            else:
-                n = len(self.val_data)
-                stops = range(0, n, bs)
-                if max_batches is not None:
-                    stops = stops[:max_batches]
-                batches = (self.val_data.batch(np.arange(s, min(s + bs, n))) for s in stops)
-            for x, y in batches:
+            for x, y in self._val_batches(max_batches):
                 losses.append(self.loss(x, y).item())
                 weights.append(len(x))
             if not losses:
@@ -91,6 +92,66 @@ class Job:
         finally:
             self.model.train()
 
+    @narun.no_grad()
+    def accuracy(self, max_batches: int | None = None) -> float:
+        """Fraction of validation rows whose highest-scoring class is the label (array data:
+        classifiers); language models are judged by loss, perplexity and bits per byte."""
+        if self.text:
+            raise ConfigError("data.kind: accuracy is for classifiers (data.kind: arrays); "
+                              "a language model reports perplexity")
+        self.model.eval()
+        try:
+            right = total = 0
+            for x, y in self._val_batches(max_batches):
+                logits = self.model(narun.tensor(x, device=self.device)).numpy()
+                right += int((logits.argmax(axis=-1) == y).sum())
+                total += len(y)
+            if not total:
+                raise ConfigError("data.val_fraction: the validation split is empty; "
+                                  "raise val_fraction to evaluate")
+            return right / total
+        finally:
+            self.model.train()
+
+
+def check_job(cfg: JobConfig) -> None:
+    """Everything `narun train` refuses about a config, checked before anything is built or
+    started; `narun config check`, one-process and distributed training all call this, so
+    they refuse the same configs with the same ConfigError."""
+    rt, t, data = cfg.runtime, cfg.training, cfg.data
+    distributed = rt.mode in ("ps-sync", "ps-async")
+    if not distributed and (rt.mode != "local" or rt.workers):
+        raise ConfigError(f"runtime.mode: {rt.mode!r} with {rt.workers} workers is not "
+                          f"available; use mode local with workers 0, or ps-sync / ps-async "
+                          f"with workers >= 1")
+    if distributed and rt.workers < 1:
+        raise ConfigError(f"runtime.workers: expected >= 1 in mode {rt.mode}, got {rt.workers}")
+    check_trainable_device(rt.device, distributed)
+    if distributed and (t.batch_size // rt.workers) % t.grad_accum:
+        raise ConfigError(f"training.grad_accum: {t.grad_accum} does not divide the "
+                          f"per-trainer batch {t.batch_size // rt.workers} (batch_size "
+                          f"{t.batch_size} / {rt.workers} workers)")
+    if cfg.model.name not in model_names():
+        raise ConfigError(_choice_message("model.name", cfg.model.name, model_names()))
+    if data.kind == "text" and cfg.model.name != "gpt":
+        raise ConfigError(f"data.kind: text needs a language model (model.name: gpt), "
+                          f"got model.name {cfg.model.name!r}")
+    if data.path is not None:
+        p = Path(data.path)
+        if not p.exists():
+            raise ConfigError(f"data.path: no such file {data.path!r}"
+                              + (" (make it with `narun data blobs PATH`)"
+                                 if data.kind == "arrays" else ""))
+        if p.is_dir():
+            raise ConfigError(f"data.path: {data.path!r} is a directory, expected a file")
+    if data.kind == "text":
+        block = gpt_config(cfg.model.preset, **cfg.model.overrides).block_size
+        if data.seq_len > block:
+            raise ConfigError(f"data.seq_len: {data.seq_len} exceeds the model's block_size "
+                              f"{block} (the longest context it is built for); set "
+                              f"data.seq_len <= {block}, or model.block_size >= "
+                              f"{data.seq_len}")
+
 
 def build_job(cfg: JobConfig) -> Job:
     """Model, data, optimizer and schedule from a config (seeded by training.seed)."""
@@ -98,9 +159,6 @@ def build_job(cfg: JobConfig) -> Job:
     narun.manual_seed(t.seed)
     model = build_from_config(cfg.model)
     if cfg.data.kind == "text":
-        if cfg.model.name != "gpt":
-            raise ConfigError(f"data.kind: text needs a language model (model.name: gpt), "
-                              f"got model.name {cfg.model.name!r}")
         train, val = TextDataset.splits(cfg.data.path, cfg.data.seq_len, cfg.data.val_fraction)
         sampler: Any = WindowSampler(len(train), t.batch_size, seed=t.seed)
     else:
@@ -205,6 +263,7 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
     `stop_at` ends the run early at that step with a checkpoint, as a signal would, without
     changing the schedule (which is laid out for `training.steps`).
     """
+    check_job(cfg)
     job = build_job(cfg)
     t = cfg.training
     start = 0
@@ -217,7 +276,7 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
     speed_key = "tokens_per_s" if job.text else "samples_per_s"
     began = time.perf_counter()
     last_ckpt = None
-    val_loss = None
+    val_loss = val_step = None
     step = start
     end = t.steps if stop_at is None else min(stop_at, t.steps)
     reporter.start(t.steps, start)
@@ -240,7 +299,7 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
             reporter.emit("step", step=step, loss=total, lr=lr,
                           **{speed_key: per_step / (time.perf_counter() - t0)})
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                val_loss = job.evaluate()
+                val_loss, val_step = job.evaluate(), step
                 reporter.emit("eval", step=step, val_loss=val_loss)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
                 last_ckpt = save(job, step)
@@ -250,8 +309,11 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
         last_ckpt = save(job, step)
         reporter.emit("checkpoint", step=step, path=str(last_ckpt))
     if not interrupted:
-        val_loss = job.evaluate(max_batches=None)
-    done = {"step": step, "val_loss": val_loss, "checkpoint": str(last_ckpt),
+        val_loss, val_step = job.evaluate(max_batches=None), step
+    # val_step: the step val_loss is from; after an interrupt, the last periodic eval's (or
+    # None), not the stopping step's, whose weights were not evaluated
+    done = {"step": step, "val_loss": val_loss, "val_step": val_step,
+            "checkpoint": str(last_ckpt),
             "seconds": time.perf_counter() - began, "interrupted": interrupted}
     reporter.emit("done", **done)
     reporter.close()

@@ -53,11 +53,11 @@ from narun.runtime.buckets import BUCKET_BYTES, join, plan_for
 from narun.runtime.launcher import Child, spawn
 from narun.runtime.mailbox import Mailbox, new_id
 from narun.runtime.shard_start import remove_init_state, write_init_state
-from narun.runtime.spec import WorkerSpec, check_trainable_device
+from narun.runtime.spec import WorkerSpec
 from narun.runtime.supervision import Failure, StartupFailure, Supervisor
 from narun.runtime.tasks import Background
 from narun.runtime.waiting import Broadcast
-from narun.train import build_job, checkpoint_dir, resolve_resume, restore
+from narun.train import build_job, check_job, checkpoint_dir, resolve_resume, restore
 from protocol import Message, message, open_channel, reply
 
 log = structlog.get_logger("narun.runtime")
@@ -257,7 +257,7 @@ class Coordinator:
         per_sample = cfg.data.seq_len if text else 1
         speed_key = "tokens_per_s" if text else "samples_per_s"
         end = t.steps if self.stop_at is None else min(self.stop_at, t.steps)
-        step, last_ckpt, val_loss = self.start, None, None
+        step, last_ckpt, val_loss, val_step = self.start, None, None, None
         while step < end:
             if not await self._wait_step(step + 1):
                 break
@@ -281,7 +281,7 @@ class Coordinator:
             elif is_eval:
                 await self._pull_model(step)
             if is_eval:
-                val_loss = await asyncio.to_thread(job.evaluate)
+                val_loss, val_step = await asyncio.to_thread(job.evaluate), step
                 self.reporter.emit("eval", step=step, val_loss=val_loss)
             if is_ckpt:
                 self.reporter.emit("checkpoint", step=step, path=str(last_ckpt))
@@ -291,12 +291,14 @@ class Coordinator:
         if self._rollback is not None and self._signal is None:
             raise self._rollback  # a shard asked to leave: drained, checkpointed, restart
         if step == t.steps:
-            val_loss = await asyncio.to_thread(job.evaluate, None)
-        return self._done(step, val_loss, last_ckpt, began)
+            val_loss, val_step = await asyncio.to_thread(job.evaluate, None), step
+        return self._done(step, val_loss, last_ckpt, began, val_step)
 
     def _done(self, step: int, val_loss: float | None, checkpoint: Path | None,
-              began: float) -> dict[str, Any]:
-        done = {"step": step, "val_loss": val_loss, "checkpoint": str(checkpoint),
+              began: float, val_step: int | None = None) -> dict[str, Any]:
+        # val_step: the step val_loss is from (as narun.train.train's done event)
+        done = {"step": step, "val_loss": val_loss, "val_step": val_step,
+                "checkpoint": str(checkpoint),
                 "seconds": time.perf_counter() - began,
                 "interrupted": step < self.cfg.training.steps,
                 "restarts": len(self.supervisor.failures), "steps_redone": self.steps_redone}
@@ -663,19 +665,12 @@ def _listen(context: zmq.asyncio.Context, rt: Any) -> Any:
 
 
 def check_config(cfg: JobConfig) -> None:
-    """What the parameter-server runtime supports, checked before any process starts."""
-    rt, t = cfg.runtime, cfg.training
-    if rt.mode not in ("ps-sync", "ps-async"):
+    """What the parameter-server runtime supports, checked before any process starts: what
+    `narun train` checks of every job (narun.train.check_job), in mode ps-sync / ps-async."""
+    if cfg.runtime.mode not in ("ps-sync", "ps-async"):
         raise ConfigError(f"runtime.mode: the parameter-server runtime runs ps-sync or "
-                          f"ps-async, got {rt.mode!r}")
-    if rt.workers < 1:
-        raise ConfigError(f"runtime.workers: expected >= 1 in mode {rt.mode}, got {rt.workers}")
-    check_trainable_device(rt.device)
-    local = t.batch_size // rt.workers
-    if local % t.grad_accum:
-        raise ConfigError(f"training.grad_accum: {t.grad_accum} does not divide the "
-                          f"per-trainer batch {local} (batch_size {t.batch_size} / "
-                          f"{rt.workers} workers)")
+                          f"ps-async, got {cfg.runtime.mode!r}")
+    check_job(cfg)
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, handler: Any) -> list[int]:

@@ -54,10 +54,3 @@ class WorkerSpec:
             raise ConfigError(f"worker spec: unknown key(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
 
-
-def check_trainable_device(device: str) -> None:
-    """narun's engine computes with NumPy or CuPy: 'mps' can run an executor (MLX) but not
-    train, so a job asking for it is refused with what to use instead."""
-    if device == "mps":
-        raise ConfigError("runtime.device: 'mps' runs the executor through MLX, but narun's "
-                          "engine computes with NumPy or CuPy; train with cpu, cuda:N or auto")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -67,9 +68,13 @@ def test_unsupported_settings_fail_before_any_process_starts(make_config):
 
 
 @pytest.mark.timeout(60)
-def test_cli_sigterm_drains_checkpoints_and_exits_zero(make_config, tmp_path):
-    """`narun train --workers 2 --ps-shards 2 --mode ps-sync`, then SIGTERM: the trainers
-    finish their step, the coordinator writes a checkpoint that resumes, nothing is left."""
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl-c"])
+def test_cli_signal_drains_checkpoints_and_exits_as_one_process_does(make_config, tmp_path,
+                                                                    ctrl_c):
+    """`narun train --workers 2 --ps-shards 2 --mode ps-sync`, then SIGTERM (exit 0) or
+    Ctrl-C, SIGINT to the whole foreground process group (exit 130), as one process: the
+    trainers finish their step, the coordinator writes a checkpoint that resumes, nothing is
+    left."""
     cfg = to_dict(make_config("ps-sync", 2, steps=500))
     path = tmp_path / "job.yaml"
     cfg["runtime"].update(workers=0, mode="local")  # the flags below set them
@@ -77,17 +82,21 @@ def test_cli_sigterm_drains_checkpoints_and_exits_zero(make_config, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "narun.cli", "train", str(path), "--workers", "2",
          "--ps-shards", "2", "--mode", "ps-sync", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        start_new_session=True)  # its own process group, as a shell's foreground job
     try:
         events = []
         for line in proc.stdout:
             events.append(json.loads(line))
             if events[-1]["event"] == "step" and events[-1]["step"] == 3:
                 assert len(_workers_mentioning(str(tmp_path))) == 4
-                proc.send_signal(signal.SIGTERM)
+                if ctrl_c:
+                    os.killpg(proc.pid, signal.SIGINT)
+                else:
+                    proc.send_signal(signal.SIGTERM)
                 break
         events += [json.loads(line) for line in proc.stdout]
-        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        assert proc.wait(timeout=30) == (130 if ctrl_c else 0), proc.stderr.read()
     finally:
         proc.kill()
         proc.wait()

@@ -18,7 +18,7 @@ import yaml
 
 import narun
 import narun.models  # noqa: F401  (registers model fields for config_from_dict)
-from narun.checkpoint import load_checkpoint
+from narun.checkpoint import load_checkpoint, save_checkpoint
 from narun.config import config_from_dict
 from narun.data import ArrayDataset, ByteTokenizer
 from narun.models import build_from_config
@@ -78,8 +78,9 @@ def gpt_run(tmp_path_factory):
 
 # ---- config check --------------------------------------------------------------------------
 
-def test_config_check_prints_the_resolved_config(tmp_path):
-    out = narun_cli("config", "check", "configs/mlp.yaml", "--set", "training.lr=0.25",
+def test_config_check_prints_the_resolved_config(tmp_path, blobs):
+    out = narun_cli("config", "check", "configs/mlp.yaml", "--set", f"data.path={blobs}",
+                    "--set", "training.lr=0.25",
                     "--set", "model.sizes=[16, 8, 4]")
     assert out.returncode == 0, out.stderr
     resolved = yaml.safe_load(out.stdout)
@@ -123,6 +124,84 @@ def test_config_check_on_a_missing_file_exits_2(tmp_path):
     assert out.returncode == 2 and "nope.yaml" in out.stderr
 
 
+# What `train` refuses, `config check` refuses: the same message, exit 2, before any step.
+REFUSED = [
+    (["--set", "model.name=gtp"], "model.name: must be one of gpt, mlp, got 'gtp'; "
+     "did you mean 'gpt'?"),
+    (["--set", "data.path=no/such/corpus.txt"], "data.path: no such file "
+     "'no/such/corpus.txt'"),
+    (["--set", "data.seq_len=64"], "data.seq_len: 64 exceeds the model's block_size 32"),
+    (["--set", "runtime.device=mps"], "runtime.device: 'mps' cannot train yet"),
+    (["--set", "runtime.device=cuda:0"], "runtime.device: one process (--workers 0) trains "
+     "on the cpu"),
+]
+
+
+@pytest.mark.parametrize("args,message", REFUSED)
+def test_config_check_refuses_what_train_refuses(gpt_config_file, args, message):
+    check = narun_cli("config", "check", gpt_config_file, *args)
+    train = narun_cli("train", gpt_config_file, *args)
+    for out in (check, train):
+        assert out.returncode == 2, (out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr
+        assert message in out.stderr, out.stderr
+        assert out.stderr.rstrip().endswith(f"[from --set {args[1]}]"), out.stderr
+    assert check.stderr == train.stderr
+    assert check.stdout == "" and not (gpt_config_file.parent / "run").exists()
+
+
+def test_mps_is_refused_with_one_message_in_one_process_and_distributed(gpt_config_file):
+    one = narun_cli("train", gpt_config_file, "--set", "runtime.device=mps")
+    two = narun_cli("train", gpt_config_file, "--set", "runtime.device=mps", "--workers", 2)
+    assert one.returncode == two.returncode == 2
+    assert "'mps' cannot train yet" in one.stderr and one.stderr == two.stderr
+
+
+def test_an_empty_config_file_is_an_error_not_a_default_run(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here yet\n")
+    for args in (["config", "check", empty], ["train", empty]):
+        out = narun_cli(*args)
+        assert out.returncode == 2, (out.stdout, out.stderr)
+        assert f"{empty}: the config is empty" in out.stderr
+    assert out.stdout == ""  # `train` stopped before its first step (no step event)
+
+
+@pytest.fixture
+def gpt_config_file(tmp_path):
+    data = json.loads(json.dumps(TINY_GPT))
+    data["training"]["out_dir"] = str(tmp_path / "run")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_version_prints_the_package_version():
+    out = narun_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"narun {narun.__version__}"
+
+
+def test_ps_shards_in_mode_local_is_an_error_not_ignored(gpt_config_file):
+    out = narun_cli("train", gpt_config_file, "--ps-shards", 2)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--ps-shards 2: parameter-server shards run only in mode ps-sync or ps-async" in \
+        out.stderr and "add --workers N" in out.stderr
+    assert not (gpt_config_file.parent / "run").exists()
+
+
+def test_more_workers_than_cores_warns_once_with_the_reason(gpt_config_file, tmp_path):
+    workers = len(os.sched_getaffinity(0)) + 1
+    # a --resume that does not exist stops the job after the warning, before any process
+    out = narun_cli("train", gpt_config_file, "--workers", workers, "--set",
+                    f"training.batch_size={workers}", "--resume", tmp_path / "nope")
+    assert out.returncode == 3, out.stderr
+    warnings = [line for line in out.stderr.splitlines() if "workers_exceed_cores" in line]
+    assert len(warnings) == 1, out.stderr
+    assert f'"workers": {workers}' in warnings[0] and "time-share the cores" in warnings[0]
+    fits = narun_cli("train", gpt_config_file, "--workers", 1, "--resume", tmp_path / "nope")
+    assert fits.returncode == 3 and "workers_exceed_cores" not in fits.stderr
+
+
 # ---- data blobs -----------------------------------------------------------------------------
 
 def test_data_blobs_writes_a_balanced_known_answer_npz(blobs, tmp_path):
@@ -142,8 +221,9 @@ def test_data_blobs_writes_a_balanced_known_answer_npz(blobs, tmp_path):
         np.testing.assert_array_equal(f["x"], x)
 
 
-def test_one_process_training_on_a_gpu_exits_2_pointing_at_workers():
-    out = narun_cli("train", ROOT / "configs" / "mlp.yaml", "--set", "runtime.device=cuda:0")
+def test_one_process_training_on_a_gpu_exits_2_pointing_at_workers(blobs):
+    out = narun_cli("train", ROOT / "configs" / "mlp.yaml", "--set", "runtime.device=cuda:0",
+                    "--set", f"data.path={blobs}")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "runtime.device: one process (--workers 0) trains on the cpu" in out.stderr
     assert "--workers N" in out.stderr
@@ -182,7 +262,7 @@ def test_train_mlp_reaches_the_known_accuracy(mlp_run, blobs):
     assert accuracy >= 0.97, accuracy
 
 
-def test_evaluate_mlp_checkpoint_reports_the_final_val_loss(mlp_run):
+def test_evaluate_mlp_checkpoint_reports_the_final_val_loss_and_accuracy(mlp_run, blobs):
     done = mlp_run[-1]
     out = narun_cli("evaluate", done["checkpoint"], "--json")
     assert out.returncode == 0, out.stderr
@@ -190,6 +270,32 @@ def test_evaluate_mlp_checkpoint_reports_the_final_val_loss(mlp_run):
     assert result["event"] == "eval" and result["step"] == 300
     assert result["val_loss"] == pytest.approx(done["val_loss"], rel=1e-9)
     assert "perplexity" not in result  # perplexity is for language models
+    # the accuracy a user would compute from the checkpoint's model over the val split
+    ckpt = load_checkpoint(done["checkpoint"])
+    cfg = config_from_dict(ckpt.extra["config"])
+    model = build_from_config(cfg.model)
+    model.load_state_dict(ckpt.model)
+    model.eval()
+    x, y = ArrayDataset(blobs, names=("x", "y"), val_fraction=cfg.data.val_fraction,
+                        split="val")[:]
+    with narun.no_grad():
+        expected = float((model(narun.tensor(x)).numpy().argmax(-1) == y).mean())
+    assert result["accuracy"] == pytest.approx(expected, abs=1e-12) and expected >= 0.97
+    text = narun_cli("evaluate", done["checkpoint"])
+    assert text.returncode == 0
+    assert f"accuracy {expected:.4f} ({len(y)} validation rows)" in text.stdout
+
+
+def test_evaluate_a_checkpoint_without_optimizer_state(gpt_run, tmp_path):
+    # e.g. weights saved from Python for sharing: model and config only
+    ckpt = load_checkpoint(gpt_run["events"][-1]["checkpoint"])
+    path = save_checkpoint(tmp_path, ckpt.step, ckpt.model, None,
+                           {"config": ckpt.extra["config"]})
+    assert not (path / "optimizer.safetensors").exists()
+    out = narun_cli("evaluate", path, "--json")
+    assert out.returncode == 0, out.stderr
+    (result,) = json_lines(out.stdout)
+    assert result["val_loss"] == pytest.approx(gpt_run["events"][-1]["val_loss"], rel=1e-9)
 
 
 def test_generate_on_an_mlp_checkpoint_exits_3(mlp_run):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
+from narun.config import check_trainable_device
 from narun.errors import ConfigError, DeviceError
-from narun.runtime.spec import check_trainable_device
 from workers.executor._base import Executor
 from workers.executor._cpu import CpuExecutor
 from workers.executor._cuda import CudaExecutor, cuda_device_count, import_cupy

@@ -13,6 +13,7 @@ import pytest
 import narun.models  # noqa: F401  (registers model fields)
 from narun.checkpoint import load_checkpoint
 from narun.config import config_from_dict
+from narun.errors import ConfigError
 from narun.events import JsonLinesReporter
 from narun.train import build_job, train
 
@@ -108,6 +109,19 @@ def test_events_are_json_lines_with_the_documented_fields(tmp_path):
     assert np.isfinite(done["val_loss"]) and done["val_loss"] < np.log(256) + 0.5
 
 
+def test_an_interrupted_run_says_which_validation_its_done_event_reports(tmp_path):
+    ev = Events()
+    done = train(cfg(tmp_path / "a", steps=10, eval_every=4), ev, stop_at=7)
+    (last_eval,) = [e for e in ev.events if e["event"] == "eval"]
+    assert done["interrupted"] and done["step"] == 7
+    assert done["val_step"] == last_eval["step"] == 4  # not step 7's weights
+    assert done["val_loss"] == last_eval["val_loss"]
+    none = train(cfg(tmp_path / "b", steps=10, eval_every=0), Events(), stop_at=3)
+    assert none["val_step"] is None and none["val_loss"] is None
+    full = train(cfg(tmp_path / "c", steps=3, eval_every=0), Events())
+    assert full["val_step"] == 3 and not full["interrupted"]
+
+
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     config = tmp_path / "job.yaml"
     import yaml
@@ -135,6 +149,17 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert Path(done["checkpoint"]).name == f"step-{done['step']:06d}"
 
 
+def test_train_refuses_a_context_longer_than_the_model_before_any_step(tmp_path):
+    # Was a ShapeError from GPT.forward mid-step (exit 1); it is a config error (exit 2).
+    job = cfg(tmp_path)
+    job.data.seq_len = 64
+    events = Events()
+    with pytest.raises(ConfigError, match=r"data\.seq_len: 64 exceeds the model's block_size "
+                                          r"32 .*set data\.seq_len <= 32"):
+        train(job, events)
+    assert events.events == [] and not (tmp_path / "checkpoints").exists()
+
+
 def test_bad_config_fails_fast_with_the_key(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("training:\n  lrr: 0.1\n")
@@ -145,10 +170,17 @@ def test_bad_config_fails_fast_with_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "mlp.yaml"])
-def test_shipped_configs_pass_config_check(name):
+def test_shipped_configs_pass_config_check(name, tmp_path):
     root = Path(__file__).resolve().parents[3]
-    out = subprocess.run([sys.executable, "-m", "narun.cli", "config", "check",
-                          str(root / "configs" / name)], capture_output=True, text=True,
-                         timeout=60)
+    check = [sys.executable, "-m", "narun.cli", "config", "check", str(root / "configs" / name)]
+    if name == "mlp.yaml":  # its data is made by `narun data blobs runs/blobs.npz`, in cwd
+        missing = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 2
+        assert "data.path: no such file 'runs/blobs.npz'" in missing.stderr
+        assert "narun data blobs" in missing.stderr
+        made = subprocess.run([sys.executable, "-m", "narun.cli", "data", "blobs",
+                               "runs/blobs.npz", "--n", "64"], cwd=tmp_path, timeout=60)
+        assert made.returncode == 0
+    out = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "training:" in out.stdout and "model:" in out.stdout
