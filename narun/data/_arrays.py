@@ -72,7 +72,10 @@ def load_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Named arrays of a .npz file, or {"x": array} for a .npy file (no pickled objects)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"data.path: no such file {str(p)!r}")
+        make = (f"; `narun data blobs {p}` writes a known-answer classification set there "
+                f"(configs/mlp.yaml's data), or " if p.suffix == ".npz" else "; ")
+        raise ConfigError(f"data.path: no such file {str(p)!r}{make}set data.path to a "
+                          f".npz file with arrays x and y")
     try:
         loaded = np.load(p, allow_pickle=False)
         if isinstance(loaded, np.ndarray):

@@ -157,6 +157,15 @@ def test_data_blobs_with_a_bad_size_exits_2(tmp_path):
 
 # ---- train + evaluate: the MLP on blobs ------------------------------------------------------
 
+def test_train_mlp_without_its_data_file_names_the_command_that_makes_it(tmp_path):
+    missing = tmp_path / "runs" / "blobs.npz"
+    out = narun_cli("train", "configs/mlp.yaml", "--set", f"data.path={missing}",
+                    "--set", f"training.out_dir={tmp_path / 'out'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"no such file '{missing}'" in out.stderr
+    assert f"`narun data blobs {missing}`" in out.stderr, out.stderr
+
+
 def test_train_mlp_reaches_the_known_accuracy(mlp_run, blobs):
     done = mlp_run[-1]
     assert done["event"] == "done" and done["step"] == 300 and not done["interrupted"]
