@@ -5,10 +5,12 @@
 inputs, so one implementation of each op serves every device.
 """
 
-from narun.tensor import _methods  # noqa: F401  (binds operators and methods to Tensor)
+from narun.tensor import (
+    _backend,
+    _methods,  # noqa: F401  (binds operators and methods to Tensor)
+)
 from narun.tensor._autograd import enable_grad, is_grad_enabled, no_grad
 from narun.tensor._backend import (
-    DEFAULT_DTYPE,
     get_array_module,
     get_default_dtype,
     set_default_dtype,
@@ -84,3 +86,10 @@ __all__ = [
     "stack", "sub", "sum", "tanh", "tensor", "transpose", "unsqueeze", "var", "view", "where",
     "zeros", "zeros_like",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # DEFAULT_DTYPE is read when asked for, so it follows set_default_dtype
+    if name == "DEFAULT_DTYPE":
+        return _backend.DEFAULT_DTYPE
+    raise AttributeError(f"module 'narun.tensor' has no attribute {name!r}")

@@ -20,7 +20,9 @@ def test_the_default_is_float32():
 def test_python_floats_and_factories_follow_the_default(restore_default_dtype, dtype):
     narun.set_default_dtype(dtype)
     want = np.dtype(dtype)
-    assert narun.get_default_dtype() == want
+    from narun.tensor import DEFAULT_DTYPE  # read now: it follows the setting
+
+    assert narun.get_default_dtype() == want == DEFAULT_DTYPE
     made = [narun.tensor([1.5, 2.0]), narun.tensor(3.0), narun.zeros(2), narun.ones(2, 3),
             narun.empty(1), narun.full((2,), 0.5), narun.randn(3), narun.rand(3),
             narun.arange(0.0, 1.0, 0.25), narun.nn.Linear(2, 3).weight]
