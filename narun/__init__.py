@@ -17,6 +17,7 @@ from narun.tensor import (
     enable_grad,
     from_numpy,
     full,
+    get_default_dtype,
     get_rng_state,
     is_grad_enabled,
     manual_seed,
@@ -27,6 +28,7 @@ from narun.tensor import (
     rand,
     randint,
     randn,
+    set_default_dtype,
     set_rng_state,
     stack,
     tensor,
@@ -49,8 +51,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Tensor", "arange", "bool_", "cat", "empty", "enable_grad", "float16", "float32",
-    "float64", "from_numpy", "full", "get_rng_state", "int32", "int64", "is_grad_enabled",
-    "load", "manual_seed", "matmul", "nn", "no_grad", "ones", "ones_like", "optim", "rand",
-    "randint", "randn", "save", "set_rng_state", "stack", "tensor", "where", "zeros",
-    "zeros_like",
+    "float64", "from_numpy", "full", "get_default_dtype", "get_rng_state", "int32", "int64",
+    "is_grad_enabled", "load", "manual_seed", "matmul", "nn", "no_grad", "ones", "ones_like",
+    "optim", "rand", "randint", "randn", "save", "set_default_dtype", "set_rng_state", "stack",
+    "tensor", "where", "zeros", "zeros_like",
 ]

@@ -7,6 +7,7 @@ that cannot be used; 130 interrupted by SIGINT (after checkpointing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -86,65 +87,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_checkpoint(path: str) -> Path:
-    """A step directory as given, or the newest good checkpoint of a run or checkpoints dir."""
-    from narun.checkpoint import latest_good
-
-    p = Path(path)
-    if (p / "manifest.json").exists():
-        return p
-    for candidate in (p / "checkpoints", p):
-        if candidate.is_dir():
-            found = latest_good(candidate)
-            if found is not None:
-                return found
-    raise CheckpointError(f"{path}: no checkpoint here (expected a step-NNNNNN directory with "
-                          "a manifest.json, or a run directory that holds checkpoints/)")
-
-
-def _model_from_checkpoint(path: str) -> tuple[Any, Any]:
-    from narun.checkpoint import load_checkpoint
-    from narun.config import config_from_dict
-    from narun.models import build_from_config
-
-    c = load_checkpoint(_resolve_checkpoint(path))
-    cfg = config_from_dict(c.extra["config"])
-    model = build_from_config(cfg.model)
-    model.load_state_dict(c.model)
-    model.eval()
-    return model, cfg
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    import narun.models  # noqa: F401
-    from narun.data import ByteTokenizer
-
-    model, cfg = _model_from_checkpoint(args.checkpoint)
-    if not hasattr(model, "generate"):
-        raise CheckpointError(f"{args.checkpoint}: holds a {cfg.model.name!r} model, which "
-                              f"does not generate text; use a language model checkpoint "
-                              f"(model.name: gpt)")
-    tok = ByteTokenizer()
-    prompt = tok.encode(args.prompt) if args.prompt else [10]  # empty prompt: start a line
-    out = model.generate([prompt], args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, seed=args.seed)
-    sys.stdout.write(tok.decode(out[0]) + "\n")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k: must be 0 (no limit) or a number of most likely tokens "
+                          f"to sample from, such as --top-k 40; got {args.top_k}")
+    try:
+        _generate_to_stdout(args)
+    except KeyboardInterrupt:  # Ctrl-C: end the line printed so far, no traceback
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return EXIT_INTERRUPTED
     return 0
+
+
+def _generate_to_stdout(args: argparse.Namespace) -> None:
+    import codecs
+
+    from narun.data import ByteTokenizer
+    from narun.models import load_trained
+
+    model, cfg, _, _ = load_trained(args.checkpoint)
+    if not hasattr(model, "generate_stream"):
+        raise ConfigError(f"{args.checkpoint}: holds a {cfg.model.name!r} model, which "
+                          f"does not generate text; pass a language model's checkpoint "
+                          f"(model.name: gpt), or use `narun evaluate` on this one")
+    tok = ByteTokenizer()
+    prompt = tok.encode(args.prompt) if args.prompt else tok.encode("\n")  # empty: a new line
+    stream = model.generate_stream(prompt[None], args.max_new_tokens,
+                                   temperature=args.temperature, top_k=args.top_k or None,
+                                   seed=args.seed)
+    # A character may span several byte tokens: decode incrementally, print what is whole.
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = sys.stdout
+    with contextlib.closing(stream):
+        out.write(text.decode(tok.decode_bytes(prompt)))
+        out.flush()
+        for column in stream:
+            piece = text.decode(tok.decode_bytes(column))
+            if piece:
+                out.write(piece)
+                out.flush()
+    out.write(text.decode(b"", final=True) + "\n")
+    out.flush()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import math
 
-    import narun.models  # noqa: F401
-    from narun.checkpoint import load_checkpoint
-    from narun.config import config_from_dict
+    from narun.models import load_trained
     from narun.train import build_job
 
-    c = load_checkpoint(_resolve_checkpoint(args.checkpoint))
-    job = build_job(config_from_dict(c.extra["config"]))
-    job.model.load_state_dict(c.model)
+    trained = load_trained(args.checkpoint)
+    job = build_job(trained.config)
+    job.model.load_state_dict(trained.model.state_dict())
     val = job.evaluate(max_batches=None)
-    result = {"event": "eval", "step": c.step, "val_loss": val}
+    result = {"event": "eval", "step": trained.step, "val_loss": val}
     if job.text:
         result["perplexity"] = math.exp(val)
         result["bits_per_byte"] = val / math.log(2)
@@ -153,10 +150,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     elif job.text:
-        print(f"step {c.step}: val_loss {val:.4f}, perplexity {result['perplexity']:.3f}, "
-              f"{result['bits_per_byte']:.3f} bits/byte")
+        print(f"step {trained.step}: val_loss {val:.4f}, perplexity "
+              f"{result['perplexity']:.3f}, {result['bits_per_byte']:.3f} bits/byte")
     else:
-        print(f"step {c.step}: val_loss {val:.4f}, accuracy {result['accuracy']:.4f} "
+        print(f"step {trained.step}: val_loss {val:.4f}, accuracy {result['accuracy']:.4f} "
               f"({len(job.val_data)} validation rows)")
     return 0
 
@@ -221,13 +218,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime.mode; --workers N alone implies ps-sync")
     t.set_defaults(fn=cmd_train)
 
-    g = sub.add_parser("generate", help="sample text from a trained checkpoint")
+    g = sub.add_parser("generate", help="sample text from a trained checkpoint",
+                       description="Continue PROMPT with text sampled from a trained language "
+                       "model, printing each piece as soon as it is sampled (Ctrl-C stops).")
     g.add_argument("checkpoint", help="a step directory, or a run directory (newest good one)")
-    g.add_argument("prompt", nargs="?", default="")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("prompt", nargs="?", default="",
+                   help="text to continue (default: empty, which starts a new line)")
+    g.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                   help="how many tokens (bytes) to sample (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help="higher is more random; 0 always picks the most likely token "
+                   "(default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample only among the K most likely tokens; 0 means no limit "
+                   "(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="random seed: the same seed gives the same text (default: %(default)s)")
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("evaluate", help="validation loss, and perplexity (language models) "

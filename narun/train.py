@@ -23,6 +23,7 @@ from narun import checkpoint as ckpt
 from narun import optim
 from narun.config import JobConfig, _choice_message, check_trainable_device, to_dict
 from narun.data import ArrayDataset, ShardedSampler, TextDataset, WindowSampler
+from narun.data._arrays import missing_arrays
 from narun.errors import CheckpointError, ConfigError
 from narun.events import Reporter
 from narun.models import build_from_config, gpt_config, model_names
@@ -139,9 +140,9 @@ def check_job(cfg: JobConfig) -> None:
     if data.path is not None:
         p = Path(data.path)
         if not p.exists():
-            raise ConfigError(f"data.path: no such file {data.path!r}"
-                              + (" (make it with `narun data blobs PATH`)"
-                                 if data.kind == "arrays" else ""))
+            if data.kind == "arrays":
+                raise missing_arrays(p)
+            raise ConfigError(f"data.path: no such file {data.path!r}")
         if p.is_dir():
             raise ConfigError(f"data.path: {data.path!r} is a directory, expected a file")
     if data.kind == "text":

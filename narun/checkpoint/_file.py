@@ -45,11 +45,32 @@ def save(obj: Any, path: str | os.PathLike[str],
 
 def load(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The state dict saved at `path` as NumPy arrays, after verifying its checksum.
-    Any safetensors file loads; files not written by narun have no checksum to verify."""
+    Any safetensors file loads; files not written by narun have no checksum to verify.
+    A checkpoint directory (`runs/x/checkpoints/step-000500`) gives its model's weights,
+    verified as load_checkpoint does; a run directory is refused, naming the file to pass.
+    """
+    if Path(path).is_dir():
+        return _load_from_directory(Path(path))
     arrays, info, p = _read(path)
     if info is not None and info.get("sha256") != _state_digest(arrays):
         raise CheckpointError(f"{p}: checksum mismatch: the file is corrupted")
     return arrays
+
+
+def _load_from_directory(p: Path) -> dict[str, np.ndarray]:
+    from narun.checkpoint._store import latest_good, load_checkpoint
+
+    if (p / "manifest.json").exists():
+        return load_checkpoint(p).model
+    newest = next((found for found in (latest_good(c) for c in (p / "checkpoints", p)
+                                       if c.is_dir()) if found is not None), None)
+    if newest is not None:
+        raise CheckpointError(f"{p}: is a directory of checkpoints, not a file; pass one "
+                              f"checkpoint, e.g. narun.load('{newest}') or "
+                              f"narun.load('{newest / 'model.safetensors'}'), or use "
+                              f"narun.models.load_trained('{p}') to get the model back")
+    raise CheckpointError(f"{p}: is a directory, not a .safetensors file or a checkpoint "
+                          f"(a step-NNNNNN directory with a manifest.json)")
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -68,11 +68,20 @@ class ArrayDataset:
         return f"ArrayDataset({self.path!r}, split={self.split!r}, {shapes})"
 
 
+def missing_arrays(path: str | os.PathLike[str]) -> ConfigError:
+    """The error for an array dataset's file that is not there, naming what makes one."""
+    p = Path(path)
+    make = (f"; `narun data blobs {p}` writes a known-answer classification set there "
+            f"(configs/mlp.yaml's data), or " if p.suffix == ".npz" else "; ")
+    return ConfigError(f"data.path: no such file {str(p)!r}{make}set data.path to a .npz "
+                       f"file with arrays x and y")
+
+
 def load_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Named arrays of a .npz file, or {"x": array} for a .npy file (no pickled objects)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"data.path: no such file {str(p)!r}")
+        raise missing_arrays(p)
     try:
         loaded = np.load(p, allow_pickle=False)
         if isinstance(loaded, np.ndarray):

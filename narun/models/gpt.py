@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,9 +259,25 @@ class GPT(nn.Module):
                  use_cache: bool = True) -> np.ndarray:
         """Sample `max_new_tokens` after `ids` (B, T); returns (B, T + max_new_tokens).
 
-        temperature 0 picks the most likely token. With `use_cache`, past keys and values
-        are kept, so each new token costs one position instead of the whole context; the
-        tokens are identical either way for the same seed.
+        temperature 0 picks the most likely token; top_k None means no limit. With
+        `use_cache`, past keys and values are kept, so each new token costs one position
+        instead of the whole context; the tokens are identical either way for the same seed.
+        """
+        ids = _check_prompt(ids)
+        new = list(self.generate_stream(ids, max_new_tokens, temperature, top_k, seed,
+                                        use_cache))
+        return np.concatenate([ids, np.stack(new, axis=1)], axis=1) if new else ids
+
+    def generate_stream(self, ids: Any, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, seed: int | None = None,
+                        use_cache: bool = True) -> Iterator[np.ndarray]:
+        """`generate`, one step at a time: yields each new token column (B,) as soon as it
+        is sampled, so a caller can print it before the next one is computed. The tokens
+        are those `generate` returns for the same arguments. Arguments are checked here,
+        before the first token; closing the iterator early stops the sampling.
+
+            >>> for col in model.generate_stream(tok.encode("Once")[None], 100):
+            ...     print(tok.decode(col), end="", flush=True)
         """
         if int(max_new_tokens) < 0:
             raise ConfigError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -270,29 +287,23 @@ class GPT(nn.Module):
         if top_k is not None and int(top_k) < 1:
             raise ConfigError(f"generate: top_k must be >= 1 (or None for no limit), "
                               f"got {top_k}")
-        ids = np.atleast_2d(np.asarray(ids, dtype=np.int64))
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ShapeError(f"generate: ids must be (B, T) token ids with T >= 1, "
-                             f"got shape {ids.shape}")
-        was_training = self.training
-        self.eval()
-        try:
-            return self._generate(ids, max_new_tokens, temperature, top_k,
-                                  np.random.default_rng(seed), use_cache)
-        finally:
-            self.train(was_training)
+        return self._generate(_check_prompt(ids), int(max_new_tokens), temperature,
+                              None if top_k is None else int(top_k), np.random.default_rng(seed),
+                              use_cache)
 
     def _generate(self, ids: np.ndarray, n_new: int, temperature: float, top_k: int | None,
-                  rng: np.random.Generator, use_cache: bool) -> np.ndarray:
+                  rng: np.random.Generator, use_cache: bool) -> Iterator[np.ndarray]:
         cfg = self.config
         caches: list[KVCache] | None = None
         fed = 0  # how many tokens of `ids` the caches hold
-        for _ in range(n_new):
-            if not use_cache:
-                logits = self.forward(ids[:, -cfg.block_size:])
-            else:
-                if caches is None or fed + 1 > cfg.block_size:
-                    # (Re)fill the caches from the cropped context, as the uncached path sees it.
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(n_new):
+                if not use_cache:
+                    logits = self.forward(ids[:, -cfg.block_size:])
+                elif caches is None or fed + 1 > cfg.block_size:
+                    # (Re)fill the caches from the cropped context, as the uncached path sees.
                     context = ids[:, -cfg.block_size:]
                     like = self.wte.weight
                     caches = [KVCache(ids.shape[0], cfg.n_head, cfg.block_size,
@@ -302,9 +313,20 @@ class GPT(nn.Module):
                 else:
                     logits = self.forward(ids[:, -1:], caches)
                     fed += 1
-            nxt = _sample(logits.numpy()[:, -1, :].astype(np.float64), temperature, top_k, rng)
-            ids = np.concatenate([ids, nxt[:, None]], axis=1)
-        return ids
+                nxt = _sample(logits.numpy()[:, -1, :].astype(np.float64), temperature, top_k,
+                              rng)
+                ids = np.concatenate([ids, nxt[:, None]], axis=1)
+                yield nxt
+        finally:
+            self.train(was_training)
+
+
+def _check_prompt(ids: Any) -> np.ndarray:
+    ids = np.atleast_2d(np.asarray(ids, dtype=np.int64))
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ShapeError(f"generate: ids must be (B, T) token ids with T >= 1, "
+                         f"got shape {ids.shape}")
+    return ids
 
 
 def _sample(logits: np.ndarray, temperature: float, top_k: int | None,

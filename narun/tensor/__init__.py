@@ -5,9 +5,16 @@
 inputs, so one implementation of each op serves every device.
 """
 
-from narun.tensor import _methods  # noqa: F401  (binds operators and methods to Tensor)
+from narun.tensor import (
+    _backend,
+    _methods,  # noqa: F401  (binds operators and methods to Tensor)
+)
 from narun.tensor._autograd import enable_grad, is_grad_enabled, no_grad
-from narun.tensor._backend import DEFAULT_DTYPE, get_array_module
+from narun.tensor._backend import (
+    get_array_module,
+    get_default_dtype,
+    set_default_dtype,
+)
 from narun.tensor._factory import (
     arange,
     empty,
@@ -70,10 +77,19 @@ from narun.tensor._tensor import Tensor
 __all__ = [
     "DEFAULT_DTYPE", "Tensor", "abs", "add", "arange", "argmax", "argmin", "cat", "chunk",
     "clamp", "contiguous", "div", "empty", "enable_grad", "erf", "exp", "expand", "flatten",
-    "from_numpy", "full", "gelu", "get_array_module", "get_rng_state", "getitem",
+    "from_numpy", "full", "gelu", "get_array_module", "get_default_dtype", "get_rng_state",
+    "getitem",
     "is_grad_enabled", "linear", "log", "manual_seed", "masked_fill", "matmul", "max",
     "maximum", "mean", "min", "minimum", "mul", "neg", "no_grad", "ones", "ones_like",
     "permute", "pow", "rand", "randint", "randn", "relu", "reshape", "rsqrt",
-    "set_rng_state", "sigmoid", "silu", "split", "sqrt", "squeeze", "stack", "sub", "sum",
-    "tanh", "tensor", "transpose", "unsqueeze", "var", "view", "where", "zeros", "zeros_like",
+    "set_default_dtype", "set_rng_state", "sigmoid", "silu", "split", "sqrt", "squeeze",
+    "stack", "sub", "sum", "tanh", "tensor", "transpose", "unsqueeze", "var", "view", "where",
+    "zeros", "zeros_like",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # DEFAULT_DTYPE is read when asked for, so it follows set_default_dtype
+    if name == "DEFAULT_DTYPE":
+        return _backend.DEFAULT_DTYPE
+    raise AttributeError(f"module 'narun.tensor' has no attribute {name!r}")

@@ -16,7 +16,33 @@ import numpy as np
 
 from narun.errors import DeviceError
 
-DEFAULT_DTYPE = np.dtype(np.float32)
+DEFAULT_DTYPE = np.dtype(np.float32)  # read at each call; set_default_dtype changes it
+
+_FLOATING = ("float16", "float32", "float64")
+
+
+def set_default_dtype(dtype: Any) -> None:
+    """The dtype Python floats and the factories (zeros, randn, ...) use when no dtype is
+    given, as torch.set_default_dtype: a floating dtype only (float16, float32, float64).
+
+        >>> narun.set_default_dtype(narun.float64)
+        >>> narun.tensor([1.5]).dtype
+        dtype('float64')
+    """
+    global DEFAULT_DTYPE
+    try:
+        d = None if dtype is None else np.dtype(dtype)  # np.dtype(None) would be float64
+    except TypeError:
+        d = None
+    if d is None or d.name not in _FLOATING:
+        raise TypeError(f"set_default_dtype: only floating dtypes can be the default "
+                        f"({', '.join(_FLOATING)}), got {dtype!r}")
+    DEFAULT_DTYPE = d
+
+
+def get_default_dtype() -> np.dtype:
+    """The dtype Python floats and the factories use (float32 unless set_default_dtype)."""
+    return DEFAULT_DTYPE
 
 
 @functools.cache

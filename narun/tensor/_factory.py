@@ -14,8 +14,8 @@ def tensor(data: Any, dtype: Any = None, requires_grad: bool = False,
            device: str = "cpu") -> Tensor:
     """A new leaf tensor from array-like `data` (copied, as torch.tensor does).
 
-    Python floats become float32 (narun's default), ints int64, bools bool; a NumPy array
-    keeps its dtype unless `dtype` is given.
+    Python floats become the default dtype (float32 unless narun.set_default_dtype changed
+    it), ints int64, bools bool; a NumPy array keeps its dtype unless `dtype` is given.
     """
     if isinstance(data, Tensor):
         data = data.data

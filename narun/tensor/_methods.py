@@ -31,7 +31,12 @@ def _install() -> None:
     T.__truediv__, T.__rtruediv__ = E.div, _reflected(E.div)
     T.__pow__, T.__rpow__ = E.pow, _reflected(E.pow)
     T.__matmul__, T.__rmatmul__ = M.matmul, _reflected(M.matmul)
-    T.__neg__ = E.neg
+    T.__neg__, T.__abs__ = E.neg, E.abs
+    T.__pos__ = lambda self: self  # as torch.positive: the tensor itself
+    T.__and__, T.__rand__ = E.bitwise_and, _reflected(E.bitwise_and)
+    T.__or__, T.__ror__ = E.bitwise_or, _reflected(E.bitwise_or)
+    T.__xor__, T.__rxor__ = E.bitwise_xor, _reflected(E.bitwise_xor)
+    T.__invert__ = E.bitwise_not
     T.__eq__, T.__ne__ = E.eq, E.ne  # type: ignore[assignment]
     T.__lt__, T.__le__, T.__gt__, T.__ge__ = E.lt, E.le, E.gt, E.ge
     T.__getitem__ = S.getitem
@@ -45,7 +50,8 @@ def _install() -> None:
         "abs": E.abs, "tanh": E.tanh, "sigmoid": E.sigmoid, "relu": E.relu,
         "silu": E.silu, "gelu": E.gelu, "clamp": E.clamp, "maximum": E.maximum,
         "minimum": E.minimum, "eq": E.eq, "ne": E.ne, "lt": E.lt, "le": E.le, "gt": E.gt,
-        "ge": E.ge,
+        "ge": E.ge, "bitwise_and": E.bitwise_and, "bitwise_or": E.bitwise_or,
+        "bitwise_xor": E.bitwise_xor, "bitwise_not": E.bitwise_not,
         "matmul": M.matmul,
         "sum": R.sum, "mean": R.mean, "var": R.var, "max": R.max, "min": R.min,
         "argmax": R.argmax, "argmin": R.argmin,

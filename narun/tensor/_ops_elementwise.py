@@ -328,6 +328,37 @@ def ge(a: Any, b: Any) -> Tensor:
     return _compare("greater_equal", a, b)
 
 
+# ---- bitwise (bool and integer tensors, no gradient): masks as `(a > 0) & (b < 1)` --------
+def _bitwise(name: str, symbol: str, *xs: Any) -> Tensor:
+    if len(xs) == 2:
+        xs = _operands(name, *xs)
+    for x in xs:
+        kind = x.dtype.kind if isinstance(x, Tensor) else ("b" if isinstance(x, bool) else
+                                                          "i" if isinstance(x, int) else "f")
+        if kind not in "biu":
+            what = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"{symbol}: needs bool or integer tensors, got {what}; compare "
+                            f"first (t > 0) or cast with .to(dtype=narun.bool_)")
+    xp = _backend.get_array_module(*(_d(x) for x in xs))
+    return Tensor._wrap(getattr(xp, name)(*(_d(x) for x in xs)))
+
+
+def bitwise_and(a: Any, b: Any) -> Tensor:
+    return _bitwise("bitwise_and", "&", a, b)
+
+
+def bitwise_or(a: Any, b: Any) -> Tensor:
+    return _bitwise("bitwise_or", "|", a, b)
+
+
+def bitwise_xor(a: Any, b: Any) -> Tensor:
+    return _bitwise("bitwise_xor", "^", a, b)
+
+
+def bitwise_not(a: Tensor) -> Tensor:
+    return _bitwise("invert", "~", a)
+
+
 # ---- dtype and device ----------------------------------------------------------------------
 def cast(a: Tensor, dtype: Any) -> Tensor:
     src = a.dtype

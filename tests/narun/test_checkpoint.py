@@ -247,6 +247,28 @@ def test_single_file_corruption_and_truncation_are_refused(tmp_path):
         load(tmp_path / "nope.safetensors")
 
 
+def test_load_on_a_checkpoint_directory_gives_its_weights_or_names_the_file(tmp_path):
+    state = model_state()
+    run = tmp_path / "run"
+    step = save_checkpoint(run / "checkpoints", 7, state, optimizer_state())
+    loaded = load(step)  # a step directory: its model's weights, verified
+    assert set(loaded) == set(state)
+    for key, value in state.items():
+        assert_bitwise_equal(loaded[key], value)
+    flip_byte(step / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        load(step)
+    good = save_checkpoint(run / "checkpoints", 8, state)
+    for where in (run, run / "checkpoints"):  # several checkpoints: say which file to pass
+        with pytest.raises(CheckpointError, match="directory of checkpoints") as err:
+            load(where)
+        assert f"narun.load('{good / 'model.safetensors'}')" in str(err.value)
+        assert "narun.models.load_trained" in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty: is a directory, not a \.safetensors"):
+        load(tmp_path / "empty")
+
+
 def test_foreign_safetensors_files_load_unverified(tmp_path):
     safetensors.numpy.save_file({"a": np.arange(3)}, str(tmp_path / "hf.safetensors"))
     np.testing.assert_array_equal(load(tmp_path / "hf.safetensors")["a"], np.arange(3))

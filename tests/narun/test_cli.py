@@ -237,6 +237,15 @@ def test_data_blobs_with_a_bad_size_exits_2(tmp_path):
 
 # ---- train + evaluate: the MLP on blobs ------------------------------------------------------
 
+def test_train_mlp_without_its_data_file_names_the_command_that_makes_it(tmp_path):
+    missing = tmp_path / "runs" / "blobs.npz"
+    out = narun_cli("train", "configs/mlp.yaml", "--set", f"data.path={missing}",
+                    "--set", f"training.out_dir={tmp_path / 'out'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"no such file '{missing}'" in out.stderr
+    assert f"`narun data blobs {missing}`" in out.stderr, out.stderr
+
+
 def test_train_mlp_reaches_the_known_accuracy(mlp_run, blobs):
     done = mlp_run[-1]
     assert done["event"] == "done" and done["step"] == 300 and not done["interrupted"]
@@ -298,9 +307,10 @@ def test_evaluate_a_checkpoint_without_optimizer_state(gpt_run, tmp_path):
     assert result["val_loss"] == pytest.approx(gpt_run["events"][-1]["val_loss"], rel=1e-9)
 
 
-def test_generate_on_an_mlp_checkpoint_exits_3(mlp_run):
+def test_generate_on_an_mlp_checkpoint_is_a_usage_error(mlp_run):
+    # the checkpoint is fine; asking it for text is the mistake: exit 2, not 3
     out = narun_cli("generate", mlp_run[-1]["checkpoint"], "hi")
-    assert out.returncode == 3, out.stderr
+    assert out.returncode == 2, out.stderr
     assert "'mlp' model" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -367,6 +377,23 @@ def test_generate_continues_the_prompt_as_the_library_does(gpt_run):
     assert by_run.stdout == out.stdout
 
 
+def test_load_trained_gives_the_model_of_a_run_or_a_step_directory(gpt_run, tmp_path):
+    from narun.errors import CheckpointError
+    from narun.models import GPT, load_trained
+
+    ckpt = gpt_run["events"][-1]["checkpoint"]
+    model, config, step, path = load_trained(gpt_run["run"])  # the newest good checkpoint
+    assert isinstance(model, GPT) and not model.training
+    assert step == 6 and path == Path(ckpt) and config.model.name == "gpt"
+    tok = ByteTokenizer()
+    out = model.generate(tok.encode("hi")[None], 8, temperature=0.0)
+    assert tok.decode(out[0]) == library_sample(ckpt, "hi", 8, temperature=0.0)
+    first = load_trained(gpt_run["events"][4]["path"])  # a step directory as given
+    assert first.step == 3
+    with pytest.raises(CheckpointError, match="no checkpoint here"):
+        load_trained(tmp_path)
+
+
 def test_generate_greedy_with_a_prompt_longer_than_the_context(gpt_run):
     ckpt = gpt_run["events"][-1]["checkpoint"]
     prompt = "x" * 40 + " and then"  # 49 bytes > block_size 32: the context is cropped
@@ -376,8 +403,67 @@ def test_generate_greedy_with_a_prompt_longer_than_the_context(gpt_run):
 
 
 def test_generate_with_bad_sampling_arguments_exits_2(gpt_run):
-    out = narun_cli("generate", gpt_run["events"][-1]["checkpoint"], "a", "--top-k", 0)
-    assert out.returncode == 2 and "top_k" in out.stderr and "Traceback" not in out.stderr
+    out = narun_cli("generate", gpt_run["events"][-1]["checkpoint"], "a", "--top-k", -1)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    # the message names the flag and suggests values the CLI accepts
+    assert "--top-k" in out.stderr and "0 (no limit)" in out.stderr, out.stderr
+    assert "--top-k 40" in out.stderr
+
+
+def test_generate_top_k_0_means_no_limit(gpt_run):
+    ckpt = gpt_run["events"][-1]["checkpoint"]
+    out = narun_cli("generate", ckpt, "ab", "--max-new-tokens", 12, "--top-k", 0)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == library_sample(ckpt, "ab", 12, temperature=0.8, seed=0) + "\n"
+
+
+def test_every_generate_option_has_help_and_its_default():
+    import argparse
+
+    from narun.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices["generate"]._actions:
+        if action.dest in ("help", "checkpoint"):
+            continue
+        assert action.help, action.dest
+        assert "default" in action.help, (action.dest, action.help)
+    text = " ".join(narun_cli("generate", "--help").stdout.split())  # unwrapped
+    assert "(default: 200)" in text and "0 means no limit (default: 0)" in text
+
+
+def test_generate_streams_tokens_and_ctrl_c_stops_it_cleanly(gpt_run):
+    import select
+    import signal
+    import time
+
+    ckpt = gpt_run["events"][-1]["checkpoint"]
+    prompt = "stream"
+    buffered = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # as a user runs it
+    proc = subprocess.Popen([sys.executable, "-m", "narun.cli", "generate", str(ckpt), prompt,
+                             "--max-new-tokens", "100000"], cwd=ROOT, env=buffered,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        got = b""
+        deadline = time.monotonic() + 30
+        # a few sampled bytes after the prompt arrive while the process is still running
+        while len(got) < len(prompt) + 8 and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                got += os.read(proc.stdout.fileno(), 4096)
+        assert proc.poll() is None, "still sampling the 100,000 tokens"
+        assert got.startswith(prompt.encode()) and len(got) >= len(prompt) + 8, got
+        # piece by piece, not a whole stdio buffer (4 KiB or more) at a time
+        assert len(got) < len(prompt) + 1024, len(got)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
+    assert (got + rest).endswith(b"\n")
 
 
 def test_evaluate_json_gives_val_loss_and_perplexity(gpt_run):

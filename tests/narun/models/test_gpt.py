@@ -228,6 +228,24 @@ def test_cached_and_uncached_generation_give_the_same_tokens(preset, temperature
     assert model.training, "generate restores the training mode"
 
 
+def test_generate_stream_yields_each_token_as_generate_would_and_checks_eagerly():
+    model = small_gpt("gpt2-tiny", dtype=np.float32)
+    whole = model.generate(PROMPTS, 20, temperature=0.9, top_k=7, seed=5)
+    stream = model.generate_stream(PROMPTS, 20, temperature=0.9, top_k=7, seed=5)
+    first = next(stream)  # one token column, before the rest are computed
+    assert first.shape == (2,)
+    assert not model.training, "eval mode while the stream is open"
+    rest = list(stream)
+    np.testing.assert_array_equal(np.stack([first, *rest], axis=1), whole[:, 5:])
+    assert model.training, "the stream restores the training mode when it ends"
+    early = model.generate_stream(PROMPTS, 100_000, temperature=0.0)
+    next(early)
+    early.close()  # stopping early: no more work, the training mode is back
+    assert model.training
+    with pytest.raises(ConfigError, match="top_k"):
+        model.generate_stream(PROMPTS, 3, top_k=-1)  # at the call, not at the first next()
+
+
 def test_greedy_generation_is_argmax_of_the_uncached_forward():
     model = small_gpt("gpt-modern-tiny")
     out = model.generate(PROMPTS, 15, temperature=0.0)

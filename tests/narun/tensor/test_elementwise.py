@@ -62,6 +62,8 @@ UNARY = [
     ("sqrt", lambda x: x.sqrt(), np.sqrt, "sqrt"),
     ("rsqrt", lambda x: x.rsqrt(), lambda x: 1 / np.sqrt(x), "rsqrt"),
     ("abs", lambda x: x.abs(), np.abs, "abs"),
+    ("builtin_abs", lambda x: abs(x), np.abs, None),
+    ("pos", lambda x: +x, lambda x: +x, None),
     ("tanh", lambda x: x.tanh(), np.tanh, "tanh"),
     ("sigmoid", lambda x: x.sigmoid(), lambda x: 1 / (1 + np.exp(-x)), "sigmoid"),
     ("relu", lambda x: x.relu(), lambda x: np.maximum(x, 0), "relu"),
@@ -73,7 +75,8 @@ UNARY = [
 
 
 def _torch_unary(name):
-    fns = {"neg": lambda x: torch.neg(x), "silu": lambda x: torch.nn.functional.silu(x),
+    fns = {"neg": lambda x: torch.neg(x), "builtin_abs": abs, "pos": lambda x: +x,
+           "silu": lambda x: torch.nn.functional.silu(x),
            "gelu": lambda x: torch.nn.functional.gelu(x),
            "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
     return fns.get(name) or tf(name)
@@ -85,7 +88,7 @@ def test_unary(name, fn, ref, _, shape):
     x = rng.standard_normal(shape)
     if name in ("log", "sqrt", "rsqrt"):
         x = np.abs(x) + 0.5
-    if name in ("abs", "relu"):
+    if name in ("abs", "builtin_abs", "relu"):
         x = np.where(np.abs(x) < 0.05, 0.3, x)  # keep finite differences off the kink
     check_op(fn, ref, [x], torch_fn=_torch_unary(name))
 
@@ -109,6 +112,34 @@ def test_maximum_minimum_clamp():
     x = np.where(np.abs(np.abs(x) - 0.5) < 0.05, 0.1, x)
     check_op(lambda t: t.clamp(-0.5, 0.5), lambda t: np.clip(t, -0.5, 0.5), [x],
              torch_fn=lambda t: t.clamp(-0.5, 0.5))
+
+
+@pytest.mark.parametrize("fn,ref", [
+    (lambda x: 2.0 / x, lambda x: 2.0 / x), (lambda x: 3.0 - x, lambda x: 3.0 - x),
+    (lambda x: 1.5 ** x, lambda x: 1.5 ** x), (lambda x: 0.5 + x, lambda x: 0.5 + x),
+    (lambda x: 4.0 * x, lambda x: 4.0 * x),
+], ids=["rtruediv", "rsub", "rpow", "radd", "rmul"])
+def test_reflected_operators_with_a_python_number_on_the_left(fn, ref):
+    x = np.abs(rng.standard_normal((3, 4))) + 0.5
+    check_op(fn, ref, [x], torch_fn=fn)
+
+
+def test_bitwise_operators_on_masks_and_integers():
+    a, b = rng.standard_normal(6) > 0, rng.standard_normal(6) > 0
+    ta, tb = narun.tensor(a), narun.tensor(b)
+    for got, want in (((ta & tb), a & b), ((ta | tb), a | b), ((ta ^ tb), a ^ b),
+                      ((~ta), ~a), ((True & ta), True & a), ((ta | False), a | False)):
+        assert got.dtype == np.bool_ and not got.requires_grad
+        np.testing.assert_array_equal(got.numpy(), want)
+    i, j = np.array([5, 12, -3]), np.array([3, 10, 7])
+    ti, tj = narun.tensor(i), narun.tensor(j)
+    for got, want in (((ti & tj), i & j), ((ti | 1), i | 1), ((6 ^ ti), 6 ^ i), ((~ti), ~i)):
+        np.testing.assert_array_equal(got.numpy(), want)
+    x = narun.tensor([1.0, -2.0], requires_grad=True)
+    with pytest.raises(TypeError, match=r"&: needs bool or integer tensors, got float32"):
+        x & ta[:2]
+    with pytest.raises(TypeError, match=r"~: .*compare first"):
+        _ = ~x
 
 
 def test_comparisons_have_no_grad():
