@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.runtime.mode in ("ps-sync", "ps-async"):
         from narun.runtime import train as distributed_train
 
-        done = distributed_train(cfg, reporter, resume=args.resume)
+        done = distributed_train(cfg, reporter, resume=args.resume, overwrite=args.overwrite)
     else:
         from narun.train import train
 
@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                               f"for {cfg.runtime.device!r} train with --workers N, which puts "
                               f"each trainer's model there")
         tune_process()  # keep each step's freed temporaries instead of page-faulting them back
-        done = train(cfg, reporter, resume=args.resume)
+        done = train(cfg, reporter, resume=args.resume, overwrite=args.overwrite)
     if done["signal"] == signal.SIGINT:
         return EXIT_INTERRUPTED
     return 0
@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set training.lr=3e-4 (repeatable)")
     t.add_argument("--resume", metavar="PATH|auto",
                    help="continue from a checkpoint, or the newest good one with 'auto'")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an out_dir that holds another run's checkpoints, "
+                        "moving them aside to checkpoints.old-N/")
     t.add_argument("--json", action="store_true",
                    help="JSON lines on stdout (the default when stdout is not a terminal)")
     t.add_argument("--workers", type=int, metavar="N",

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,9 @@ class Job:
     val_data: Any
     sampler: Any
     device: str = "cpu"  # where loss() puts the batch: the model's device
+    # The run's lineage, written into every checkpoint and kept across resumes: pruning and
+    # `--resume auto` only consider this run's checkpoints (narun.checkpoint's docstring).
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def text(self) -> bool:
@@ -171,7 +175,7 @@ def save(job: Job, step: int) -> Path:
         extra["sampler"] = job.sampler.state_dict()
     return ckpt.save_checkpoint(checkpoint_dir(cfg), step, job.model.state_dict(),
                                 job.optimizer.state_dict(), extra,
-                                keep=cfg.training.keep_checkpoints)
+                                keep=cfg.training.keep_checkpoints, run_id=job.run_id)
 
 
 def restore(job: Job, path: str | Path) -> int:
@@ -183,7 +187,35 @@ def restore(job: Job, path: str | Path) -> int:
     narun.set_rng_state(c.extra["rng"])
     if not job.text:
         job.sampler.load_state_dict(c.extra["sampler"])
+    run_id = c.manifest.get("run_id")
+    if isinstance(run_id, str):  # else an unlabelled (older) checkpoint: a new lineage
+        job.run_id = run_id
     return c.step
+
+
+def claim_out_dir(cfg: JobConfig, resume: Path | None, overwrite: bool = False) -> None:
+    """Check that a run may write checkpoints into its out_dir: one resuming may; a fresh one
+    (`resume` None) may only if the directory holds no other run's checkpoints, or with
+    `overwrite`, which moves them aside (to checkpoints.old-N/, nothing is deleted).
+    ConfigError naming the out_dir and the ways on otherwise."""
+    if resume is not None:
+        return
+    directory = checkpoint_dir(cfg)
+    found = ckpt.list_checkpoints(directory)
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"training.out_dir {cfg.training.out_dir}: already holds checkpoints of another "
+            f"run ({len(found)}, newest written {found[-1].name}); a fresh run would mix "
+            f"with them. Continue that run with --resume auto, choose another out_dir "
+            f"(--set training.out_dir=...), or pass --overwrite to move them aside")
+    n = 1
+    while (aside := directory.with_name(f"checkpoints.old-{n}")).exists():
+        n += 1
+    directory.rename(aside)
+    log.warning("checkpoints_moved_aside", out_dir=cfg.training.out_dir, to=str(aside),
+                count=len(found))
 
 
 def resolve_resume(cfg: JobConfig, resume: str | None) -> Path | None:
@@ -199,16 +231,18 @@ def resolve_resume(cfg: JobConfig, resume: str | None) -> Path | None:
 
 
 def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
-          stop_at: int | None = None) -> dict[str, Any]:
+          stop_at: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run the job to `training.steps` (or until SIGINT/SIGTERM); returns the `done` fields.
 
     `stop_at` ends the run early at that step with a checkpoint, as a signal would, without
-    changing the schedule (which is laid out for `training.steps`).
+    changing the schedule (which is laid out for `training.steps`). A fresh run refuses an
+    out_dir that holds another run's checkpoints unless `overwrite` (see claim_out_dir).
     """
     job = build_job(cfg)
     t = cfg.training
     start = 0
     path = resolve_resume(cfg, resume)
+    claim_out_dir(cfg, path, overwrite)
     if path is not None:
         start = restore(job, path)
         log.info("resumed", checkpoint=str(path), step=start)

@@ -19,6 +19,7 @@ from narun.checkpoint._store import (
     load_checkpoint,
     prune,
     read_manifest,
+    run_id_of,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -27,5 +28,5 @@ from narun.errors import CheckpointError
 __all__ = [
     "FORMAT_VERSION", "Checkpoint", "CheckpointError", "TensorInfo", "latest_good",
     "list_checkpoints", "load", "load_checkpoint", "prune", "read_header", "read_manifest",
-    "read_metadata", "read_range", "save", "save_checkpoint", "verify_checkpoint",
+    "read_metadata", "read_range", "run_id_of", "save", "save_checkpoint", "verify_checkpoint",
 ]

@@ -57,7 +57,7 @@ from narun.runtime.spec import WorkerSpec, check_trainable_device
 from narun.runtime.supervision import Failure, StartupFailure, Supervisor
 from narun.runtime.tasks import Background
 from narun.runtime.waiting import Broadcast
-from narun.train import build_job, checkpoint_dir, resolve_resume, restore
+from narun.train import build_job, checkpoint_dir, claim_out_dir, resolve_resume, restore
 from protocol import Message, message, open_channel, reply
 
 log = structlog.get_logger("narun.runtime")
@@ -85,11 +85,12 @@ class Coordinator:
     def __init__(self, cfg: JobConfig, reporter: Reporter, resume: str | None = None, *,
                  bucket_bytes: int = BUCKET_BYTES, wait_timeout: float | None = None,
                  delays: dict[int, float] | None = None, stop_at: int | None = None,
-                 restart_delay: float = 0.0) -> None:
+                 restart_delay: float = 0.0, overwrite: bool = False) -> None:
         check_config(cfg)
         self.cfg = cfg
         self.reporter = reporter
         self.resume = resolve_resume(cfg, resume)
+        claim_out_dir(cfg, self.resume, overwrite)
         self.first_resume = self.resume
         self.bucket_bytes = bucket_bytes
         rt = cfg.runtime
@@ -444,11 +445,14 @@ class Coordinator:
     async def _roll_back(self, rollback: _Rollback) -> None:
         """Reload the newest good checkpoint (or the job's start) and start a generation."""
         reached = self._completed
-        path = latest_good(checkpoint_dir(self.cfg)) or self.first_resume
+        run_id = self.job.run_id
+        path = latest_good(checkpoint_dir(self.cfg), run_id) or self.first_resume
 
         def reload() -> tuple[Any, int]:
             job = build_job(self.cfg)
-            return job, (restore(job, path) if path else 0)
+            step = restore(job, path) if path else 0
+            job.run_id = run_id  # the same run, whatever it reloaded
+            return job, step
 
         self.job, self.start = await asyncio.to_thread(reload)
         self.resume = path
@@ -597,7 +601,7 @@ class Coordinator:
         if not job.text:
             extra["sampler"] = job.sampler.state_dict()
         path = save_checkpoint(checkpoint_dir(cfg), step, job.model.state_dict(), opt_state,
-                               extra, keep=cfg.training.keep_checkpoints)
+                               extra, keep=cfg.training.keep_checkpoints, run_id=job.run_id)
         return path
 
     # -- stopping ----------------------------------------------------------------------

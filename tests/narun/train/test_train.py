@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import narun.models  # noqa: F401  (registers model fields)
-from narun.checkpoint import load_checkpoint
+from narun.checkpoint import latest_good, list_checkpoints, load_checkpoint, run_id_of
 from narun.config import config_from_dict
+from narun.errors import ConfigError
 from narun.events import JsonLinesReporter
 from narun.train import build_job, train
 
@@ -55,6 +56,27 @@ def test_resume_is_bit_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(tmp_path):
+    # issue 12: a 4-step run into the out_dir of a finished 20-step one reported a
+    # checkpoint its own pruning had deleted, and `latest` meant the old run's step 20
+    old = train(cfg(tmp_path, checkpoint_every=5), Events())
+    with pytest.raises(ConfigError, match=r"already holds checkpoints of another run .*"
+                       r"--resume auto.*training.out_dir.*--overwrite"):
+        train(cfg(tmp_path, steps=4, keep_checkpoints=1), Events())
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
+        "step-000005", "step-000010", "step-000015", "step-000020"]
+    new = train(cfg(tmp_path, steps=4, keep_checkpoints=1), Events(), overwrite=True)
+    assert Path(new["checkpoint"]).is_dir()
+    assert latest_good(tmp_path / "checkpoints") == Path(new["checkpoint"])
+    aside = tmp_path / "checkpoints.old-1"  # moved aside, not deleted
+    assert Path(old["checkpoint"]).name in [p.name for p in list_checkpoints(aside)]
+    # resuming keeps the lineage: the new run's pruning never touches the old run's
+    run_id = run_id_of(new["checkpoint"])
+    resumed = train(cfg(tmp_path, steps=6, keep_checkpoints=1), Events(), resume="auto")
+    assert run_id is not None and run_id_of(resumed["checkpoint"]) == run_id
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000006"]
 
 
 @pytest.mark.parametrize("optimizer, lr", [("adamw", 1e-3), ("sgd", 0.1)])
