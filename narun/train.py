@@ -183,7 +183,8 @@ def restore(job: Job, path: str | Path) -> int:
     c = ckpt.load_checkpoint(path)
     job.model.load_state_dict(c.model)
     job.optimizer.load_state_dict(c.optimizer)
-    job.scheduler.load_state_dict(c.extra["scheduler"])
+    job.scheduler = resume_schedule(job.scheduler, job.optimizer, job.config, c.extra, c.step,
+                                    str(path))
     narun.set_rng_state(c.extra["rng"])
     if not job.text:
         job.sampler.load_state_dict(c.extra["sampler"])
@@ -191,6 +192,31 @@ def restore(job: Job, path: str | Path) -> int:
     if isinstance(run_id, str):  # else an unlabelled (older) checkpoint: a new lineage
         job.run_id = run_id
     return c.step
+
+
+def resume_schedule(scheduler: Any, optimizer: Any, cfg: JobConfig, extra: dict[str, Any],
+                    step: int, source: str) -> Any:
+    """The LR scheduler to continue at `step` with, from a checkpoint's `extra` (its
+    scheduler state and config). With the checkpoint's training.steps, the saved schedule
+    as it was. With another training.steps (extending or shortening a run), the schedule is
+    rebuilt for the new total and continues at `step` (warning `schedule_rebuilt`): the
+    saved one would keep its old total, and a finished run's would train on at lr 0.
+    A training.steps below `step` is refused (ConfigError)."""
+    t = cfg.training
+    if step > t.steps:
+        raise ConfigError(f"training.steps: {t.steps} is below step {step} of the checkpoint "
+                          f"resumed from ({source}); set training.steps above {step} to "
+                          f"train on, or resume nothing to start afresh")
+    scheduler.load_state_dict(extra["scheduler"])
+    saved_steps = extra.get("config", {}).get("training", {}).get("steps")
+    if saved_steps == t.steps:
+        return scheduler
+    rebuilt = make_scheduler(optimizer, cfg)  # laid out for the new total, at step 0
+    rebuilt.last_epoch = step - 1
+    rebuilt.step()  # every schedule is a closed form of last_epoch: now the lr of `step`
+    log.warning("schedule_rebuilt", checkpoint=source, step=step, steps_before=saved_steps,
+                steps=t.steps, lr=rebuilt.get_last_lr()[0])
+    return rebuilt
 
 
 def claim_out_dir(cfg: JobConfig, resume: Path | None, overwrite: bool = False) -> None:

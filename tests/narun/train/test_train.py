@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 import narun.models  # noqa: F401  (registers model fields)
 from narun.checkpoint import latest_good, list_checkpoints, load_checkpoint, run_id_of
@@ -77,6 +78,32 @@ def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(tmp_path):
     resumed = train(cfg(tmp_path, steps=6, keep_checkpoints=1), Events(), resume="auto")
     assert run_id is not None and run_id_of(resumed["checkpoint"]) == run_id
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000006"]
+
+
+def test_extending_a_finished_run_rebuilds_the_schedule(tmp_path):
+    # issue 12: resuming a finished run with more training.steps kept the finished cosine
+    # schedule: every new step at lr 0.0, the weights bit-identical, no warning
+    first = train(cfg(tmp_path, steps=8), Events())
+    ev = Events()
+    with capture_logs() as logs:
+        second = train(cfg(tmp_path, steps=14), ev, resume="auto")
+    lrs = [e["lr"] for e in ev.events if e["event"] == "step"]
+    assert second["step"] == 14 and len(lrs) == 6
+    # the lr of steps 8..13 of a 14-step cosine schedule with 3 warmup steps
+    fresh = build_job(cfg(tmp_path / "ref", steps=14))
+    expected = []
+    for _ in range(14):
+        expected.append(fresh.scheduler.get_last_lr()[0])
+        fresh.scheduler.step()
+    np.testing.assert_allclose(lrs, expected[8:], rtol=1e-12)
+    assert all(lr > 0 for lr in lrs)
+    a, b = final_params(first["checkpoint"]), final_params(second["checkpoint"])
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+    rebuilt = [e for e in logs if e["event"] == "schedule_rebuilt"]
+    assert len(rebuilt) == 1 and rebuilt[0]["steps_before"] == 8 and rebuilt[0]["steps"] == 14
+    with pytest.raises(ConfigError, match=r"training.steps: 10 is below step 14 of the "
+                       r"checkpoint"):
+        train(cfg(tmp_path, steps=10), Events(), resume="auto")
 
 
 @pytest.mark.parametrize("optimizer, lr", [("adamw", 1e-3), ("sgd", 0.1)])
