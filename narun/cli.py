@@ -66,18 +66,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _resolve_checkpoint(path: str) -> Path:
     """A step directory as given, or the newest good checkpoint of a run or checkpoints dir."""
-    from narun.checkpoint import latest_good
+    from narun.checkpoint import find_checkpoint
 
-    p = Path(path)
-    if (p / "manifest.json").exists():
-        return p
-    for candidate in (p / "checkpoints", p):
-        if candidate.is_dir():
-            found = latest_good(candidate)
-            if found is not None:
-                return found
-    raise CheckpointError(f"{path}: no checkpoint here (expected a step-NNNNNN directory with "
-                          "a manifest.json, or a run directory that holds checkpoints/)")
+    return find_checkpoint(path)
 
 
 def _model_from_checkpoint(path: str) -> tuple[Any, Any]:
@@ -177,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set training.lr=3e-4 (repeatable)")
     t.add_argument("--resume", metavar="PATH|auto",
-                   help="continue from a checkpoint, or the newest good one with 'auto'")
+                   help="continue from a checkpoint (a step directory, or a run directory's "
+                        "newest good one), or this out_dir's newest good one with 'auto'")
     t.add_argument("--overwrite", action="store_true",
                    help="start afresh in an out_dir that holds another run's checkpoints, "
                         "moving them aside to checkpoints.old-N/")

@@ -245,7 +245,9 @@ def claim_out_dir(cfg: JobConfig, resume: Path | None, overwrite: bool = False) 
 
 
 def resolve_resume(cfg: JobConfig, resume: str | None) -> Path | None:
-    """`auto`: the newest checkpoint that verifies (None if there is none); else the path."""
+    """`auto`: the out_dir's newest checkpoint that verifies (None if there is none); else a
+    step directory as given, or a run directory's newest good checkpoint, as `narun
+    generate` and `narun evaluate` take them (narun.checkpoint.find_checkpoint)."""
     if resume is None:
         return None
     if resume == "auto":
@@ -253,7 +255,10 @@ def resolve_resume(cfg: JobConfig, resume: str | None) -> Path | None:
     path = Path(resume)
     if not path.exists():
         raise CheckpointError(f"--resume {resume}: no such checkpoint")
-    return path
+    try:
+        return ckpt.find_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"--resume {err}") from None
 
 
 def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
@@ -281,6 +286,8 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
     step = start
     end = t.steps if stop_at is None else min(stop_at, t.steps)
     reporter.start(t.steps, start)
+    if path is not None:
+        reporter.emit("resumed", step=start, checkpoint=str(path))
     with _StopFlag() as stop:
         while step < end and stop.signal is None:
             t0 = time.perf_counter()

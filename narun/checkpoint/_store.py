@@ -229,6 +229,22 @@ def latest_good(directory: str | os.PathLike[str], run_id: str | None = None) ->
     return None
 
 
+def find_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint as a user names one: a step directory as given, or the newest good
+    checkpoint (see latest_good) of a run directory (its checkpoints/) or of a checkpoints
+    directory; CheckpointError saying what was expected otherwise."""
+    p = Path(path)
+    if (p / MANIFEST).exists():
+        return p
+    for candidate in (p / "checkpoints", p):
+        if candidate.is_dir():
+            found = latest_good(candidate)
+            if found is not None:
+                return found
+    raise CheckpointError(f"{path}: no checkpoint here (expected a step-NNNNNN directory with "
+                          "a manifest.json, or a run directory that holds checkpoints/)")
+
+
 def prune(directory: str | os.PathLike[str], keep: int, *, run_id: str | None = None,
           protect: str | os.PathLike[str] | None = None) -> list[Path]:
     """Remove all but the newest `keep` written checkpoints of the run `run_id` (None: the

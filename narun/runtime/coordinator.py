@@ -100,6 +100,8 @@ class Coordinator:
         self.restart_delay = restart_delay
         self.job = build_job(cfg)
         self.start = restore(self.job, self.resume) if self.resume else 0
+        if self.resume:  # the line and event a one-process run gives (narun.train.train)
+            log.info("resumed", checkpoint=str(self.resume), step=self.start)
         self.plan = plan_for(self.job.model, rt.ps_shards, bucket_bytes)
         self.supervisor = Supervisor(rt.max_restarts)
         self.pids: list[int] = []  # every process started, for callers and tests
@@ -157,6 +159,9 @@ class Coordinator:
                 write_init_state, self.job.model, self.cfg.training.out_dir,
                 values=self.first_resume is None)
             self.reporter.start(self.cfg.training.steps, self.start)
+            if self.first_resume is not None:
+                self.reporter.emit("resumed", step=self.start,
+                                   checkpoint=str(self.first_resume))
             began = time.perf_counter()
             while True:
                 if self._signal is not None:  # stopped while rolling back: that checkpoint

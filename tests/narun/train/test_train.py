@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 import narun.models  # noqa: F401  (registers model fields)
 from narun.checkpoint import latest_good, list_checkpoints, load_checkpoint, run_id_of
 from narun.config import config_from_dict
-from narun.errors import ConfigError
+from narun.errors import CheckpointError, ConfigError
 from narun.events import JsonLinesReporter
 from narun.train import build_job, train
 
@@ -57,6 +57,21 @@ def test_resume_is_bit_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_resume_takes_a_run_folder_as_generate_and_evaluate_do(tmp_path):
+    # issue 12: --resume runs/NAME failed; `generate runs/NAME` took the newest good one
+    train(cfg(tmp_path / "b", steps=12, checkpoint_every=5), Events(), stop_at=10)
+    ev = Events()
+    done = train(cfg(tmp_path / "b", steps=12), ev, resume=str(tmp_path / "b"))
+    assert [e for e in ev.events if e["event"] == "resumed"] == [
+        {"event": "resumed", "step": 10,
+         "checkpoint": str(tmp_path / "b" / "checkpoints" / "step-000010")}]
+    assert [e["step"] for e in ev.events if e["event"] == "step"] == [11, 12]
+    assert done["step"] == 12
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"--resume .*empty: no checkpoint here"):
+        train(cfg(tmp_path / "c"), Events(), resume=str(tmp_path / "empty"))
 
 
 def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(tmp_path):
