@@ -70,9 +70,11 @@ class _Rollback(Exception):
     """Restart every process from the newest checkpoint: a shard, and its slice, are gone
     (or a shard asked to leave: then the coordinator checkpoints first and nothing is lost)."""
 
-    def __init__(self, reason: str, role: str, rank: int, planned: bool) -> None:
+    def __init__(self, reason: str, role: str, rank: int, planned: bool,
+                 last_step: int = -1) -> None:
         super().__init__(reason)
         self.reason, self.role, self.rank, self.planned = reason, role, rank, planned
+        self.last_step = last_step  # the last step the leaving shard reported, -1 if none
 
 
 class Coordinator:
@@ -130,7 +132,10 @@ class Coordinator:
         self._seen: dict[int, float] = {}  # pid -> last message
         self._exited: dict[int, int] = {}  # pid -> exit status
         self._hung: dict[int, str] = {}  # pid -> why it was declared dead and killed
-        self._last_step: dict[bytes, int] = {}
+        # pid -> the last step that process reported: by pid, not by role-rank identity,
+        # which every incarnation shares (a replacement that dies before its first
+        # heartbeat has reported nothing, not its predecessor's step)
+        self._last_step: dict[int, int] = {}
         self.members = set(range(self.cfg.runtime.workers))
         self._away: dict[int, float] = {}  # dead trainer rank -> when to stop waiting for it
         self._rollback: _Rollback | None = None
@@ -405,7 +410,7 @@ class Coordinator:
             return
         if code != EXIT_LEFT:
             failure = Failure(child.role, child.rank, child.pid,
-                              self._last_step.get(child.identity, -1), reason, child.log_path)
+                              self._last_step.get(child.pid, -1), reason, child.log_path)
             if not self.supervisor.record(failure):
                 self._fail(self.supervisor.exhausted(child.log_tail()))
                 return
@@ -435,14 +440,17 @@ class Coordinator:
         child = await self._spawn("trainer", dead.rank, self._spec(
             shard_endpoints=self.shard_endpoints, start_step=start, resume=None).to_json())
         self._last_change = time.monotonic()
-        log.warning("coordinator.restarted", role="trainer", rank=dead.rank, pid=child.pid,
-                    reason=reason, step=self._completed)
-        self.reporter.emit("restart", role="trainer", rank=dead.rank, reason=reason,
-                           step=self._completed)
+        # step: the job's last completed step (the event's documented field); rejoins_at:
+        # the step the replacement starts at; last_step: the dead one's last reported step
+        fields = dict(role="trainer", rank=dead.rank, reason=reason, step=self._completed,
+                      rejoins_at=start, last_step=self._last_step.get(dead.pid, -1))
+        log.warning("coordinator.restarted", pid=child.pid, **fields)
+        self.reporter.emit("restart", **fields)
 
     def _roll_back_soon(self, child: Child, reason: str, planned: bool) -> None:
         if self._rollback is None:
-            self._rollback = _Rollback(reason, child.role, child.rank, planned)
+            self._rollback = _Rollback(reason, child.role, child.rank, planned,
+                                       self._last_step.get(child.pid, -1))
             if planned:
                 self._drain(f"{child.name} is leaving: checkpoint, then restart without it")
         self._changed.notify()
@@ -464,10 +472,15 @@ class Coordinator:
         self.steps_redone += max(reached - self.start, 0)
         self.generation += 1
         self._reset_generation()
-        log.warning("coordinator.rolled_back", generation=self.generation, to_step=self.start,
-                    reached=reached, checkpoint=str(path), reason=rollback.reason)
-        self.reporter.emit("restart", role=rollback.role, rank=rollback.rank,
-                           reason=rollback.reason, step=self.start)
+        # step (the event's documented field) and rolled_back_to: the step every process
+        # restarts from; reached: the job's last completed step before; last_step: the
+        # shard's own last reported step (as in its actor.dead line)
+        fields = dict(role=rollback.role, rank=rollback.rank, reason=rollback.reason,
+                      step=self.start, rolled_back_to=self.start, reached=reached,
+                      last_step=rollback.last_step)
+        log.warning("coordinator.rolled_back", generation=self.generation,
+                    checkpoint=str(path), **fields)
+        self.reporter.emit("restart", **fields)
 
     async def _watchdog(self) -> None:
         rt = self.cfg.runtime
@@ -510,7 +523,8 @@ class Coordinator:
         if child is not None:
             self._seen[child.pid] = time.monotonic()
         if msg.type == "heartbeat":
-            self._last_step[route] = msg["step"]
+            if child is not None:
+                self._last_step[child.pid] = msg["step"]
             return reply(msg, "heartbeat", role="coordinator", rank=0, step=self._completed,
                          time=time.time())
         if msg.type == "hello":
@@ -518,7 +532,8 @@ class Coordinator:
         if msg.type == "step_done":
             rank, step = msg["rank"], msg["step"]
             self._latest[rank] = max(self._latest.get(rank, -1), step)
-            self._last_step[route] = step
+            if child is not None:
+                self._last_step[child.pid] = step
             if step > self._completed:
                 self._reports.setdefault(step, {})[rank] = msg
             self._changed.notify()
