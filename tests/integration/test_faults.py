@@ -15,11 +15,12 @@ import socket
 import time
 from functools import partial
 
+import numpy as np
 import pytest
 import uvloop
 from structlog.testing import capture_logs
 
-from narun.checkpoint import latest_good, verify_checkpoint
+from narun.checkpoint import latest_good, load_checkpoint, verify_checkpoint
 from narun.runtime.supervision import RestartBudgetExhausted
 from tests.integration.conftest import Faults, Recorder, assert_all_gone, mlp_config
 
@@ -287,6 +288,19 @@ def test_a_replacement_dead_before_its_first_heartbeat_is_reported_without_a_ste
     assert [e["pid"] for e in dead] == [first, second], dead
     assert dead[0]["last_step"] >= 6 and dead[1]["last_step"] == -1, dead
     assert [r["last_step"] for r in reporter.of("restart")] == [d["last_step"] for d in dead]
+
+
+@pytest.mark.timeout(90)
+def test_extending_a_finished_run_rebuilds_every_shards_schedule(make_config):
+    """Issue 12, item 2, with processes: a finished cosine run resumed with more steps
+    trained on at lr 0; the coordinator's and every shard's schedule are rebuilt."""
+    first, _ = run(job(make_config, "ps-sync", "run"))
+    done, events = run(make_config("ps-sync", 2, out="run", steps=STEPS + 6, lr=3e-3,
+                                   checkpoint_every=10), resume="auto")
+    lrs = [s["lr"] for s in events.of("step")]
+    assert done["step"] == STEPS + 6 and len(lrs) == 6 and min(lrs) > 0, lrs
+    a, b = (load_checkpoint(d["checkpoint"]).model for d in (first, done))
+    assert all(not np.array_equal(a[k], b[k]) for k in a)  # the shards stepped at lr > 0
 
 
 @pytest.mark.timeout(60)
