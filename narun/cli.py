@@ -76,12 +76,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.runtime.mode in ("ps-sync", "ps-async"):
         from narun.runtime import train as distributed_train
 
-        done = distributed_train(cfg, reporter, resume=args.resume)
+        done = distributed_train(cfg, reporter, resume=args.resume, overwrite=args.overwrite)
     else:
         from narun.train import train
 
         tune_process()  # keep each step's freed temporaries instead of page-faulting them back
-        done = train(cfg, reporter, resume=args.resume)
+        done = train(cfg, reporter, resume=args.resume, overwrite=args.overwrite)
     if done["signal"] == signal.SIGINT:
         return EXIT_INTERRUPTED
     return 0
@@ -207,7 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set training.lr=3e-4 (repeatable)")
     t.add_argument("--resume", metavar="PATH|auto",
-                   help="continue from a checkpoint, or the newest good one with 'auto'")
+                   help="continue from a checkpoint (a step directory, or a run directory's "
+                        "newest good one), or this out_dir's newest good one with 'auto'")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an out_dir that holds another run's checkpoints, "
+                        "moving them aside to checkpoints.old-N/")
     t.add_argument("--json", action="store_true",
                    help="JSON lines on stdout (the default when stdout is not a terminal)")
     t.add_argument("--workers", type=int, metavar="N",

@@ -1,8 +1,8 @@
 """Training events (README.md, "A 60-second tour") and the two ways they are shown.
 
 `--json` (or a stdout that is not a TTY) prints one JSON object per line with an `event`
-key: step, eval, checkpoint, restart, done, error. On a TTY a rich progress bar shows step,
-loss, throughput and ETA instead. Fields may be added, never renamed.
+key: step, eval, checkpoint, restart, resumed, done, error. On a TTY a rich progress bar
+shows step, loss, throughput and ETA instead. Fields may be added, never renamed.
 """
 
 from __future__ import annotations
@@ -99,6 +99,9 @@ class RichReporter:
                 f"step {fields['step']}: val_loss {fields['val_loss']:.4f}")
         elif event == "checkpoint":
             self.progress.console.print(f"step {fields['step']}: checkpoint {fields['path']}")
+        elif event == "resumed":
+            self.progress.console.print(
+                f"resumed at step {fields['step']} from {fields['checkpoint']}")
         elif event == "done":
             val = fields.get("val_loss")
             shown = "not evaluated (interrupted)" if val is None else f"{val:.4f}"

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ class Job:
     val_data: Any
     sampler: Any
     device: str = "cpu"  # where loss() puts the batch: the model's device
+    # The run's lineage, written into every checkpoint and kept across resumes: pruning and
+    # `--resume auto` only consider this run's checkpoints (narun.checkpoint's docstring).
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def text(self) -> bool:
@@ -230,7 +234,7 @@ def save(job: Job, step: int) -> Path:
         extra["sampler"] = job.sampler.state_dict()
     return ckpt.save_checkpoint(checkpoint_dir(cfg), step, job.model.state_dict(),
                                 job.optimizer.state_dict(), extra,
-                                keep=cfg.training.keep_checkpoints)
+                                keep=cfg.training.keep_checkpoints, run_id=job.run_id)
 
 
 def restore(job: Job, path: str | Path) -> int:
@@ -238,15 +242,71 @@ def restore(job: Job, path: str | Path) -> int:
     c = ckpt.load_checkpoint(path)
     job.model.load_state_dict(c.model)
     job.optimizer.load_state_dict(c.optimizer)
-    job.scheduler.load_state_dict(c.extra["scheduler"])
+    job.scheduler = resume_schedule(job.scheduler, job.optimizer, job.config, c.extra, c.step,
+                                    str(path))
     narun.set_rng_state(c.extra["rng"])
     if not job.text:
         job.sampler.load_state_dict(c.extra["sampler"])
+    run_id = c.manifest.get("run_id")
+    if isinstance(run_id, str):  # else an unlabelled (older) checkpoint: a new lineage
+        job.run_id = run_id
     return c.step
 
 
+def resume_schedule(scheduler: Any, optimizer: Any, cfg: JobConfig, extra: dict[str, Any],
+                    step: int, source: str) -> Any:
+    """The LR scheduler to continue at `step` with, from a checkpoint's `extra` (its
+    scheduler state and config). With the checkpoint's training.steps, the saved schedule
+    as it was. With another training.steps (extending or shortening a run), the schedule is
+    rebuilt for the new total and continues at `step` (warning `schedule_rebuilt`): the
+    saved one would keep its old total, and a finished run's would train on at lr 0.
+    A training.steps below `step` is refused (ConfigError)."""
+    t = cfg.training
+    if step > t.steps:
+        raise ConfigError(f"training.steps: {t.steps} is below step {step} of the checkpoint "
+                          f"resumed from ({source}); set training.steps above {step} to "
+                          f"train on, or resume nothing to start afresh")
+    scheduler.load_state_dict(extra["scheduler"])
+    saved_steps = extra.get("config", {}).get("training", {}).get("steps")
+    if saved_steps == t.steps:
+        return scheduler
+    rebuilt = make_scheduler(optimizer, cfg)  # laid out for the new total, at step 0
+    rebuilt.last_epoch = step - 1
+    rebuilt.step()  # every schedule is a closed form of last_epoch: now the lr of `step`
+    log.warning("schedule_rebuilt", checkpoint=source, step=step, steps_before=saved_steps,
+                steps=t.steps, lr=rebuilt.get_last_lr()[0])
+    return rebuilt
+
+
+def claim_out_dir(cfg: JobConfig, resume: Path | None, overwrite: bool = False) -> None:
+    """Check that a run may write checkpoints into its out_dir: one resuming may; a fresh one
+    (`resume` None) may only if the directory holds no other run's checkpoints, or with
+    `overwrite`, which moves them aside (to checkpoints.old-N/, nothing is deleted).
+    ConfigError naming the out_dir and the ways on otherwise."""
+    if resume is not None:
+        return
+    directory = checkpoint_dir(cfg)
+    found = ckpt.list_checkpoints(directory)
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"training.out_dir {cfg.training.out_dir}: already holds checkpoints of another "
+            f"run ({len(found)}, newest written {found[-1].name}); a fresh run would mix "
+            f"with them. Continue that run with --resume auto, choose another out_dir "
+            f"(--set training.out_dir=...), or pass --overwrite to move them aside")
+    n = 1
+    while (aside := directory.with_name(f"checkpoints.old-{n}")).exists():
+        n += 1
+    directory.rename(aside)
+    log.warning("checkpoints_moved_aside", out_dir=cfg.training.out_dir, to=str(aside),
+                count=len(found))
+
+
 def resolve_resume(cfg: JobConfig, resume: str | None) -> Path | None:
-    """`auto`: the newest checkpoint that verifies (None if there is none); else the path."""
+    """`auto`: the out_dir's newest checkpoint that verifies (None if there is none); else a
+    step directory as given, or a run directory's newest good checkpoint, as `narun
+    generate` and `narun evaluate` take them (narun.checkpoint.find_checkpoint)."""
     if resume is None:
         return None
     if resume == "auto":
@@ -254,21 +314,26 @@ def resolve_resume(cfg: JobConfig, resume: str | None) -> Path | None:
     path = Path(resume)
     if not path.exists():
         raise CheckpointError(f"--resume {resume}: no such checkpoint")
-    return path
+    try:
+        return ckpt.find_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"--resume {err}") from None
 
 
 def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
-          stop_at: int | None = None) -> dict[str, Any]:
+          stop_at: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run the job to `training.steps` (or until SIGINT/SIGTERM); returns the `done` fields.
 
     `stop_at` ends the run early at that step with a checkpoint, as a signal would, without
-    changing the schedule (which is laid out for `training.steps`).
+    changing the schedule (which is laid out for `training.steps`). A fresh run refuses an
+    out_dir that holds another run's checkpoints unless `overwrite` (see claim_out_dir).
     """
     check_job(cfg)
     job = build_job(cfg)
     t = cfg.training
     start = 0
     path = resolve_resume(cfg, resume)
+    claim_out_dir(cfg, path, overwrite)
     if path is not None:
         start = restore(job, path)
         log.info("resumed", checkpoint=str(path), step=start)
@@ -281,6 +346,8 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
     step = start
     end = t.steps if stop_at is None else min(stop_at, t.steps)
     reporter.start(t.steps, start)
+    if path is not None:
+        reporter.emit("resumed", step=start, checkpoint=str(path))
     with _StopFlag() as stop:
         while step < end and stop.signal is None:
             t0 = time.perf_counter()

@@ -14,18 +14,21 @@ from narun.checkpoint._range import TensorInfo, read_header, read_range
 from narun.checkpoint._store import (
     FORMAT_VERSION,
     Checkpoint,
+    find_checkpoint,
     latest_good,
     list_checkpoints,
     load_checkpoint,
     prune,
     read_manifest,
+    run_id_of,
     save_checkpoint,
     verify_checkpoint,
 )
 from narun.errors import CheckpointError
 
 __all__ = [
-    "FORMAT_VERSION", "Checkpoint", "CheckpointError", "TensorInfo", "latest_good",
+    "FORMAT_VERSION", "Checkpoint", "CheckpointError", "TensorInfo", "find_checkpoint",
+    "latest_good",
     "list_checkpoints", "load", "load_checkpoint", "prune", "read_header", "read_manifest",
-    "read_metadata", "read_range", "save", "save_checkpoint", "verify_checkpoint",
+    "read_metadata", "read_range", "run_id_of", "save", "save_checkpoint", "verify_checkpoint",
 ]

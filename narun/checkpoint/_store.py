@@ -4,13 +4,19 @@
         model.safetensors       the module's state dict
         optimizer.safetensors   the optimizer state's arrays (present when it has any)
         extra.safetensors       arrays found in `extra` (e.g. a legacy RNG's key), if any
-        manifest.json           written last: format_version, step, created, files (sha256
-                                and size of each), optimizer and extra state as JSON with
-                                array references into the files above, manifest_sha256
+        manifest.json           written last: format_version, step, created, run_id (the
+                                run's lineage, when given), files (sha256 and size of each),
+                                optimizer and extra state as JSON with array references into
+                                the files above, manifest_sha256
 
 A checkpoint is written into `.step-000500.tmp-<host>-<pid>/`, every file and the directory
 fsynced, then renamed into place, so a crash at any point leaves either no `step-*`
 directory or a complete one.
+
+A run's checkpoints share a `run_id` (kept across resumes): pruning only ever removes
+checkpoints of the run that is saving, and "newest" means the newest written (`created`,
+then step), not the highest step number, so two runs in one directory never delete or
+shadow each other's checkpoints.
 """
 
 from __future__ import annotations
@@ -64,14 +70,15 @@ class Checkpoint:
 
 def save_checkpoint(directory: str | os.PathLike[str], step: int, model_state: Any,
                     optimizer_state: Any = None, extra: Mapping[str, Any] | None = None, *,
-                    keep: int | None = None) -> Path:
+                    keep: int | None = None, run_id: str | None = None) -> Path:
     """Write `directory/step-NNNNNN/` atomically and return its path.
 
     `model_state` is a flat {name: array} (or a module: its state_dict() is used);
     `optimizer_state` and `extra` are nested plain data with arrays anywhere (e.g. extra =
     {"config": ..., "rng": generator.bit_generator.state, "data": sampler.state_dict()}).
-    With `keep`, older checkpoints beyond the newest `keep` are removed afterwards.
-    An existing checkpoint of the same step is replaced.
+    `run_id` names the run's lineage in the manifest. With `keep`, that lineage's checkpoints
+    beyond the newest `keep` written (this one among them) are removed afterwards; other
+    runs' checkpoints are never touched. An existing checkpoint of the same step is replaced.
     """
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"save_checkpoint: step must be an integer >= 0, got {step!r}")
@@ -97,7 +104,8 @@ def save_checkpoint(directory: str | os.PathLike[str], step: int, model_state: A
                 files[fname] = {"sha256": sha, "size": size}
         manifest: dict[str, Any] = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
-            "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "created": datetime.now(UTC).isoformat(timespec="microseconds"),
+            **({"run_id": run_id} if run_id is not None else {}),
             "files": files, "optimizer": opt_tree, "extra": extra_tree,
         }
         manifest["manifest_sha256"] = _json_digest(manifest)
@@ -111,7 +119,7 @@ def save_checkpoint(directory: str | os.PathLike[str], step: int, model_state: A
         raise
     fsync_dir(root)
     if keep is not None:
-        prune(root, keep)
+        prune(root, keep, run_id=run_id, protect=root / name)
     return root / name
 
 
@@ -190,14 +198,28 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
     """Complete checkpoints (a `step-N` directory with a manifest) in `directory`, oldest
-    first. Cheap: nothing is hashed; `latest_good` verifies."""
-    return [p for _, p in _step_dirs(directory) if (p / MANIFEST).is_file()]
+    written first (by the manifest's `created`, then step; one whose manifest cannot be
+    read has no known age and sorts as the newest, so `latest_good` reports skipping it).
+    Cheap: only manifests are read; `latest_good` verifies."""
+    return [p for _, p in _by_age(directory) if (p / MANIFEST).is_file()]
 
 
-def latest_good(directory: str | os.PathLike[str]) -> Path | None:
-    """The newest checkpoint in `directory` that verifies, or None if there is none. Each
-    newer one skipped is logged as a warning (event `checkpoint_skipped`) with the reason."""
-    for _, p in reversed(_step_dirs(directory)):
+def run_id_of(path: str | os.PathLike[str]) -> str | None:
+    """The `run_id` a checkpoint's manifest records (None: unlabelled, or unreadable)."""
+    try:
+        value = read_manifest(path).get("run_id")
+    except CheckpointError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def latest_good(directory: str | os.PathLike[str], run_id: str | None = None) -> Path | None:
+    """The newest written checkpoint in `directory` that verifies (of the run `run_id` when
+    given), or None if there is none. Each newer one skipped is logged as a warning (event
+    `checkpoint_skipped`) with the reason."""
+    for _, p in reversed(_by_age(directory)):
+        if run_id is not None and run_id_of(p) != run_id:
+            continue
         try:
             verify_checkpoint(p)
         except CheckpointError as err:
@@ -207,14 +229,35 @@ def latest_good(directory: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def prune(directory: str | os.PathLike[str], keep: int) -> list[Path]:
-    """Remove all but the newest `keep` complete checkpoints, and temp directories left by
-    writers of this host that died; returns what was removed. A complete checkpoint counts
-    towards `keep` whether or not it would verify (pruning does not hash)."""
+def find_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint as a user names one: a step directory as given, or the newest good
+    checkpoint (see latest_good) of a run directory (its checkpoints/) or of a checkpoints
+    directory; CheckpointError saying what was expected otherwise."""
+    p = Path(path)
+    if (p / MANIFEST).exists():
+        return p
+    for candidate in (p / "checkpoints", p):
+        if candidate.is_dir():
+            found = latest_good(candidate)
+            if found is not None:
+                return found
+    raise CheckpointError(f"{path}: no checkpoint here (expected a step-NNNNNN directory with "
+                          "a manifest.json, or a run directory that holds checkpoints/)")
+
+
+def prune(directory: str | os.PathLike[str], keep: int, *, run_id: str | None = None,
+          protect: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove all but the newest `keep` written checkpoints of the run `run_id` (None: the
+    unlabelled ones), and temp directories left by writers of this host that died; returns
+    what was removed. Checkpoints of other runs, and `protect` (the one just written), are
+    never removed. A checkpoint counts towards `keep` whether or not it would verify
+    (pruning does not hash)."""
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"prune: keep must be an integer >= 1, got {keep!r}")
     root = Path(directory)
-    removed = list_checkpoints(root)[:-keep]
+    mine = [p for p in list_checkpoints(root) if run_id_of(p) == run_id]
+    kept = Path(protect) if protect is not None else None
+    removed = [p for p in mine[:-keep] if p != kept]
     if root.is_dir():
         removed += [e for e in root.iterdir() if e.name.startswith(".step-")
                     and e.is_dir() and is_stale_temp(e.name)]
@@ -252,6 +295,19 @@ def _step_dirs(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
         if m is not None and entry.is_dir():
             found.append((int(m.group(1)), entry))
     return sorted(found)
+
+
+def _by_age(directory: str | os.PathLike[str]) -> list[tuple[tuple[str, int], Path]]:
+    """Step directories, oldest written first: by the manifest's `created` (ISO 8601 UTC,
+    so it sorts as text), then by step; an unreadable manifest sorts as the newest ("~")."""
+    found = []
+    for step, p in _step_dirs(directory):
+        try:
+            created = str(read_manifest(p).get("created", ""))
+        except CheckpointError:
+            created = "~"
+        found.append(((created, step), p))
+    return sorted(found, key=lambda item: item[0])
 
 
 def _publish(tmp: Path, final: Path) -> None:

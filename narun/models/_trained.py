@@ -19,22 +19,6 @@ class Trained(NamedTuple):
     checkpoint: Path
 
 
-def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A step directory as given, or the newest good checkpoint of a run or checkpoints dir."""
-    from narun.checkpoint import latest_good
-
-    p = Path(path)
-    if (p / "manifest.json").exists():
-        return p
-    for candidate in (p / "checkpoints", p):
-        if candidate.is_dir():
-            found = latest_good(candidate)
-            if found is not None:
-                return found
-    raise CheckpointError(f"{path}: no checkpoint here (expected a step-NNNNNN directory with "
-                          "a manifest.json, or a run directory that holds checkpoints/)")
-
-
 def load_trained(path: str | os.PathLike[str]) -> Trained:
     """The model saved at `path`, ready to use: a step directory (`runs/gpt/checkpoints/
     step-000200`), or a run directory (`runs/gpt`), whose newest checkpoint that verifies
@@ -46,11 +30,11 @@ def load_trained(path: str | os.PathLike[str]) -> Trained:
     Raises CheckpointError when there is no usable checkpoint at `path`.
     """
     import narun.models  # noqa: F401  (registers the model fields config_from_dict checks)
-    from narun.checkpoint import load_checkpoint
+    from narun.checkpoint import find_checkpoint, load_checkpoint
     from narun.config import config_from_dict
     from narun.models._registry import build_from_config
 
-    c = load_checkpoint(resolve_checkpoint(path))
+    c = load_checkpoint(find_checkpoint(path))
     if "config" not in c.extra:
         raise CheckpointError(f"{c.path}: has no job config in its manifest, so the model "
                               f"cannot be rebuilt; load its weights with narun.load("

@@ -57,7 +57,14 @@ from narun.runtime.spec import WorkerSpec
 from narun.runtime.supervision import Failure, StartupFailure, Supervisor
 from narun.runtime.tasks import Background
 from narun.runtime.waiting import Broadcast
-from narun.train import build_job, check_job, checkpoint_dir, resolve_resume, restore
+from narun.train import (
+    build_job,
+    check_job,
+    checkpoint_dir,
+    claim_out_dir,
+    resolve_resume,
+    restore,
+)
 from protocol import Message, message, open_channel, reply
 
 log = structlog.get_logger("narun.runtime")
@@ -70,9 +77,11 @@ class _Rollback(Exception):
     """Restart every process from the newest checkpoint: a shard, and its slice, are gone
     (or a shard asked to leave: then the coordinator checkpoints first and nothing is lost)."""
 
-    def __init__(self, reason: str, role: str, rank: int, planned: bool) -> None:
+    def __init__(self, reason: str, role: str, rank: int, planned: bool,
+                 last_step: int = -1) -> None:
         super().__init__(reason)
         self.reason, self.role, self.rank, self.planned = reason, role, rank, planned
+        self.last_step = last_step  # the last step the leaving shard reported, -1 if none
 
 
 class Coordinator:
@@ -85,11 +94,12 @@ class Coordinator:
     def __init__(self, cfg: JobConfig, reporter: Reporter, resume: str | None = None, *,
                  bucket_bytes: int = BUCKET_BYTES, wait_timeout: float | None = None,
                  delays: dict[int, float] | None = None, stop_at: int | None = None,
-                 restart_delay: float = 0.0) -> None:
+                 restart_delay: float = 0.0, overwrite: bool = False) -> None:
         check_config(cfg)
         self.cfg = cfg
         self.reporter = reporter
         self.resume = resolve_resume(cfg, resume)
+        claim_out_dir(cfg, self.resume, overwrite)
         self.first_resume = self.resume
         self.bucket_bytes = bucket_bytes
         rt = cfg.runtime
@@ -99,6 +109,8 @@ class Coordinator:
         self.restart_delay = restart_delay
         self.job = build_job(cfg)
         self.start = restore(self.job, self.resume) if self.resume else 0
+        if self.resume:  # the line and event a one-process run gives (narun.train.train)
+            log.info("resumed", checkpoint=str(self.resume), step=self.start)
         self.plan = plan_for(self.job.model, rt.ps_shards, bucket_bytes)
         self.supervisor = Supervisor(rt.max_restarts)
         self.pids: list[int] = []  # every process started, for callers and tests
@@ -127,7 +139,10 @@ class Coordinator:
         self._seen: dict[int, float] = {}  # pid -> last message
         self._exited: dict[int, int] = {}  # pid -> exit status
         self._hung: dict[int, str] = {}  # pid -> why it was declared dead and killed
-        self._last_step: dict[bytes, int] = {}
+        # pid -> the last step that process reported: by pid, not by role-rank identity,
+        # which every incarnation shares (a replacement that dies before its first
+        # heartbeat has reported nothing, not its predecessor's step)
+        self._last_step: dict[int, int] = {}
         self.members = set(range(self.cfg.runtime.workers))
         self._away: dict[int, float] = {}  # dead trainer rank -> when to stop waiting for it
         self._rollback: _Rollback | None = None
@@ -156,6 +171,9 @@ class Coordinator:
                 write_init_state, self.job.model, self.cfg.training.out_dir,
                 values=self.first_resume is None)
             self.reporter.start(self.cfg.training.steps, self.start)
+            if self.first_resume is not None:
+                self.reporter.emit("resumed", step=self.start,
+                                   checkpoint=str(self.first_resume))
             began = time.perf_counter()
             while True:
                 if self._signal is not None:  # stopped while rolling back: that checkpoint
@@ -401,7 +419,7 @@ class Coordinator:
             return
         if code != EXIT_LEFT:
             failure = Failure(child.role, child.rank, child.pid,
-                              self._last_step.get(child.identity, -1), reason, child.log_path)
+                              self._last_step.get(child.pid, -1), reason, child.log_path)
             if not self.supervisor.record(failure):
                 self._fail(self.supervisor.exhausted(child.log_tail()))
                 return
@@ -431,14 +449,17 @@ class Coordinator:
         child = await self._spawn("trainer", dead.rank, self._spec(
             shard_endpoints=self.shard_endpoints, start_step=start, resume=None).to_json())
         self._last_change = time.monotonic()
-        log.warning("coordinator.restarted", role="trainer", rank=dead.rank, pid=child.pid,
-                    reason=reason, step=self._completed)
-        self.reporter.emit("restart", role="trainer", rank=dead.rank, reason=reason,
-                           step=self._completed)
+        # step: the job's last completed step (the event's documented field); rejoins_at:
+        # the step the replacement starts at; last_step: the dead one's last reported step
+        fields = dict(role="trainer", rank=dead.rank, reason=reason, step=self._completed,
+                      rejoins_at=start, last_step=self._last_step.get(dead.pid, -1))
+        log.warning("coordinator.restarted", pid=child.pid, **fields)
+        self.reporter.emit("restart", **fields)
 
     def _roll_back_soon(self, child: Child, reason: str, planned: bool) -> None:
         if self._rollback is None:
-            self._rollback = _Rollback(reason, child.role, child.rank, planned)
+            self._rollback = _Rollback(reason, child.role, child.rank, planned,
+                                       self._last_step.get(child.pid, -1))
             if planned:
                 self._drain(f"{child.name} is leaving: checkpoint, then restart without it")
         self._changed.notify()
@@ -446,21 +467,29 @@ class Coordinator:
     async def _roll_back(self, rollback: _Rollback) -> None:
         """Reload the newest good checkpoint (or the job's start) and start a generation."""
         reached = self._completed
-        path = latest_good(checkpoint_dir(self.cfg)) or self.first_resume
+        run_id = self.job.run_id
+        path = latest_good(checkpoint_dir(self.cfg), run_id) or self.first_resume
 
         def reload() -> tuple[Any, int]:
             job = build_job(self.cfg)
-            return job, (restore(job, path) if path else 0)
+            step = restore(job, path) if path else 0
+            job.run_id = run_id  # the same run, whatever it reloaded
+            return job, step
 
         self.job, self.start = await asyncio.to_thread(reload)
         self.resume = path
         self.steps_redone += max(reached - self.start, 0)
         self.generation += 1
         self._reset_generation()
-        log.warning("coordinator.rolled_back", generation=self.generation, to_step=self.start,
-                    reached=reached, checkpoint=str(path), reason=rollback.reason)
-        self.reporter.emit("restart", role=rollback.role, rank=rollback.rank,
-                           reason=rollback.reason, step=self.start)
+        # step (the event's documented field) and rolled_back_to: the step every process
+        # restarts from; reached: the job's last completed step before; last_step: the
+        # shard's own last reported step (as in its actor.dead line)
+        fields = dict(role=rollback.role, rank=rollback.rank, reason=rollback.reason,
+                      step=self.start, rolled_back_to=self.start, reached=reached,
+                      last_step=rollback.last_step)
+        log.warning("coordinator.rolled_back", generation=self.generation,
+                    checkpoint=str(path), **fields)
+        self.reporter.emit("restart", **fields)
 
     async def _watchdog(self) -> None:
         rt = self.cfg.runtime
@@ -503,7 +532,8 @@ class Coordinator:
         if child is not None:
             self._seen[child.pid] = time.monotonic()
         if msg.type == "heartbeat":
-            self._last_step[route] = msg["step"]
+            if child is not None:
+                self._last_step[child.pid] = msg["step"]
             return reply(msg, "heartbeat", role="coordinator", rank=0, step=self._completed,
                          time=time.time())
         if msg.type == "hello":
@@ -511,7 +541,8 @@ class Coordinator:
         if msg.type == "step_done":
             rank, step = msg["rank"], msg["step"]
             self._latest[rank] = max(self._latest.get(rank, -1), step)
-            self._last_step[route] = step
+            if child is not None:
+                self._last_step[child.pid] = step
             if step > self._completed:
                 self._reports.setdefault(step, {})[rank] = msg
             self._changed.notify()
@@ -599,7 +630,7 @@ class Coordinator:
         if not job.text:
             extra["sampler"] = job.sampler.state_dict()
         path = save_checkpoint(checkpoint_dir(cfg), step, job.model.state_dict(), opt_state,
-                               extra, keep=cfg.training.keep_checkpoints)
+                               extra, keep=cfg.training.keep_checkpoints, run_id=job.run_id)
         return path
 
     # -- stopping ----------------------------------------------------------------------

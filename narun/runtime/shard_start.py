@@ -43,7 +43,7 @@ from narun.config import JobConfig
 from narun.errors import CheckpointError
 from narun.runtime.buckets import BUCKET_BYTES, Piece, Plan, make_plan
 from narun.tensor._tensor import Tensor
-from narun.train import make_optimizer, make_scheduler
+from narun.train import make_optimizer, make_scheduler, resume_schedule
 
 INIT_DIR = ".coordinator"  # under training.out_dir; not .shards/ (checkpoint staging)
 _KEY = "narun.init_state"  # the safetensors metadata entry holding the layout (JSON)
@@ -183,7 +183,10 @@ def job_outline(cfg: JobConfig, init_state: str | os.PathLike[str],
     groups = decode(opt_tree["param_groups"], {}, source)
     # The hyperparameters (lr, initial_lr, betas...) as restore() leaves them: the saved ones.
     optimizer.load_state_dict({"state": {}, "param_groups": groups})
-    scheduler.load_state_dict(decode(manifest["extra"]["scheduler"], {}, source))
+    extra = {"scheduler": decode(manifest["extra"]["scheduler"], {}, source),
+             "config": decode(manifest["extra"].get("config", {}), {}, source)}
+    scheduler = resume_schedule(scheduler, optimizer, cfg, extra, int(manifest["step"]),
+                                str(ckpt))
     trees: list[dict[str, Any]] = [{} for _ in names]
     model_index = {id(p): j for j, p in enumerate(params)}
     of_index = {int(i): model_index[id(p)] for saved, group in zip(groups, optimizer.param_groups)

@@ -9,16 +9,18 @@ from zero, so "within 5%" compares something.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import time
 from functools import partial
 
+import numpy as np
 import pytest
 import uvloop
 from structlog.testing import capture_logs
 
-from narun.checkpoint import latest_good, verify_checkpoint
+from narun.checkpoint import latest_good, load_checkpoint, verify_checkpoint
 from narun.runtime.supervision import RestartBudgetExhausted
 from tests.integration.conftest import Faults, Recorder, assert_all_gone, mlp_config
 
@@ -71,6 +73,12 @@ def test_a_trainer_killed_mid_run_is_replaced_and_the_job_finishes(make_config, 
     (restart,) = events.of("restart")
     assert (restart["role"], restart["rank"]) == ("trainer", 1)
     assert "killed by signal 9" in restart["reason"]
+    # each field named for what it is (issue 12, item 8): the dead one's last reported
+    # step, and the step its replacement starts at
+    (_, _, pid, at) = events.signalled[0]
+    reported = [step for _, step, p in events.coordinator.reports if p == pid]
+    assert restart["last_step"] == max(reported) >= at, (restart, reported)
+    assert restart["rejoins_at"] <= restart["last_step"] + 1, restart
     assert done["val_loss"] == pytest.approx(base_loss(mode), rel=0.05)
     assert [s["step"] for s in events.of("step")] == sorted({s["step"] for s in
                                                             events.of("step")})
@@ -97,6 +105,11 @@ def test_a_killed_shard_rolls_every_process_back_to_the_checkpoint(make_config, 
     assert done["step"] == STEPS and done["restarts"] == 1
     (restart,) = events.of("restart")
     assert (restart["role"], restart["rank"], restart["step"]) == ("ps", 0, 10)
+    # issue 12, item 8: "step 50" beside a log's "last_step 86": each field named
+    names = [e for e, _ in events.events]
+    reached = max(f["step"] for e, f in events.events[:names.index("restart")] if e == "step")
+    assert (restart["rolled_back_to"], restart["reached"]) == (10, reached), restart
+    assert 0 <= restart["last_step"] <= reached, restart
     assert done["steps_redone"] >= 3  # the kill landed after step 13 was reported
     steps = [s["step"] for s in events.of("step")]
     assert steps.count(11) == 2 and steps[-1] == STEPS  # 11.. redone after the rollback
@@ -240,6 +253,54 @@ def test_each_death_is_logged_with_who_where_and_when_and_every_log_is_kept(make
         assert entry["reason"] == "was killed by signal 9", entry
         assert (f"  {n}. trainer 1 (pid {pid} on {socket.gethostname()}) was killed by "
                 f"signal 9 at step {entry['last_step']}; log {logs_dir / name}") in text, text
+
+
+class KillTheReplacement(Faults):
+    """Kills trainer 1's first replacement as soon as it is started: before it says hello."""
+
+    def emit(self, event: str, **fields) -> None:
+        super().emit(event, **fields)
+        if event == "restart" and len(self.of("restart")) == 1:
+            child = next(c for c in self.coordinator.children
+                         if (c.role, c.rank) == ("trainer", 1))
+            self.signalled.append(("trainer", 1, child.pid, -1))
+            os.kill(child.pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(90)
+def test_a_replacement_dead_before_its_first_heartbeat_is_reported_without_a_step(
+        make_config):
+    """Issue 12, item 8: the last step was kept per role and rank, which every incarnation
+    shares, so a replacement killed before reporting anything was logged with its
+    predecessor's step."""
+    cfg = job(make_config, "ps-sync", "run", max_restarts=3)
+    reporter = KillTheReplacement({6: ("trainer", 1, signal.SIGKILL)})
+    coordinator = Recorder(cfg, reporter, wait_timeout=30.0, delays=DELAYS)
+    reporter.coordinator = coordinator
+    try:
+        with capture_logs() as logs:
+            done = uvloop.run(coordinator.run())
+    finally:
+        assert_all_gone(coordinator.pids)
+    assert done["step"] == STEPS
+    dead = [e for e in logs if e["event"] == "actor.dead"]
+    (_, _, first, _), (_, _, second, _) = reporter.signalled
+    assert [e["pid"] for e in dead] == [first, second], dead
+    assert dead[0]["last_step"] >= 6 and dead[1]["last_step"] == -1, dead
+    assert [r["last_step"] for r in reporter.of("restart")] == [d["last_step"] for d in dead]
+
+
+@pytest.mark.timeout(90)
+def test_extending_a_finished_run_rebuilds_every_shards_schedule(make_config):
+    """Issue 12, item 2, with processes: a finished cosine run resumed with more steps
+    trained on at lr 0; the coordinator's and every shard's schedule are rebuilt."""
+    first, _ = run(job(make_config, "ps-sync", "run"))
+    done, events = run(make_config("ps-sync", 2, out="run", steps=STEPS + 6, lr=3e-3,
+                                   checkpoint_every=10), resume="auto")
+    lrs = [s["lr"] for s in events.of("step")]
+    assert done["step"] == STEPS + 6 and len(lrs) == 6 and min(lrs) > 0, lrs
+    a, b = (load_checkpoint(d["checkpoint"]).model for d in (first, done))
+    assert all(not np.array_equal(a[k], b[k]) for k in a)  # the shards stepped at lr > 0
 
 
 @pytest.mark.timeout(60)

@@ -145,6 +145,10 @@ def test_a_coordinator_killed_with_sigkill_leaves_no_worker_and_resume_auto_fini
     events = [json.loads(line) for line in out.stdout.splitlines()]
     steps = [e["step"] for e in events if e["event"] == "step"]
     assert steps == list(range(saved + 1, 121))  # from the checkpoint on, nothing skipped
+    # the line and the event a one-process resume gives (issue 12, item 6)
+    assert [e for e in events if e["event"] == "resumed"] == [
+        {"event": "resumed", "step": saved, "checkpoint": str(newest)}]
+    assert "resumed" in out.stderr and str(newest) in out.stderr, out.stderr
     unfaulted = uvloop.run(Coordinator(make_config("ps-sync", 2, out="base", steps=120),
                                        JsonLinesReporter(io.StringIO())).run())
     assert events[-1]["val_loss"] == pytest.approx(unfaulted["val_loss"], rel=1e-6)

@@ -18,6 +18,7 @@ from narun.checkpoint import (
     load_checkpoint,
     prune,
     read_metadata,
+    run_id_of,
     save,
     save_checkpoint,
     verify_checkpoint,
@@ -151,11 +152,12 @@ def test_latest_good_falls_back_and_says_why(tmp_path):
     with capture_logs() as logs:
         good = latest_good(tmp_path)
     assert good == tmp_path / "step-000020"
-    assert [entry["path"] for entry in logs] == [str(tmp_path / "step-000040"),
-                                                 str(tmp_path / "step-000030")]
+    # newest written first; one without a manifest has no known age and is tried first
+    assert [entry["path"] for entry in logs] == [str(tmp_path / "step-000030"),
+                                                 str(tmp_path / "step-000040")]
     assert all(e["log_level"] == "warning" and e["event"] == "checkpoint_skipped" for e in logs)
-    assert "model.safetensors: checksum mismatch" in logs[0]["reason"]
-    assert "manifest.json: missing" in logs[1]["reason"]
+    assert "manifest.json: missing" in logs[0]["reason"]
+    assert "model.safetensors: checksum mismatch" in logs[1]["reason"]
     assert load_checkpoint(good).step == 20
     assert latest_good(tmp_path / "nothing-here") is None
 
@@ -170,6 +172,24 @@ def test_prune_keeps_the_newest_k(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-1000001"]
     with pytest.raises(ValueError, match="keep must be an integer >= 1"):
         prune(tmp_path, 0)
+
+
+def test_pruning_and_latest_keep_to_one_run_and_the_newest_written(tmp_path):
+    # issue 12: a second run's step 40 sorted before the first run's step 200..600, so its
+    # own keep_checkpoints pruned it, and "latest" picked the old run's step 600
+    for step in (200, 400, 600):
+        save_checkpoint(tmp_path, step, {"w": np.full(2, step)}, run_id="old", keep=5)
+    new = save_checkpoint(tmp_path, 40, {"w": np.zeros(2)}, run_id="new", keep=2)
+    assert new.is_dir()
+    assert latest_good(tmp_path) == new
+    assert latest_good(tmp_path, run_id="old") == tmp_path / "step-000600"
+    for step in (50, 60):
+        save_checkpoint(tmp_path, step, {"w": np.zeros(2)}, run_id="new", keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "step-000200", "step-000400", "step-000600", "step-000050", "step-000060"]
+    assert prune(tmp_path, keep=1, run_id="old") == [tmp_path / "step-000200",
+                                                     tmp_path / "step-000400"]
+    assert run_id_of(tmp_path / "step-000600") == "old"
 
 
 def test_saving_a_step_again_replaces_it(tmp_path):

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 import narun.models  # noqa: F401  (registers model fields)
-from narun.checkpoint import load_checkpoint
+from narun.checkpoint import latest_good, list_checkpoints, load_checkpoint, run_id_of
 from narun.config import config_from_dict
-from narun.errors import ConfigError
+from narun.errors import CheckpointError, ConfigError
 from narun.events import JsonLinesReporter
 from narun.train import build_job, train
 
@@ -56,6 +57,68 @@ def test_resume_is_bit_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_resume_takes_a_run_folder_as_generate_and_evaluate_do(tmp_path):
+    # issue 12: --resume runs/NAME failed; `generate runs/NAME` took the newest good one
+    train(cfg(tmp_path / "b", steps=12, checkpoint_every=5), Events(), stop_at=10)
+    ev = Events()
+    done = train(cfg(tmp_path / "b", steps=12), ev, resume=str(tmp_path / "b"))
+    assert [e for e in ev.events if e["event"] == "resumed"] == [
+        {"event": "resumed", "step": 10,
+         "checkpoint": str(tmp_path / "b" / "checkpoints" / "step-000010")}]
+    assert [e["step"] for e in ev.events if e["event"] == "step"] == [11, 12]
+    assert done["step"] == 12
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"--resume .*empty: no checkpoint here"):
+        train(cfg(tmp_path / "c"), Events(), resume=str(tmp_path / "empty"))
+
+
+def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(tmp_path):
+    # issue 12: a 4-step run into the out_dir of a finished 20-step one reported a
+    # checkpoint its own pruning had deleted, and `latest` meant the old run's step 20
+    old = train(cfg(tmp_path, checkpoint_every=5), Events())
+    with pytest.raises(ConfigError, match=r"already holds checkpoints of another run .*"
+                       r"--resume auto.*training.out_dir.*--overwrite"):
+        train(cfg(tmp_path, steps=4, keep_checkpoints=1), Events())
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
+        "step-000005", "step-000010", "step-000015", "step-000020"]
+    new = train(cfg(tmp_path, steps=4, keep_checkpoints=1), Events(), overwrite=True)
+    assert Path(new["checkpoint"]).is_dir()
+    assert latest_good(tmp_path / "checkpoints") == Path(new["checkpoint"])
+    aside = tmp_path / "checkpoints.old-1"  # moved aside, not deleted
+    assert Path(old["checkpoint"]).name in [p.name for p in list_checkpoints(aside)]
+    # resuming keeps the lineage: the new run's pruning never touches the old run's
+    run_id = run_id_of(new["checkpoint"])
+    resumed = train(cfg(tmp_path, steps=6, keep_checkpoints=1), Events(), resume="auto")
+    assert run_id is not None and run_id_of(resumed["checkpoint"]) == run_id
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000006"]
+
+
+def test_extending_a_finished_run_rebuilds_the_schedule(tmp_path):
+    # issue 12: resuming a finished run with more training.steps kept the finished cosine
+    # schedule: every new step at lr 0.0, the weights bit-identical, no warning
+    first = train(cfg(tmp_path, steps=8), Events())
+    ev = Events()
+    with capture_logs() as logs:
+        second = train(cfg(tmp_path, steps=14), ev, resume="auto")
+    lrs = [e["lr"] for e in ev.events if e["event"] == "step"]
+    assert second["step"] == 14 and len(lrs) == 6
+    # the lr of steps 8..13 of a 14-step cosine schedule with 3 warmup steps
+    fresh = build_job(cfg(tmp_path / "ref", steps=14))
+    expected = []
+    for _ in range(14):
+        expected.append(fresh.scheduler.get_last_lr()[0])
+        fresh.scheduler.step()
+    np.testing.assert_allclose(lrs, expected[8:], rtol=1e-12)
+    assert all(lr > 0 for lr in lrs)
+    a, b = final_params(first["checkpoint"]), final_params(second["checkpoint"])
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+    rebuilt = [e for e in logs if e["event"] == "schedule_rebuilt"]
+    assert len(rebuilt) == 1 and rebuilt[0]["steps_before"] == 8 and rebuilt[0]["steps"] == 14
+    with pytest.raises(ConfigError, match=r"training.steps: 10 is below step 14 of the "
+                       r"checkpoint"):
+        train(cfg(tmp_path, steps=10), Events(), resume="auto")
 
 
 @pytest.mark.parametrize("optimizer, lr", [("adamw", 1e-3), ("sgd", 0.1)])
