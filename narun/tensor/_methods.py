@@ -29,6 +29,8 @@ def _install() -> None:
     T.__sub__, T.__rsub__ = E.sub, _reflected(E.sub)
     T.__mul__, T.__rmul__ = E.mul, _reflected(E.mul)
     T.__truediv__, T.__rtruediv__ = E.div, _reflected(E.div)
+    T.__floordiv__, T.__rfloordiv__ = E.floor_divide, _reflected(E.floor_divide)
+    T.__mod__, T.__rmod__ = E.remainder, _reflected(E.remainder)
     T.__pow__, T.__rpow__ = E.pow, _reflected(E.pow)
     T.__matmul__, T.__rmatmul__ = M.matmul, _reflected(M.matmul)
     T.__neg__, T.__abs__ = E.neg, E.abs
@@ -40,12 +42,14 @@ def _install() -> None:
     T.__eq__, T.__ne__ = E.eq, E.ne  # type: ignore[assignment]
     T.__lt__, T.__le__, T.__gt__, T.__ge__ = E.lt, E.le, E.gt, E.ge
     T.__getitem__ = S.getitem
-    for name in ("+=", "-=", "*=", "/="):
-        dunder = {"+=": "__iadd__", "-=": "__isub__", "*=": "__imul__", "/=": "__itruediv__"}
-        setattr(T, dunder[name], _inplace_forbidden(name))
+    inplace = {"+=": "__iadd__", "-=": "__isub__", "*=": "__imul__", "/=": "__itruediv__",
+               "//=": "__ifloordiv__", "%=": "__imod__"}
+    for name, dunder in inplace.items():
+        setattr(T, dunder, _inplace_forbidden(name))
 
     methods = {
         "add": E.add, "sub": E.sub, "mul": E.mul, "div": E.div, "pow": E.pow,
+        "floor_divide": E.floor_divide, "remainder": E.remainder,
         "neg": E.neg, "exp": E.exp, "log": E.log, "sqrt": E.sqrt, "rsqrt": E.rsqrt,
         "abs": E.abs, "tanh": E.tanh, "sigmoid": E.sigmoid, "relu": E.relu,
         "silu": E.silu, "gelu": E.gelu, "clamp": E.clamp, "maximum": E.maximum,

@@ -81,6 +81,40 @@ def div(a: Any, b: Any) -> Tensor:
     return make(out, _parents(a, b), backward, "div")
 
 
+def _integer_zero_divisor(op: str, symbol: str, a: Any, b: Any) -> None:
+    # NumPy quietly yields 0 for an integer division by zero; Python and torch raise.
+    kinds = {x.dtype.kind if isinstance(x, Tensor) else type(x).__name__ for x in (a, b)}
+    if kinds <= {"i", "u", "b", "int", "bool"} and not _backend.get_array_module(_d(b)).all(_d(b) != 0):
+        raise ZeroDivisionError(f"{op}: integer {symbol} by zero (the divisor holds a 0); "
+                                f"mask the zeros first, or use float tensors for inf/nan")
+
+
+def floor_divide(a: Any, b: Any) -> Tensor:
+    """a // b, rounded toward negative infinity as Python and torch do.
+
+    Piecewise constant, so it carries no gradient (as the comparisons): torch raises on its
+    backward, and a silent zero would hide a loss that cannot train.
+    """
+    a, b = _operands("floor_divide", a, b)
+    _integer_zero_divisor("floor_divide", "//", a, b)
+    xp = _backend.get_array_module(_d(a), _d(b))
+    return Tensor._wrap(xp.floor_divide(_d(a), _d(b)))
+
+
+def remainder(a: Any, b: Any) -> Tensor:
+    """a % b with the sign of the divisor (Python's and torch's %, not C's fmod)."""
+    a, b = _operands("remainder", a, b)
+    _integer_zero_divisor("remainder", "%", a, b)
+    ad, bd = _d(a), _d(b)
+    xp = _backend.get_array_module(ad, bd)
+
+    def backward(g: Any) -> tuple[Any, ...]:
+        # a % b = a - b * floor(a / b): d/da = 1, d/db = -floor(a / b), away from the jumps.
+        return _grads(a, b, g, -g * xp.floor_divide(ad, bd) if _needs(b) else None)
+
+    return make(xp.remainder(ad, bd), _parents(a, b), backward, "remainder")
+
+
 def pow(a: Any, b: Any) -> Tensor:  # noqa: A001 - the op's PyTorch name
     a, b = _operands("pow", a, b)
     ad, bd = _d(a), _d(b)

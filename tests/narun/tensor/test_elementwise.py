@@ -159,3 +159,61 @@ def test_cast_is_differentiable_for_floats():
     assert x.grad.dtype == np.float64
     np.testing.assert_array_equal(x.grad.numpy(), [3.0, 3.0])
     assert not x.long().requires_grad
+
+
+def _off_the_jumps(a, b):
+    """Moves a away from whole multiples of b, where // and % jump."""
+    frac = np.mod(a / b, 1.0)
+    return np.where((frac < 0.1) | (frac > 0.9), a + 0.5 * b, a)
+
+
+@pytest.mark.parametrize("sa,sb", SHAPES)
+@pytest.mark.parametrize("sign", [1, -1])
+def test_remainder_has_the_divisors_sign_and_its_gradients(sa, sb, sign):
+    b = sign * (np.abs(rng.standard_normal(sb)) + 0.5)
+    a = _off_the_jumps(3 * rng.standard_normal(sa), b)
+    check_op(lambda x, y: x % y, np.remainder, [a, b], torch_fn=tf("remainder"))
+    check_op(lambda x, y: x.remainder(y), np.remainder, [a, b])
+
+
+@pytest.mark.parametrize("sa,sb", SHAPES)
+def test_floor_divide_rounds_down_and_carries_no_gradient(sa, sb):
+    b = np.abs(rng.standard_normal(sb)) + 0.5
+    b = np.where(rng.standard_normal(sb) > 0, b, -b)
+    a = _off_the_jumps(3 * rng.standard_normal(sa), b)
+    check_op(lambda x, y: x // y, np.floor_divide, [a, b], grad=[False, False],
+             torch_fn=tf("floor_divide"))
+    x = narun.tensor(a, requires_grad=True)
+    assert not (x // 2.0).requires_grad and not x.floor_divide(narun.tensor(b)).requires_grad
+
+
+def test_floor_divide_and_remainder_on_integers_follow_python():
+    i, j = np.array([-7, 7, -8, 9]), np.array([2, -3, 3, 4])
+    ti, tj = narun.tensor(i), narun.tensor(j)
+    for got, want in (((ti // tj), [-4, -3, -3, 2]), ((ti % tj), [1, -2, 1, 1]),
+                      ((ti // 2), [-4, 3, -4, 4]), ((ti % 3), [2, 1, 1, 0]),
+                      ((20 // tj), [10, -7, 6, 5]), ((20 % tj), [0, -1, 2, 0])):
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got.numpy(), want)
+        np.testing.assert_array_equal(want, [int(w) for w in want])  # Python's own // and %
+    np.testing.assert_array_equal((ti // tj).numpy(), [a // b for a, b in zip(i, j)])
+    np.testing.assert_array_equal((ti % tj).numpy(), [a % b for a, b in zip(i, j)])
+    if HAS_TORCH:
+        ttj, tti = torch.tensor(j), torch.tensor(i)
+        np.testing.assert_array_equal((ti // tj).numpy(), (tti // ttj).numpy())
+        np.testing.assert_array_equal((ti % tj).numpy(), (tti % ttj).numpy())
+    with pytest.raises(ZeroDivisionError, match=r"floor_divide: integer // by zero"):
+        ti // narun.tensor([1, 0, 1, 1])
+    with pytest.raises(ZeroDivisionError, match=r"remainder: integer % by zero"):
+        ti % 0
+    with pytest.warns(RuntimeWarning, match="divide by zero"):  # as float / does
+        floats = narun.tensor([1.0, -1.0]) // 0.0
+    np.testing.assert_array_equal(floats.numpy(), [np.inf, -np.inf])
+
+
+def test_in_place_floor_divide_and_remainder_are_refused():
+    t = narun.tensor([3.0, 4.0])
+    with pytest.raises(TypeError, match=r"in-place //= .* write t = t // x"):
+        t //= 2
+    with pytest.raises(TypeError, match=r"in-place %= .* write t = t % x"):
+        t %= 2
