@@ -84,7 +84,9 @@ def div(a: Any, b: Any) -> Tensor:
 def _integer_zero_divisor(op: str, symbol: str, a: Any, b: Any) -> None:
     # NumPy quietly yields 0 for an integer division by zero; Python and torch raise.
     kinds = {x.dtype.kind if isinstance(x, Tensor) else type(x).__name__ for x in (a, b)}
-    if kinds <= {"i", "u", "b", "int", "bool"} and not _backend.get_array_module(_d(b)).all(_d(b) != 0):
+    divisor = _d(b)
+    if kinds <= {"i", "u", "b", "int", "bool"} and not _backend.get_array_module(divisor).all(
+            divisor != 0):
         raise ZeroDivisionError(f"{op}: integer {symbol} by zero (the divisor holds a 0); "
                                 f"mask the zeros first, or use float tensors for inf/nan")
 
