@@ -53,6 +53,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from narun._process import tune_process
     from narun.events import make_reporter
 
+    if args.overwrite and args.resume is not None:
+        raise ConfigError(f"--overwrite starts afresh and --resume {args.resume} continues a "
+                          f"run; pass one of them")
     flags: list[str] = []  # what the flags set, after (over) the --set items
     if args.workers is not None:
         flags.append(f"runtime.workers={args.workers}")

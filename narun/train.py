@@ -25,7 +25,7 @@ from narun import optim
 from narun.config import JobConfig, _choice_message, check_trainable_device, to_dict
 from narun.data import ArrayDataset, ShardedSampler, TextDataset, WindowSampler
 from narun.data._arrays import missing_arrays
-from narun.errors import CheckpointError, ConfigError
+from narun.errors import CheckpointError, ConfigError, DeviceError
 from narun.events import Reporter
 from narun.models import build_from_config, gpt_config, model_names
 from narun.nn import functional as F
@@ -122,7 +122,8 @@ class Job:
 def check_job(cfg: JobConfig) -> None:
     """Everything `narun train` refuses about a config, checked before anything is built or
     started; `narun config check`, one-process and distributed training all call this, so
-    they refuse the same configs with the same ConfigError."""
+    they refuse the same configs with the same ConfigError. Its trainers run on this
+    machine, so the device must be here too (CuPy imports, the GPU index exists)."""
     rt, t, data = cfg.runtime, cfg.training, cfg.data
     distributed = rt.mode in ("ps-sync", "ps-async")
     if not distributed and (rt.mode != "local" or rt.workers):
@@ -132,6 +133,13 @@ def check_job(cfg: JobConfig) -> None:
     if distributed and rt.workers < 1:
         raise ConfigError(f"runtime.workers: expected >= 1 in mode {rt.mode}, got {rt.workers}")
     check_trainable_device(rt.device, distributed)
+    if distributed:
+        from workers.executor import check_device_here  # the executors know the devices
+
+        try:
+            check_device_here(rt.device)
+        except DeviceError as err:
+            raise ConfigError(f"runtime.device: {err}") from None
     if distributed and (t.batch_size // rt.workers) % t.grad_accum:
         raise ConfigError(f"training.grad_accum: {t.grad_accum} does not divide the "
                           f"per-trainer batch {t.batch_size // rt.workers} (batch_size "

@@ -134,6 +134,9 @@ REFUSED = [
     (["--set", "runtime.device=mps"], "runtime.device: 'mps' cannot train yet"),
     (["--set", "runtime.device=cuda:0"], "runtime.device: one process (--workers 0) trains "
      "on the cpu"),
+    # No CuPy here, or no 99th GPU where there is: the trainers would fail to start.
+    (["--set", "runtime.device=cuda:99", "--set", "runtime.mode=ps-sync", "--set",
+      "runtime.workers=2"], "runtime.device: device 'cuda"),
 ]
 
 
@@ -148,6 +151,13 @@ def test_config_check_refuses_what_train_refuses(gpt_config_file, args, message)
         assert out.stderr.rstrip().endswith(f"[from --set {args[1]}]"), out.stderr
     assert check.stderr == train.stderr
     assert check.stdout == "" and not (gpt_config_file.parent / "run").exists()
+
+
+def test_overwrite_with_resume_is_a_usage_error_not_a_silent_choice(gpt_config_file):
+    out = narun_cli("train", gpt_config_file, "--resume", "auto", "--overwrite")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--overwrite starts afresh and --resume auto continues a run" in out.stderr
+    assert not (gpt_config_file.parent / "run").exists()
 
 
 def test_mps_is_refused_with_one_message_in_one_process_and_distributed(gpt_config_file):

@@ -9,6 +9,7 @@ from workers.executor._base import Executor
 from workers.executor._cpu import CpuExecutor
 from workers.executor._cuda import CudaExecutor
 from workers.executor._factory import (
+    check_device_here,
     make_executor,
     parse_device,
     resolve_device,
@@ -17,6 +18,6 @@ from workers.executor._factory import (
 from workers.executor._mps import MpsExecutor
 
 __all__ = [
-    "CpuExecutor", "CudaExecutor", "Executor", "MpsExecutor", "make_executor", "parse_device",
-    "resolve_device", "training_device",
+    "CpuExecutor", "CudaExecutor", "Executor", "MpsExecutor", "check_device_here",
+    "make_executor", "parse_device", "resolve_device", "training_device",
 ]

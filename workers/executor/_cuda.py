@@ -49,19 +49,25 @@ def cuda_device_count(cp: ModuleType) -> int:
                           "check the NVIDIA driver (nvidia-smi)") from e
 
 
+def cuda_device(index: int) -> ModuleType:
+    """CuPy, once it is known that GPU `index` is there; else a DeviceError saying why not."""
+    cp = import_cupy()
+    count = cuda_device_count(cp)
+    if not 0 <= index < count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise DeviceError(
+            f"device 'cuda:{index}' is out of range: {count} CUDA device(s) visible "
+            f"(CUDA_VISIBLE_DEVICES={visible!r})"
+            + (f"; use cuda:0 .. cuda:{count - 1}" if count else ""))
+    return cp
+
+
 class CudaExecutor(Executor):
     """Runs CuPy compute on GPU `index`, on one stream owned by the executor thread."""
 
 
     def __init__(self, index: int = 0) -> None:
-        cp = import_cupy()
-        count = cuda_device_count(cp)
-        if not 0 <= index < count:
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            raise DeviceError(
-                f"device 'cuda:{index}' is out of range: {count} CUDA device(s) visible "
-                f"(CUDA_VISIBLE_DEVICES={visible!r})"
-                + (f"; use cuda:0 .. cuda:{count - 1}" if count else ""))
+        cp = cuda_device(index)
         self._cp = cp
         self.index = index
         super().__init__(f"cuda:{index}")

@@ -8,10 +8,12 @@ from narun.config import check_trainable_device
 from narun.errors import ConfigError, DeviceError
 from workers.executor._base import Executor
 from workers.executor._cpu import CpuExecutor
-from workers.executor._cuda import CudaExecutor, cuda_device_count, import_cupy
+from workers.executor._cuda import CudaExecutor, cuda_device, cuda_device_count, import_cupy
 from workers.executor._mps import MpsExecutor, import_mlx, metal_available
 
-__all__ = ["make_executor", "parse_device", "resolve_device", "training_device"]
+__all__ = [
+    "check_device_here", "make_executor", "parse_device", "resolve_device", "training_device",
+]
 
 _FORMS = "cpu, cuda, cuda:N, mps or auto"
 _CUDA = re.compile(r"cuda:(\d+)")
@@ -61,6 +63,14 @@ def training_device(device: str) -> str:
     if kind == "auto":
         return "cuda:0" if _probe_cuda() else "cpu"
     return "cpu" if kind == "cpu" else f"cuda:{index}"
+
+
+def check_device_here(device: str) -> None:
+    """Raise the DeviceError an executor for `device` would raise on this machine (no CuPy,
+    no such GPU), without building one: a job's trainers learn it before they start."""
+    kind, index = parse_device(resolve_device(device))
+    if kind == "cuda":
+        cuda_device(index or 0)
 
 
 def make_executor(device: str = "cpu", *, blas_threads: int | None = None) -> Executor:
