@@ -28,6 +28,7 @@ ERROR_CODES = ("protocol", "version", "unsupported", "stale", "not_found", "busy
                "cancelled", "timeout", "internal")
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 DONE_REASONS = ("length", "stop", "cancelled")
+WORKER_ROLES = ("ps", "trainer", "stage", "inference")  # what an agent may spawn
 
 
 class Kind(StrEnum):
@@ -85,7 +86,7 @@ _SPECS = (
         _f("role: str", ROLES), _f("rank: int"), _f("software: str"))),
     MessageSpec("welcome", "server -> peer, reply to hello", (
         _f("role: str", ROLES), _f("software: str"), _f("heartbeat_interval: float"))),
-    MessageSpec("heartbeat", "actor -> coordinator, and the coordinator's echo", (
+    MessageSpec("heartbeat", "actor -> coordinator, coordinator -> agent, and the echo", (
         _f("role: str", ROLES), _f("rank: int"), _f("step: int"), _f("time: float"))),
     MessageSpec("push_grads", "trainer -> ps shard", (
         _f("step: int"), _f("rank: int"), _f("version: int"), _f("grads: tensors"))),
@@ -125,6 +126,23 @@ _SPECS = (
         _f("job: str"), _f("reason: str"))),
     MessageSpec("events", "client -> coordinator (subscribe), coordinator -> client", (
         _f("job: str"), _f("since: int"), _f("events?: list[map]"))),
+    MessageSpec("spawn", "coordinator -> agent", (
+        _f("job: str"), _f("role: str", WORKER_ROLES), _f("rank: int"), _f("incarnation: int"),
+        _f("spec: str"), _f("blas_threads: int"))),
+    MessageSpec("spawned", "agent -> coordinator, reply to spawn", (
+        _f("job: str"), _f("pid: int"), _f("log: str"))),
+    MessageSpec("output", "agent -> coordinator", (
+        _f("job: str"), _f("pid: int"), _f("line: str"))),
+    MessageSpec("stdin", "coordinator -> agent, and the agent's reply", (
+        _f("job: str"), _f("pid: int"), _f("line: str"))),
+    MessageSpec("exited", "agent -> coordinator", (
+        _f("job: str"), _f("pid: int"), _f("code: int"))),
+    MessageSpec("kill", "coordinator -> agent, and the agent's reply", (
+        _f("job: str"), _f("pid: int"), _f("signal: int"))),
+    MessageSpec("log_tail", "coordinator -> agent, and the agent's reply", (
+        _f("job: str"), _f("pid: int"), _f("lines: int"), _f("text?: str"))),
+    MessageSpec("probe", "coordinator -> agent, and the agent's reply", (
+        _f("address: str"), _f("ok?: bool"), _f("message?: str"))),
 )
 
 #: type -> schema, in SPEC.md's order.

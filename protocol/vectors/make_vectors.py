@@ -96,6 +96,22 @@ VECTORS: dict[str, dict[str, Any]] = {
     "events_reply": _v("events", 22, job="job-0001", since=0, events=[
         {"event": "step", "step": 1, "loss": 5.5, "lr": 3e-6, "tokens_per_s": 12000.0},
         {"event": "checkpoint", "step": 500, "path": "runs/quickstart/step-000500"}]),
+    "spawn": _v("spawn", 26, job="mlp-7f3a", role="ps", rank=1, incarnation=0,
+                spec='{"config":{},"coordinator":"tcp://10.0.0.1:7711"}', blas_threads=1),
+    "spawned": _v("spawned", 26, job="mlp-7f3a", pid=4242,
+                  log="/var/lib/narun/agent/jobs/mlp-7f3a/logs/ps-1.log"),
+    "output": _v("output", 27, job="mlp-7f3a", pid=4242,
+                 line='{"endpoint": "tcp://10.0.0.2:40411"}'),
+    "stdin": _v("stdin", 28, job="mlp-7f3a", pid=4243,
+                line='{"shard_endpoints": ["tcp://10.0.0.2:40411"]}'),
+    "exited": _v("exited", 29, job="mlp-7f3a", pid=4243, code=-9),
+    "kill": _v("kill", 30, job="mlp-7f3a", pid=4243, signal=9),
+    "log_tail": _v("log_tail", 31, job="mlp-7f3a", pid=4243, lines=15),
+    "log_tail_reply": _v("log_tail", 31, job="mlp-7f3a", pid=4243, lines=15,
+                         text="Traceback (most recent call last):\n  ..."),
+    "probe": _v("probe", 32, address="tcp://10.0.0.1:7711"),
+    "probe_reply": _v("probe", 32, address="tcp://10.0.0.1:7711", ok=False,
+                      message="connection refused"),
 }
 
 
