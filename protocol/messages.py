@@ -142,7 +142,7 @@ _SPECS = (
     MessageSpec("log_tail", "coordinator -> agent, and the agent's reply", (
         _f("job: str"), _f("pid: int"), _f("lines: int"), _f("text?: str"))),
     MessageSpec("probe", "coordinator -> agent, and the agent's reply", (
-        _f("address: str"), _f("ok?: bool"), _f("message?: str"))),
+        _f("address: str"), _f("ok?: bool"), _f("message?: str"), _f("slots?: int"))),
 )
 
 #: type -> schema, in SPEC.md's order.

@@ -111,7 +111,7 @@ VECTORS: dict[str, dict[str, Any]] = {
                          text="Traceback (most recent call last):\n  ..."),
     "probe": _v("probe", 32, address="tcp://10.0.0.1:7711"),
     "probe_reply": _v("probe", 32, address="tcp://10.0.0.1:7711", ok=False,
-                      message="connection refused"),
+                      message="connection refused", slots=4),
 }
 
 
