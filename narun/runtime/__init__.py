@@ -23,9 +23,10 @@ from narun.runtime.buckets import (
 )
 from narun.runtime.coordinator import Coordinator, check_config, train
 from narun.runtime.mailbox import Mailbox, ReplyError, new_id
+from narun.runtime.sdnotify import Notifier
 
 __all__ = [
-    "BUCKET_BYTES", "Actor", "Bucket", "Coordinator", "Mailbox", "Piece", "Plan", "ReplyError",
-    "Refused", "check_config", "join", "make_plan", "new_id", "plan_for", "run_actor", "split",
-    "train",
+    "BUCKET_BYTES", "Actor", "Bucket", "Coordinator", "Mailbox", "Notifier", "Piece", "Plan",
+    "ReplyError", "Refused", "check_config", "join", "make_plan", "new_id", "plan_for",
+    "run_actor", "split", "train",
 ]
