@@ -21,7 +21,8 @@ from narun.errors import CheckpointError, ConfigError, NarunError
 EXIT_FAILURE, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
-def _load_job_config(path: str, sets: Sequence[str], flags: Sequence[str] = ()) -> Any:
+def _load_job_config(path: str, sets: Sequence[str], flags: Sequence[str] = (),
+                     here: bool = True) -> Any:
     """The config `narun train` would run (`--set` items, then what flags such as --workers
     set), checked as `train` checks it (narun.train.check_job: model, data files, seq_len
     against the model, device, mode), so `config check` refuses exactly what `train` does."""
@@ -31,7 +32,7 @@ def _load_job_config(path: str, sets: Sequence[str], flags: Sequence[str] = ()) 
 
     cfg = load_config(path, [*sets, *flags])
     try:
-        check_job(cfg)
+        check_job(cfg, here)
     except ConfigError as err:
         key = str(err).partition(":")[0]  # every check_job message starts with its key path
         origin = [o for o in sets if o.partition("=")[0].strip() == key]
@@ -65,18 +66,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         flags.append(f"runtime.mode={args.mode}")
     elif args.workers:  # `--workers N` alone means the default distributed mode
         flags.append("runtime.mode=ps-sync")
-    cfg = _load_job_config(args.config, args.set, flags)
+    cfg = _load_job_config(args.config, args.set, flags, here=args.command == "train")
     if args.ps_shards is not None and cfg.runtime.mode not in ("ps-sync", "ps-async"):
         raise ConfigError(f"--ps-shards {args.ps_shards}: parameter-server shards run only in "
                           f"mode ps-sync or ps-async, and this job runs mode "
                           f"{cfg.runtime.mode!r}; add --workers N, or drop --ps-shards")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if cores and cfg.runtime.workers > cores:
+    if args.command == "train" and cores and cfg.runtime.workers > cores:
         structlog.get_logger("narun.cli").warning(
             "workers_exceed_cores", workers=cfg.runtime.workers, cores=cores,
             reason=_OVERSUBSCRIBED)
     reporter = make_reporter(True if args.json else None)
-    if cfg.runtime.mode in ("ps-sync", "ps-async"):
+    if args.command == "launch":
+        from narun.runtime.launch import launch
+
+        if args.hosts:
+            cfg.runtime.hosts = [h for h in args.hosts.split(",") if h.strip()]
+        if cfg.runtime.mode not in ("ps-sync", "ps-async"):
+            raise ConfigError(f"runtime.mode: launch runs ps-sync or ps-async jobs over "
+                              f"hosts, got {cfg.runtime.mode!r}; add --workers N")
+        if not cfg.runtime.hosts:
+            raise ConfigError("--hosts: launch needs the agents to run on (HOST[:PORT],...), "
+                              "or runtime.hosts in the config; narun train runs here")
+        done = launch(cfg, args.keys, reporter, resume=args.resume, overwrite=args.overwrite)
+    elif cfg.runtime.mode in ("ps-sync", "ps-async"):
         from narun.runtime import train as distributed_train
 
         done = distributed_train(cfg, reporter, resume=args.resume, overwrite=args.overwrite)
@@ -192,20 +205,33 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_authorize(args: argparse.Namespace) -> int:
+    from protocol.keys import authorize
+
+    target = authorize(args.dir, args.public_key, name=args.name)
+    print(f"authorized: {target}  (this node now admits that key's holder)")
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from narun.runtime.agent import DEFAULT_PORT, Agent, run_agent
+    from narun.runtime.hosts import tcp_address
+    from protocol.keys import load_node_keys
+
+    keys = load_node_keys(args.keys) if args.keys else None
+    agent = Agent(tcp_address(args.listen, DEFAULT_PORT, "--listen"), keys, args.slots,
+                  Path(args.state_dir).expanduser(), grace=args.grace)
+    return run_agent(agent)
+
+
 def _version() -> str:
     from narun import __version__
 
     return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="narun", description="narun: train models with narun's "
-                                "own autograd engine.")
-    p.add_argument("--log-json", action="store_true", help="log as JSON lines on stderr")
-    p.add_argument("--version", action="version", version=f"narun {_version()}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    t = sub.add_parser("train", help="train the job a YAML config describes")
+def _job_arguments(t: argparse.ArgumentParser) -> None:
+    """What `train` and `launch` take alike."""
     t.add_argument("config", help="YAML job config, e.g. configs/quickstart.yaml")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set training.lr=3e-4 (repeatable)")
@@ -223,7 +249,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter-server processes (runtime.ps_shards)")
     t.add_argument("--mode", choices=("local", "ps-sync", "ps-async"),
                    help="runtime.mode; --workers N alone implies ps-sync")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="narun", description="narun: train models with narun's "
+                                "own autograd engine.")
+    p.add_argument("--log-json", action="store_true", help="log as JSON lines on stderr")
+    p.add_argument("--version", action="version", version=f"narun {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train the job a YAML config describes, on this machine")
+    _job_arguments(t)
     t.set_defaults(fn=cmd_train)
+
+    la = sub.add_parser("launch", help="train a job over several hosts' agents (narun agent), "
+                                       "the coordinator in the foreground")
+    _job_arguments(la)
+    la.add_argument("--hosts", metavar="H1,H2,...",
+                    help="the agents, HOST[:PORT] each (port 7600 when omitted); "
+                         "runtime.hosts in the config is the same list")
+    la.add_argument("--keys", metavar="DIR",
+                    help="this node's key pair, and in DIR/authorized/HOST.key each agent's "
+                         "public key (CURVE; needed unless every host is loopback)")
+    la.set_defaults(fn=cmd_train)
 
     g = sub.add_parser("generate", help="sample text from a trained checkpoint",
                        description="Continue PROMPT with text sampled from a trained language "
@@ -262,6 +310,32 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("dir")
     kg.add_argument("--name", default="narun")
     kg.set_defaults(fn=cmd_keys_generate)
+
+    ka = ksub.add_parser("authorize", help="admit the holder of PUBLIC_KEY (copy it to "
+                                           "DIR/authorized/NAME.key)")
+    ka.add_argument("dir")
+    ka.add_argument("public_key", help="a NAME.key file from the peer to admit")
+    ka.add_argument("--name", help="file it under this name (default: the file's NAME); a "
+                                   "coordinator finds an agent's key under the agent's host")
+    ka.set_defaults(fn=cmd_keys_authorize)
+
+    a = sub.add_parser("agent", help="serve coordinators on this host: start and watch "
+                                     "their workers (one per host, e.g. as a systemd service)")
+    a.add_argument("--listen", default="tcp://127.0.0.1:7600", metavar="tcp://ADDR:PORT",
+                   help="where coordinators connect (default %(default)s; port 7600 when "
+                        "omitted); any address but loopback needs --keys")
+    a.add_argument("--keys", metavar="DIR",
+                   help="this host's key pair (narun keys generate DIR) and, in "
+                        "DIR/authorized/, the coordinators it admits (CURVE)")
+    a.add_argument("--slots", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="processes it runs at once over all jobs (default: the core count, "
+                        "%(default)s)")
+    a.add_argument("--state-dir", default="~/.local/state/narun/agent", metavar="DIR",
+                   help="job directories (logs, files) live here (default %(default)s)")
+    a.add_argument("--grace", type=float, default=10.0, metavar="S",
+                   help="on SIGTERM, seconds workers get to leave before SIGKILL "
+                        "(default %(default)s)")
+    a.set_defaults(fn=cmd_agent)
 
     d = sub.add_parser("data", help="make datasets")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")

@@ -117,8 +117,12 @@ class RuntimeConfig(_Section):
     rejoin_timeout: float = _key(30.0, gt=0)  # ps-sync waits this long for a restarted trainer
     host: str = "127.0.0.1"  # where the coordinator listens (workers connect there)
     port: int = _key(0, ge=0, lt=65536)  # the coordinator's control port; 0 picks a free one
+    # agents (HOST[:PORT]) `narun launch` runs the job on; empty: `narun train` runs it here
+    hosts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if isinstance(self.hosts, str):  # --set runtime.hosts=h1,h2
+            self.hosts = [h.strip() for h in self.hosts.split(",") if h.strip()]
         super().__post_init__()
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(

@@ -108,6 +108,12 @@ class RichReporter:
             self.progress.console.print(
                 f"done at step {fields['step']} in {fields['seconds']:.1f}s: "
                 f"val_loss {shown}, checkpoint {fields.get('checkpoint')}")
+        elif event == "placement":
+            where = ", ".join(f"{p['role']} {p['rank']} on {p['host']}"
+                              for p in fields["processes"])
+            self.progress.console.print(f"placement: {where}")
+        elif event == "host_lost":
+            self.progress.console.print(f"[red]host {fields['host']} lost: {fields['reason']}")
         elif event == "error":
             self.progress.console.print(f"[red]error: {fields['message']}")
         else:

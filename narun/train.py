@@ -119,11 +119,12 @@ class Job:
             self.model.train()
 
 
-def check_job(cfg: JobConfig) -> None:
+def check_job(cfg: JobConfig, here: bool = True) -> None:
     """Everything `narun train` refuses about a config, checked before anything is built or
     started; `narun config check`, one-process and distributed training all call this, so
-    they refuse the same configs with the same ConfigError. Its trainers run on this
-    machine, so the device must be here too (CuPy imports, the GPU index exists)."""
+    they refuse the same configs with the same ConfigError. With `here` its trainers run on
+    this machine, so the device must be here too (CuPy imports, the GPU index exists);
+    `narun launch` runs them on other hosts, whose agents start them."""
     rt, t, data = cfg.runtime, cfg.training, cfg.data
     distributed = rt.mode in ("ps-sync", "ps-async")
     if not distributed and (rt.mode != "local" or rt.workers):
@@ -133,7 +134,7 @@ def check_job(cfg: JobConfig) -> None:
     if distributed and rt.workers < 1:
         raise ConfigError(f"runtime.workers: expected >= 1 in mode {rt.mode}, got {rt.workers}")
     check_trainable_device(rt.device, distributed)
-    if distributed:
+    if distributed and here:
         from workers.executor import check_device_here  # the executors know the devices
 
         try:

@@ -94,6 +94,72 @@ def load_allowed_keys(source: str | os.PathLike[str] | Iterable[str | os.PathLik
     return frozenset(load_public_key(p) for p in paths)
 
 
+AUTHORIZED = "authorized"  # DIR/authorized/*.key: the public keys a node admits
+
+
+@dataclass(frozen=True)
+class NodeKeys:
+    """A node's key directory: its own pair, and the public keys it admits by name (the
+    file name without .key: a host name, a coordinator's name)."""
+
+    directory: Path
+    keypair: KeyPair
+    authorized: dict[str, bytes]
+
+    def public_key_of(self, name: str) -> bytes:
+        """The authorised key filed under `name` (how a client learns a server's key)."""
+        key = self.authorized.get(name)
+        if key is None:
+            raise ConfigError(
+                f"{self.directory}: no public key for {name!r} in {AUTHORIZED}/; copy that "
+                f"node's NAME.key here and run: narun keys authorize {self.directory} "
+                f"NAME.key --name {name}")
+        return key
+
+
+def load_node_keys(directory: str | os.PathLike[str]) -> NodeKeys:
+    """The key pair in DIRECTORY (its one NAME.key_secret) and DIRECTORY/authorized/*.key."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ConfigError(f"--keys {root}: no such directory; make a key pair with: narun "
+                          f"keys generate {root} --name $(hostname)")
+    secrets = sorted(root.glob("*.key_secret"))
+    if len(secrets) != 1:
+        found = ", ".join(p.name for p in secrets) or "none"
+        raise ConfigError(f"--keys {root}: expected exactly one NAME.key_secret, found "
+                          f"{found}; make one with: narun keys generate {root} --name "
+                          f"$(hostname)")
+    allowed = {p.name[:-len(".key")]: load_public_key(p)
+               for p in sorted((root / AUTHORIZED).glob("*.key"))}
+    return NodeKeys(root, load_keypair(secrets[0]), allowed)
+
+
+def authorize(directory: str | os.PathLike[str], public_key_file: str | os.PathLike[str],
+              name: str | None = None) -> Path:
+    """Admit the key in `public_key_file`: copy it to DIRECTORY/authorized/NAME.key (NAME
+    defaults to the file's own name). Refuses a secret key file, and a different key
+    already filed under that name."""
+    source = Path(public_key_file)
+    keys = _read_keys(source)
+    if "secret" in keys:
+        raise ConfigError(f"{source}: holds a secret key; authorize the public NAME.key "
+                          f"file instead (the secret never leaves its host)")
+    name = name or source.name.removesuffix(".key").removesuffix(".key_secret")
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"--name {name!r}: expected letters, digits, '.', '_' or '-'")
+    target_dir = Path(directory) / AUTHORIZED
+    target_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = target_dir / f"{name}.key"
+    if target.exists():
+        if load_public_key(target) == keys["public"]:
+            return target
+        raise ConfigError(f"{target}: another key is already authorized as {name!r}; "
+                          f"remove it first, or pass another --name")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    _write_new(target, _certificate(stamp, "Public", keys["public"], None), 0o644)
+    return target
+
+
 def _certificate(stamp: str, kind: str, public: bytes, secret: bytes | None) -> str:
     lines = [
         f"#   ****  Generated on {stamp} by narun  ****",

@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
     p.add_argument("role", choices=ROLES)
     p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--spec", required=True, help="the WorkerSpec as JSON")
+    p.add_argument("--spec", required=True,
+                   help="the WorkerSpec as JSON, or @PATH of a file holding it (an agent's "
+                        "way: the spec may carry the job's CURVE secret, which the command "
+                        "line would show to every user of the host)")
     p.add_argument("--parent", type=int, default=None, help="die when this pid goes away")
     args = p.parse_args(argv)
     if args.parent is not None:
@@ -51,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(json_lines=True, level=os.environ.get("NARUN_LOG_LEVEL", "warning"))
     import narun.models  # noqa: F401  (registers model config fields)
 
-    spec = WorkerSpec.from_json(args.spec)
+    text = args.spec
+    if text.startswith("@"):
+        with open(text[1:], encoding="utf-8") as f:
+            text = f.read()
+    spec = WorkerSpec.from_json(text)
     if args.role == "ps":
         from workers.parameter_server import ParameterServer
         actor: object = ParameterServer(args.rank, spec)

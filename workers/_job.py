@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from narun.runtime.actor import Actor
+from narun.runtime.jobkeys import JobKeys
 from narun.runtime.spec import WorkerSpec
 
 
@@ -17,3 +18,4 @@ class JobActor(Actor):
                          cfg.runtime.heartbeat_timeout)
         self.spec = spec
         self.cfg = cfg
+        self.job_keys = JobKeys.from_spec(spec.curve)

@@ -50,6 +50,7 @@ from narun import checkpoint as ckpt
 from narun.errors import ConfigError
 from narun.nn.utils import clip_coefficient
 from narun.runtime.buckets import Bucket
+from narun.runtime.hosts import is_loopback
 from narun.runtime.mailbox import Mailbox, ReplyError, new_id
 from narun.runtime.shard_start import job_outline
 from narun.runtime.spec import WorkerSpec
@@ -155,14 +156,18 @@ class ParameterServer(JobActor):
     # -- lifecycle ---------------------------------------------------------------------
     async def setup(self) -> None:
         assert self.context is not None
-        channel = open_channel(self.context, "router", bind="tcp://127.0.0.1:0")
+        # Across hosts: bound on every interface, reached at the host's own address
+        host = self.spec.host
+        bind = "tcp://127.0.0.1:0" if is_loopback(host) else "tcp://*:0"
+        channel = open_channel(self.context, "router", bind=bind, curve=self.curve_server())
+        endpoint = channel.endpoint.replace("0.0.0.0", host, 1)
         # In flight at once: a held push per trainer and bucket, a pull each, and twice
         # that while a replaced trainer's pushes are still held beside its successor's.
         bound = 2 * self.workers * (len(self.buckets) + 2) + 16
         self.server = Mailbox(channel, f"ps {self.rank}", self._dispatch, on_error=self.fail,
                               max_requests=max(bound, 1024)).start()
         # The coordinator reads this one line to learn where trainers connect.
-        sys.stdout.write(json.dumps({"endpoint": channel.endpoint}) + "\n")
+        sys.stdout.write(json.dumps({"endpoint": endpoint}) + "\n")
         sys.stdout.flush()
 
     async def teardown(self) -> None:

@@ -108,7 +108,8 @@ class Trainer(JobActor):
         endpoints = self.spec.shard_endpoints or await _read_endpoints()
         for k, endpoint in enumerate(endpoints):
             channel = open_channel(self.context, "dealer", connect=endpoint,
-                                   identity=f"trainer-{self.rank}".encode())
+                                   identity=f"trainer-{self.rank}".encode(),
+                                   curve=self.curve_client())
             self.shards.append(Mailbox(channel, f"ps {k}", watch=True,
                                        on_error=self.fail).start())
 

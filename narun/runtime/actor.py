@@ -33,9 +33,11 @@ import zmq.asyncio
 import narun
 from narun._process import rss_bytes
 from narun.errors import ActorDiedError
+from narun.runtime.jobkeys import JobKeys
 from narun.runtime.mailbox import Mailbox, ReplyError, new_id
 from narun.runtime.tasks import Background
 from protocol import Message, message, open_channel
+from protocol.curve import Authenticator, CurveClient, CurveServer
 
 log = structlog.get_logger("narun.runtime")
 
@@ -61,6 +63,8 @@ class Actor:
         self.context: zmq.asyncio.Context | None = None
         self.control: Mailbox | None = None
         self.tasks = Background(self.name, on_error=self.fail)
+        self.job_keys: JobKeys | None = None  # set across hosts: every socket uses CURVE
+        self.authenticator: Authenticator | None = None  # admits the job's key (servers)
         self._main: asyncio.Task[Any] | None = None
         self._failure: BaseException | None = None
 
@@ -113,9 +117,11 @@ class Actor:
         with contextlib.suppress(RuntimeError, ValueError):  # not the main thread (tests)
             loop.add_signal_handler(signal.SIGTERM, self._leave)
         try:
+            if self.job_keys is not None:
+                self.authenticator = self.job_keys.authenticator(self.context)
             await self.setup()
             channel = open_channel(self.context, "dealer", connect=self.coordinator_endpoint,
-                                   identity=identity)
+                                   identity=identity, curve=self.curve_client())
             self.control = Mailbox(channel, "coordinator", self._dispatch, watch=True,
                                    on_error=self.fail).start()
             # Bounded like every wait: a wrong address, a closed port or a coordinator of
@@ -153,9 +159,21 @@ class Actor:
             await self.teardown()
             if self.control is not None:
                 self.control.close(linger=FLUSH_LINGER)
+            if self.authenticator is not None:
+                self.authenticator.stop()
             self.context.destroy(linger=0)
             with contextlib.suppress(RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGTERM)
+
+    def curve_client(self) -> CurveClient | None:
+        """CURVE for a connection to another process of the job (None on one host)."""
+        return None if self.job_keys is None else self.job_keys.client()
+
+    def curve_server(self) -> CurveServer | None:
+        """CURVE for a socket the job's processes connect to (None on one host)."""
+        if self.job_keys is None or self.authenticator is None:
+            return None
+        return self.job_keys.server(self.authenticator)
 
     def _log_main_error(self) -> None:
         # main's own error, when something else ends the actor: it must not vanish

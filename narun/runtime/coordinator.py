@@ -50,7 +50,7 @@ from narun.events import Reporter
 from narun.runtime.actor import EXIT_LEFT
 from narun.runtime.assemble import assemble
 from narun.runtime.buckets import BUCKET_BYTES, join, plan_for
-from narun.runtime.launcher import Child, spawn
+from narun.runtime.launcher import LocalProcesses, Worker
 from narun.runtime.mailbox import Mailbox, new_id
 from narun.runtime.shard_start import remove_init_state, write_init_state
 from narun.runtime.spec import WorkerSpec
@@ -66,6 +66,7 @@ from narun.train import (
     restore,
 )
 from protocol import Message, message, open_channel, reply
+from protocol.curve import CurveServer
 
 log = structlog.get_logger("narun.runtime")
 
@@ -94,8 +95,12 @@ class Coordinator:
     def __init__(self, cfg: JobConfig, reporter: Reporter, resume: str | None = None, *,
                  bucket_bytes: int = BUCKET_BYTES, wait_timeout: float | None = None,
                  delays: dict[int, float] | None = None, stop_at: int | None = None,
-                 restart_delay: float = 0.0, overwrite: bool = False) -> None:
-        check_config(cfg)
+                 restart_delay: float = 0.0, overwrite: bool = False,
+                 processes: Any = None) -> None:
+        # where the processes run: here (LocalProcesses) or through agents on other hosts
+        # (narun.runtime.agents.AgentProcesses); the supervision below is the same
+        self.processes = processes or LocalProcesses()
+        check_config(cfg, here=isinstance(self.processes, LocalProcesses))
         self.cfg = cfg
         self.reporter = reporter
         self.resume = resolve_resume(cfg, resume)
@@ -129,7 +134,7 @@ class Coordinator:
 
     def _reset_generation(self) -> None:
         """Forget the processes of the last generation (all stopped)."""
-        self.children: list[Child] = []  # the live incarnation of each role and rank
+        self.children: list[Worker] = []  # the live incarnation of each role and rank
         self.shard_links: list[Mailbox] = []
         self.shard_endpoints: list[str] = []
         self._tasks = Background("coordinator", on_error=self._fail, expected=(_Rollback,))
@@ -160,11 +165,19 @@ class Coordinator:
         # Slices of checkpoints an earlier run did not finish (killed mid-checkpoint): they
         # are nobody's now, and each is a full copy of the model's slice.
         _clear_staging(self._staging())
+        rt = self.cfg.runtime
+        job_keys = self.processes.job_keys
+        auth = job_keys.authenticator(context) if job_keys is not None else None
         try:
-            channel = _listen(context, self.cfg.runtime)
+            channel = _listen(context, self.processes.listen_address(rt.host, rt.port),
+                              job_keys.server(auth) if job_keys is not None else None)
             self._endpoint = channel.endpoint
             self.control = Mailbox(channel, "coordinator", self._handle,
                                    on_error=self._fail).start()
+            await self.processes.open(
+                context, self._endpoint,
+                [("ps", k) for k in range(rt.ps_shards)] +
+                [("trainer", r) for r in range(rt.workers)], rt)
             # Once per run, for every generation's shards: the layout, and a fresh start's
             # values, which a rollback before the first checkpoint starts from again.
             self.init_state = await asyncio.to_thread(
@@ -196,22 +209,29 @@ class Coordinator:
                 self.control.close()
             if self.init_state is not None:  # every process of the run has stopped
                 remove_init_state(self.init_state)
+            await self.processes.close()
+            if auth is not None:
+                auth.stop()
             context.destroy(linger=0)
             for sig in handled:
                 loop.remove_signal_handler(sig)
 
     def _spec(self, **changes: Any) -> WorkerSpec:
+        # Paths absolute: an agent starts processes in their job's directory on its host.
+        config = to_dict(self.cfg)
+        if config["data"]["path"] is not None:
+            config["data"]["path"] = str(Path(config["data"]["path"]).resolve())
         fields: dict[str, Any] = dict(
-            config=to_dict(self.cfg), coordinator=self._endpoint,
+            config=config, coordinator=self._endpoint,
             bucket_bytes=self.bucket_bytes, wait_timeout=self.wait_timeout,
-            resume=str(self.resume) if self.resume else None, delays=self.delays,
+            resume=str(self.resume.resolve()) if self.resume else None, delays=self.delays,
             stop_at=self.stop_at,
-            init_state=str(self.init_state) if self.init_state else None)
+            init_state=str(self.init_state.resolve()) if self.init_state else None)
         return WorkerSpec(**{**fields, **changes})
 
     async def _start_processes(self, context: zmq.asyncio.Context) -> None:
         rt = self.cfg.runtime
-        spec = self._spec().to_json()
+        spec = self._spec()
         # Trainers start at once and read the shards' endpoints from stdin when known, so
         # their start-up (imports, building the job) overlaps the shards'.
         shards = [await self._spawn("ps", k, spec) for k in range(rt.ps_shards)]
@@ -235,11 +255,13 @@ class Coordinator:
                                lambda: "hello from " + ", ".join(
                                    c.name for c in self.children if c.pid not in self._hello))
         for k, ep in enumerate(self.shard_endpoints):
-            ch = open_channel(context, "dealer", connect=ep, identity=b"coordinator")
+            ch = open_channel(context, "dealer", connect=ep, identity=b"coordinator",
+                              curve=None if self.processes.job_keys is None else
+                              self.processes.job_keys.client())
             self.shard_links.append(Mailbox(ch, f"ps {k}", watch=True,
                                             on_error=self._fail).start())
 
-    async def _started_dead(self, children: list[Child]) -> None:
+    async def _started_dead(self, children: list[Worker]) -> None:
         """One of `children` died starting: once _watch has judged it, raise what it
         decided (a misconfiguration fails the job; a killed shard rolls back; a killed
         trainer is being replaced, so this returns)."""
@@ -247,25 +269,25 @@ class Coordinator:
                                "a dead process's exit status")
         self._check()  # _watch judged it in the same step that recorded the exit
 
-    async def _spawn(self, role: str, rank: int, spec: str) -> Child:
+    async def _spawn(self, role: str, rank: int, spec: WorkerSpec) -> Worker:
         identity = f"{role}-{rank}".encode()
         incarnation = self._incarnations.get(identity, -1) + 1
         self._incarnations[identity] = incarnation
-        child = await spawn(role, rank, spec, Path(self.cfg.training.out_dir) / "logs",
-                            incarnation=incarnation)
+        child = await self.processes.spawn(role, rank, spec, incarnation,
+                                           Path(self.cfg.training.out_dir) / "logs")
         self.children = [c for c in self.children if c.identity != identity] + [child]
         self.pids.append(child.pid)
         self._tasks.spawn(self._watch(child), f"watch {child.name} (pid {child.pid})")
         return child
 
-    def live_children(self) -> list[Child]:
+    def live_children(self) -> list[Worker]:
         """The processes that joined the job and are running now."""
         return [c for c in self.children if self._alive(c)]
 
-    def _trainers(self) -> list[Child]:
+    def _trainers(self) -> list[Worker]:
         return [c for c in self.children if c.role == "trainer"]
 
-    def _alive(self, c: Child) -> bool:
+    def _alive(self, c: Worker) -> bool:
         return c.pid in self._hello and c.pid not in self._exited
 
     async def _follow(self, began: float) -> dict[str, Any]:
@@ -397,7 +419,7 @@ class Coordinator:
         self._changed.notify()
 
     # -- failures and restarts ---------------------------------------------------------
-    async def _watch(self, child: Child) -> None:
+    async def _watch(self, child: Worker) -> None:
         code = await child.wait()
         self._exited[child.pid] = code
         self._changed.notify()
@@ -428,10 +450,10 @@ class Coordinator:
         else:
             self._tasks.spawn(self._replace(child, reason), f"replace {child.name}")
 
-    def _current(self, identity: bytes) -> Child | None:
+    def _current(self, identity: bytes) -> Worker | None:
         return next((c for c in self.children if c.identity == identity), None)
 
-    async def _replace(self, dead: Child, reason: str) -> None:
+    async def _replace(self, dead: Worker, reason: str) -> None:
         """Start a new incarnation of a dead trainer. Steps wait for it (up to
         runtime.rejoin_timeout): in ps-sync it rejoins at the step the others wait on, in
         ps-async where its predecessor stopped, so no trainer's share of the data is lost."""
@@ -447,7 +469,7 @@ class Coordinator:
         # No checkpoint to load: the shards hold the state (and the generation's checkpoint
         # may have been pruned since).
         child = await self._spawn("trainer", dead.rank, self._spec(
-            shard_endpoints=self.shard_endpoints, start_step=start, resume=None).to_json())
+            shard_endpoints=self.shard_endpoints, start_step=start, resume=None))
         self._last_change = time.monotonic()
         # step: the job's last completed step (the event's documented field); rejoins_at:
         # the step the replacement starts at; last_step: the dead one's last reported step
@@ -456,7 +478,7 @@ class Coordinator:
         log.warning("coordinator.restarted", pid=child.pid, **fields)
         self.reporter.emit("restart", **fields)
 
-    def _roll_back_soon(self, child: Child, reason: str, planned: bool) -> None:
+    def _roll_back_soon(self, child: Worker, reason: str, planned: bool) -> None:
         if self._rollback is None:
             self._rollback = _Rollback(reason, child.role, child.rank, planned,
                                        self._last_step.get(child.pid, -1))
@@ -504,8 +526,7 @@ class Coordinator:
                     # declared dead: a hung process gets no grace period
                     self._hung[c.pid] = (f"sent no heartbeat for {now - seen:.1f} s "
                                          f"(runtime.heartbeat_timeout {rt.heartbeat_timeout:g} s)")
-                    with contextlib.suppress(ProcessLookupError):
-                        c.proc.kill()
+                    c.kill()
             for rank, deadline in list(self._away.items()):
                 if now > deadline:
                     del self._away[rank]
@@ -553,7 +574,7 @@ class Coordinator:
                 self._roll_back_soon(child, msg["reason"], planned=True)
         return None
 
-    async def _welcome(self, msg: Message, route: bytes, child: Child | None) -> Message:
+    async def _welcome(self, msg: Message, route: bytes, child: Worker | None) -> Message:
         assert self.control is not None
         if child is not None:
             self._hello.add(child.pid)
@@ -607,7 +628,8 @@ class Coordinator:
         a checkpoint holds all slices of one step or does not exist."""
         assert self.control is not None
         staging = self._staging(step)
-        calls = [self.control.call(message("checkpoint", new_id(), step=step, path=str(staging)),
+        calls = [self.control.call(message("checkpoint", new_id(), step=step,
+                                           path=str(staging.resolve())),
                                    to=c.identity, timeout=self.wait_timeout, step=step,
                                    what="its checkpoint slice")
                  for c in self.children if c.role == "ps"]
@@ -634,7 +656,7 @@ class Coordinator:
         return path
 
     # -- stopping ----------------------------------------------------------------------
-    async def _shutdown(self, children: list[Child], reason: str, drain: bool) -> None:
+    async def _shutdown(self, children: list[Worker], reason: str, drain: bool) -> None:
         if self.control is None:
             return
         for c in children:
@@ -680,12 +702,11 @@ def _summary(reports: list[Message], speed_key: str, per_sample: int) -> dict[st
             "stale": int(sum(r["timings"].get("stale", 0) for r in reports))}
 
 
-def _listen(context: zmq.asyncio.Context, rt: Any) -> Any:
+def _listen(context: zmq.asyncio.Context, address: str, curve: CurveServer | None) -> Any:
     """The coordinator's control socket on runtime.host:runtime.port; a port in use or an
     address this host does not have fails now, named."""
-    address = f"tcp://{rt.host}:{rt.port}"
     try:
-        return open_channel(context, "router", bind=address)
+        return open_channel(context, "router", bind=address, curve=curve)
     except ConfigError as exc:
         hint = ("runtime.port: another process (another job?) listens there; pick another "
                 "port, or 0 for any free one" if "in use" in str(exc) else
@@ -695,13 +716,13 @@ def _listen(context: zmq.asyncio.Context, rt: Any) -> Any:
                           f" ({hint})") from None
 
 
-def check_config(cfg: JobConfig) -> None:
+def check_config(cfg: JobConfig, here: bool = True) -> None:
     """What the parameter-server runtime supports, checked before any process starts: what
     `narun train` checks of every job (narun.train.check_job), in mode ps-sync / ps-async."""
     if cfg.runtime.mode not in ("ps-sync", "ps-async"):
         raise ConfigError(f"runtime.mode: the parameter-server runtime runs ps-sync or "
                           f"ps-async, got {cfg.runtime.mode!r}")
-    check_job(cfg)
+    check_job(cfg, here)
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, handler: Any) -> list[int]:

@@ -9,29 +9,37 @@ exception, SIGTERM turned into SystemExit) leaves a process behind.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import atexit
 import contextlib
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from narun._process import blas_env
 from narun.errors import ActorDiedError, WaitTimeout
+from narun.runtime.supervision import HOST
+
+if TYPE_CHECKING:
+    from narun.runtime.spec import WorkerSpec
 
 _LIVE: dict[int, asyncio.subprocess.Process] = {}
 
 
-class Child:
-    """One started worker process."""
+class Worker(abc.ABC):
+    """What the coordinator knows of one started worker process, wherever it runs: a
+    `Child` of this process, or one an agent started on another host
+    (narun.runtime.agents.RemoteChild). Both offer the same calls."""
 
-    def __init__(self, role: str, rank: int, proc: asyncio.subprocess.Process,
-                 log_path: Path) -> None:
-        self.role = role
-        self.rank = rank
-        self.proc = proc
-        self.log_path = log_path
+    role: str
+    rank: int
+    pid: int
+    host: str
+    log_path: str | Path
 
     @property
     def name(self) -> str:
@@ -41,27 +49,72 @@ class Child:
     def identity(self) -> bytes:
         return f"{self.role}-{self.rank}".encode()
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
+    @abc.abstractmethod
     def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
+        """The last lines of its log (stderr, and stdout after the endpoint line)."""
 
-    @staticmethod
-    def how_it_died(code: int | None) -> str:
+    @abc.abstractmethod
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send it `sig` now (no wait)."""
+
+    @abc.abstractmethod
+    async def read_endpoint(self, timeout: float) -> str:
+        """The endpoint a shard reports as its first stdout line."""
+
+    @abc.abstractmethod
+    async def forward_stdout(self) -> None:
+        """Keep its stdout flowing into its log until it exits."""
+
+    @abc.abstractmethod
+    async def write_line(self, line: bytes) -> None:
+        """One line to its stdin (trainers read the shards' endpoints so)."""
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """Its exit status (minus the signal that killed it), once it has exited."""
+
+    @abc.abstractmethod
+    async def stop(self, grace: float) -> int:
+        """Wait up to `grace` seconds for it to exit, then kill it; its exit status."""
+
+    def how_it_died(self, code: int | None) -> str:
         return f"was killed by signal {-code}" if code is not None and code < 0 else \
             f"exited with status {code}"
 
     def died_message(self, code: int | None, step: int | None = None) -> str:
         at = "" if step is None else f" at step {step}"
+        where = "" if self.host == HOST else f" on {self.host}"
         tail = self.log_tail()
-        return (f"{self.name} (pid {self.pid}) {self.how_it_died(code)}{at}; its log is "
-                f"{self.log_path}" + (f":\n{tail}" if tail else ""))
+        return (f"{self.name} (pid {self.pid}{where}) {self.how_it_died(code)}{at}; its log "
+                f"is {self.log_path}" + (f":\n{tail}" if tail else ""))
+
+
+def read_tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+class Child(Worker):
+    """One worker process started here."""
+
+    def __init__(self, role: str, rank: int, proc: asyncio.subprocess.Process,
+                 log_path: Path) -> None:
+        self.role = role
+        self.rank = rank
+        self.proc = proc
+        self.log_path = log_path
+        self.pid = proc.pid
+        self.host = HOST
+
+    def log_tail(self, lines: int = 15) -> str:
+        return read_tail(self.log_path, lines)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
 
     async def read_endpoint(self, timeout: float) -> str:
         """The endpoint a shard prints as its first stdout line (JSON {"endpoint": ...})."""
@@ -119,13 +172,16 @@ class Child:
 
 
 async def spawn(role: str, rank: int, spec_json: str, log_dir: Path,
-                blas_threads: int = 1, incarnation: int = 0) -> Child:
+                blas_threads: int = 1, incarnation: int = 0, cwd: Path | None = None) -> Child:
     """Start `python -m workers ROLE --rank RANK --spec SPEC` with its stderr in log_dir
     (ROLE-RANK.log; a restarted one's in ROLE-RANK.N.log, keeping its predecessor's)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     suffix = f".{incarnation}" if incarnation else ""
     log_path = log_dir / f"{role}-{rank}{suffix}.log"
     env = {**os.environ, **blas_env(blas_threads)}
+    # systemd's variables are the service's own: a worker must not notify in its name
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        env.pop(name, None)
     root = str(Path(__file__).resolve().parents[2])  # so `workers` imports from this tree
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     with open(log_path, "wb") as log:
@@ -134,9 +190,31 @@ async def spawn(role: str, rank: int, spec_json: str, log_dir: Path,
             "--parent", str(os.getpid()),
             stdin=asyncio.subprocess.PIPE if role == "trainer" else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE if role == "ps" else asyncio.subprocess.DEVNULL,
-            stderr=log, env=env, start_new_session=False)
+            stderr=log, env=env, cwd=cwd, start_new_session=False)
     _LIVE[proc.pid] = proc
     return Child(role, rank, proc, log_path)
+
+
+class LocalProcesses:
+    """Where a job's processes run by default (`narun train`): children of this process,
+    on loopback, in plaintext. narun.runtime.agents.AgentProcesses is the same interface
+    across hosts."""
+
+    job_keys = None  # one host: no CURVE
+
+    def listen_address(self, host: str, port: int) -> str:
+        return f"tcp://{host}:{port}"
+
+    async def open(self, context: Any, endpoint: str, roles: Sequence[tuple[str, int]],
+                   rt: Any) -> None:
+        """Nothing to connect to or place: every process runs here."""
+
+    async def spawn(self, role: str, rank: int, spec: WorkerSpec, incarnation: int,
+                    log_dir: Path, blas_threads: int = 1) -> Worker:
+        return await spawn(role, rank, spec.to_json(), log_dir, blas_threads, incarnation)
+
+    async def close(self) -> None:
+        """Children are stopped by the coordinator; nothing else is held."""
 
 
 def live_pids() -> list[int]:

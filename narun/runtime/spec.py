@@ -33,6 +33,10 @@ class WorkerSpec:
     stop_at: int | None = None  # the last step of this run, when before training.steps
     blas_threads: int | None = 1
     delays: dict[str, float] = field(default_factory=dict)  # rank -> seconds before each step
+    # where other processes reach this one (a shard binds there): its host's address
+    host: str = "127.0.0.1"
+    # the job's CURVE pair (narun.runtime.jobkeys) across hosts; None on one host
+    curve: dict[str, str] | None = None
 
     def job_config(self) -> JobConfig:
         return config_from_dict(self.config)

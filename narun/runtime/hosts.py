@@ -1,0 +1,117 @@
+"""Hosts of a job: agent addresses, the placement of a job's processes over their slots,
+and which of this machine's addresses a host reaches it by."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from narun.errors import ConfigError
+
+AGENT_PORT = 7600
+
+
+@dataclass(frozen=True)
+class Host:
+    """One agent: `host` as the user wrote it (a name or an address), and its port."""
+
+    host: str
+    port: int = AGENT_PORT
+
+    @property
+    def address(self) -> str:
+        return f"tcp://{_bracketed(self.host)}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.host if self.port == AGENT_PORT else f"{self.host}:{self.port}"
+
+
+def tcp_address(text: str, default_port: int, what: str) -> str:
+    """`tcp://HOST:PORT` from `HOST`, `HOST:PORT` or a tcp:// address; ConfigError names
+    `what` (the flag or key) otherwise."""
+    host, port = _split(text, default_port, what)
+    return f"tcp://{_bracketed(host)}:{port}"
+
+
+def parse_hosts(items: Sequence[str] | str, what: str = "--hosts") -> list[Host]:
+    """`H1,H2:7601,...` (or a list of them) -> Hosts, in order; duplicates are refused."""
+    if isinstance(items, str):
+        items = [part for part in items.split(",")]
+    hosts = [Host(*_split(item.strip(), AGENT_PORT, what)) for item in items]
+    if not hosts:
+        raise ConfigError(f"{what}: no hosts given; list agents as HOST[:PORT],...")
+    seen: set[Host] = set()
+    for h in hosts:
+        if h in seen:
+            raise ConfigError(f"{what}: {h} is listed twice; give each agent once (its "
+                              f"--slots says how many processes it runs)")
+        seen.add(h)
+    return hosts
+
+
+def place(roles: Sequence[tuple[str, int]], free: dict[Host, int]) -> dict[tuple[str, int], Host]:
+    """Put each (role, rank) on a host with a free slot: parameter-server shards first,
+    spread over the hosts round-robin (each holds a slice every step needs, so two on one
+    host share its network link), then trainers round-robin over what is left, so the
+    compute spreads too. ConfigError when the slots do not add up."""
+    hosts = list(free)
+    left = dict(free)
+    need = len(roles)
+    if need > sum(left.values()):
+        offered = ", ".join(f"{h} {n}" for h, n in free.items())
+        raise ConfigError(f"the job needs {need} processes but the hosts' free slots are "
+                          f"{offered} ({sum(free.values())} in all); add hosts, raise an "
+                          f"agent's --slots, or run fewer workers")
+    placement: dict[tuple[str, int], Host] = {}
+    turn = 0
+    ordered = sorted(roles, key=lambda r: r[0] != "ps")  # shards first, stable otherwise
+    for role_rank in ordered:
+        for _ in range(len(hosts)):
+            host = hosts[turn % len(hosts)]
+            turn += 1
+            if left[host] > 0:
+                left[host] -= 1
+                placement[role_rank] = host
+                break
+    return placement
+
+
+def route_to(host: str, port: int) -> str:
+    """This machine's address on the route to `host`: what a process there connects to.
+    No packet is sent (a UDP socket's connect only picks the route)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(infos[0][4])
+            return str(probe.getsockname()[0])
+    except OSError as exc:
+        raise ConfigError(f"host {host}: no route to it from here ({exc})") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _split(text: str, default_port: int, what: str) -> tuple[str, int]:
+    raw = text if "://" in text else f"tcp://{text}"
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {text!r} is not HOST[:PORT] ({exc})") from None
+    if parts.scheme != "tcp" or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigError(f"{what}: {text!r} is not HOST[:PORT] or tcp://HOST:PORT")
+    return parts.hostname, default_port if port is None else port
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
