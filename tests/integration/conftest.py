@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import narun.models  # noqa: F401  (registers model config fields)
+from narun.checkpoint import load_checkpoint
 from narun.config import JobConfig, config_from_dict
 from narun.events import JsonLinesReporter
 from narun.runtime import Coordinator, launcher
@@ -111,3 +112,21 @@ def assert_all_gone(pids: list[int]) -> None:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not set(pids) & set(launcher.live_pids())
+
+
+def assert_same_checkpoint(a: str, b: str) -> None:
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert ca.step == cb.step
+    assert set(ca.model) == set(cb.model)
+    for name in ca.model:
+        np.testing.assert_allclose(cb.model[name], ca.model[name], rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+    kept = [{i for i, state in c.optimizer["state"].items() if state} for c in (ca, cb)]
+    assert kept[0] == kept[1]  # (plain SGD keeps empty states in one process, none here)
+    for i, state in ca.optimizer["state"].items():
+        for key, value in state.items():
+            np.testing.assert_allclose(np.asarray(cb.optimizer["state"][i][key]),
+                                       np.asarray(value), rtol=1e-5, atol=1e-9,
+                                       err_msg=f"optimizer state {i}.{key}")
+    assert cb.extra["scheduler"] == ca.extra["scheduler"]
+    assert cb.extra["sampler"] == ca.extra["sampler"]

@@ -52,7 +52,7 @@ def test_ps_async_with_one_trainer_clips_like_one_process(make_config):
     """One trainer's pushes are one process's steps; with grad_clip the trainer clips its
     own gradient before pushing (0.05 clips every step)."""
     from narun.train import train as local_train
-    from tests.integration.test_ps_sync import assert_same_checkpoint
+    from tests.integration.conftest import assert_same_checkpoint
 
     reference = local_train(make_config("local", 0, out="local", grad_clip=0.05),
                             JsonLinesReporter(io.StringIO()))

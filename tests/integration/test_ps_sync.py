@@ -13,7 +13,7 @@ from narun.checkpoint import load_checkpoint
 from narun.events import JsonLinesReporter
 from narun.runtime import Coordinator
 from narun.train import train as local_train
-from tests.integration.conftest import assert_all_gone, gpu_count
+from tests.integration.conftest import assert_all_gone, assert_same_checkpoint, gpu_count
 
 BUCKET = 512  # bytes: the 676-parameter MLP is cut into 6 buckets over 2 shards
 
@@ -28,24 +28,6 @@ def run(cfg, resume=None, **options):
         assert_all_gone(coordinator.pids)
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     return done, events
-
-
-def assert_same_checkpoint(a: str, b: str) -> None:
-    ca, cb = load_checkpoint(a), load_checkpoint(b)
-    assert ca.step == cb.step
-    assert set(ca.model) == set(cb.model)
-    for name in ca.model:
-        np.testing.assert_allclose(cb.model[name], ca.model[name], rtol=1e-5, atol=1e-7,
-                                   err_msg=name)
-    kept = [{i for i, state in c.optimizer["state"].items() if state} for c in (ca, cb)]
-    assert kept[0] == kept[1]  # (plain SGD keeps empty states in one process, none here)
-    for i, state in ca.optimizer["state"].items():
-        for key, value in state.items():
-            np.testing.assert_allclose(np.asarray(cb.optimizer["state"][i][key]),
-                                       np.asarray(value), rtol=1e-5, atol=1e-9,
-                                       err_msg=f"optimizer state {i}.{key}")
-    assert cb.extra["scheduler"] == ca.extra["scheduler"]
-    assert cb.extra["sampler"] == ca.extra["sampler"]
 
 
 @pytest.mark.timeout(60)
