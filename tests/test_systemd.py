@@ -1,13 +1,16 @@
-"""The systemd units in systemd/.
+"""The systemd units in systemd/ and scripts/install-systemd, which installs them.
 
 `systemd-analyze verify` only warns (exit status 0) about a misspelled directive or a value
 it cannot parse, and ignores the line; so a unit counts as valid only when verify prints
-nothing about it.
+nothing about it. The tests never install anything: the script runs with --dry-run, or as
+an unprivileged user to see it refuse.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +22,7 @@ pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "systemd"
+SCRIPT = ROOT / "scripts" / "install-systemd"
 SERVICES = ["narun-agent.service", "narun-coordinator.service", "narun-serve@.service"]
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
@@ -114,3 +118,74 @@ def test_the_services_speak_sd_notify_and_drain_under_a_dedicated_user():
         assert start.startswith("@NARUN@ "), name
     target = directives((UNITS / "narun.target").read_text())
     assert target["Install.WantedBy"] == ["multi-user.target"]
+
+
+def test_the_install_script_fills_in_every_placeholder_the_units_use():
+    used = set()
+    for unit in UNITS.iterdir():
+        used |= set(re.findall(r"@[A-Z]+@", unit.read_text()))
+    assert used == {"@NARUN@", "@USER@"}
+    script = SCRIPT.read_text()
+    assert all(f"s|{token}|" in script for token in used)
+
+
+def script(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run install-systemd as an unprivileged user even when the tests run as root, so that
+    a broken --dry-run or root check cannot install anything on this machine."""
+    command = [str(SCRIPT), *args]
+    if os.getuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root, and setpriv (util-linux) is missing to drop root")
+        command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=30)
+
+
+def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return script("--dry-run", "--prefix", str(tmp_path / "opt"),
+                  "--unit-dir", str(tmp_path / "units"), *args)
+
+
+def test_install_dry_run_prints_each_unit_and_its_exec_start(tmp_path: Path):
+    done = dry_run(tmp_path, "--user", "trainer")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    narun = tmp_path / "opt" / "venv" / "bin" / "narun"
+    for name in [*SERVICES, "narun.target"]:
+        assert f"would: install unit {tmp_path / 'units' / name}\n" in out
+    assert (f"ExecStart={narun} agent --listen tcp://0.0.0.0:7600 --keys /etc/narun/keys "
+            f"--state-dir /var/lib/narun/agent\n") in out
+    assert (f"ExecStart={narun} coordinator --listen tcp://0.0.0.0:7700 --keys "
+            f"/etc/narun/keys --state-dir /var/lib/narun/coordinator\n") in out
+    assert f"ExecStart={narun} serve /var/lib/narun/models/%i " in out
+    assert "@NARUN@" not in out
+    assert f"would: python3 -m venv {tmp_path / 'opt' / 'venv'}" in out
+    assert f"-m pip install --quiet --upgrade {ROOT}" in out
+    try:
+        pwd.getpwnam("trainer")
+        assert "would: user trainer exists, keeping it\n" in out
+    except KeyError:
+        assert re.search(r"^would: useradd --system .* trainer $", out, re.M), out
+    assert ("would: systemctl daemon-reload" in out) == Path("/run/systemd/system").is_dir()
+    assert list(tmp_path.iterdir()) == []  # a dry run creates nothing
+
+
+def test_install_rejects_arguments_it_cannot_put_into_a_unit():
+    for args, complaint in [(["--prefix", "opt/narun"], "--prefix 'opt/narun': expected an "
+                             "absolute path"),
+                            (["--prefix", "/opt/my narun"], "--prefix '/opt/my narun'"),
+                            (["--prefix", "/opt/100%"], "--prefix '/opt/100%'"),
+                            (["--prefix", "/home/ada/narun"], "ProtectHome=yes"),
+                            (["--user", "Narun Service"], "--user 'Narun Service'"),
+                            (["--frobnicate"], "unknown argument '--frobnicate'")]:
+        done = script("--dry-run", *args)
+        assert done.returncode == 2 and complaint in done.stderr, (args, done.stderr)
+
+
+def test_install_refuses_to_run_as_a_normal_user(tmp_path: Path):
+    done = script("--prefix", str(tmp_path / "opt"), "--unit-dir", str(tmp_path / "units"))
+    assert done.returncode == 1
+    assert "install-systemd: must run as root" in done.stderr
+    assert "--dry-run" in done.stderr
+    assert not (tmp_path / "opt").exists() and not (tmp_path / "units").exists()
