@@ -141,6 +141,12 @@ _SPECS = (
         _f("job: str"), _f("pid: int"), _f("signal: int"))),
     MessageSpec("log_tail", "coordinator -> agent, and the agent's reply", (
         _f("job: str"), _f("pid: int"), _f("lines: int"), _f("text?: str"))),
+    MessageSpec("file_put", "coordinator -> agent, and the agent's reply", (
+        _f("job: str"), _f("path: str"), _f("offset: int"), _f("data?: tensor"),
+        _f("last?: bool"))),
+    MessageSpec("file_get", "coordinator -> agent, and the agent's reply", (
+        _f("job: str"), _f("path: str"), _f("offset: int"), _f("size: int"),
+        _f("remove?: bool"), _f("data?: tensor"), _f("eof?: bool"))),
     MessageSpec("probe", "coordinator -> agent, and the agent's reply", (
         _f("address: str"), _f("ok?: bool"), _f("message?: str"), _f("slots?: int"))),
 )

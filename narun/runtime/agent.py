@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ import zmq.asyncio
 import narun
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
 from narun.runtime.hosts import is_loopback
+from narun.runtime.jobfiles import DATA_DIR, get_chunk, put_chunk
 from narun.runtime.launcher import Child, spawn
 from narun.runtime.mailbox import Mailbox, ReplyError, new_id
 from narun.runtime.sdnotify import Notifier
@@ -51,6 +53,7 @@ DEFAULT_PORT = 7600
 HEARTBEAT_INTERVAL = 1.0  # what the agent asks of coordinators (welcome)
 _JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _PROBE_TIMEOUT = 1.0
+_DEFAULT_TIMEOUT = 10.0  # a job's heartbeat_timeout until its first spawn says it
 
 
 @dataclass
@@ -181,6 +184,8 @@ class Agent:
             return await self._probe(msg)
         if msg.type == "spawn":
             return await self._spawn(msg, route)
+        if msg.type in ("file_put", "file_get"):
+            return await self._file(msg, route)
         if msg.type not in ("stdin", "kill", "log_tail"):
             raise ReplyError("unsupported", f"an agent does not handle {msg.type!r}")
         child = self._child(msg["job"], msg["pid"], route)
@@ -197,6 +202,34 @@ class Agent:
             return reply(msg, "stdin", job=msg["job"], pid=msg["pid"], line=msg["line"])
         child.kill(msg["signal"])
         return reply(msg, "kill", job=msg["job"], pid=msg["pid"], signal=msg["signal"])
+
+    async def _file(self, msg: Message, route: bytes) -> Message:
+        job = self._job(msg["job"], route)
+        if msg.type == "file_put":
+            size = await asyncio.to_thread(put_chunk, job.directory, msg["path"],
+                                           msg["offset"], msg.get("data"),
+                                           bool(msg.get("last")))
+            return reply(msg, "file_put", job=job.name, path=msg["path"], offset=size)
+        data, eof = await asyncio.to_thread(get_chunk, job.directory, msg["path"],
+                                            msg["offset"], msg["size"],
+                                            bool(msg.get("remove")))
+        return reply(msg, "file_get", job=job.name, path=msg["path"], offset=msg["offset"],
+                     size=msg["size"], data=data, eof=eof)
+
+    def _job(self, name: str, route: bytes) -> _Job:
+        """The job `name` of the coordinator at `route`, started by its first file or
+        process."""
+        if not _JOB.fullmatch(name):
+            raise ReplyError("protocol", f"job {name!r} is not a job name (letters, digits, "
+                                         f"'.', '_', '-')")
+        job = self.jobs.get(name)
+        if job is None:
+            job = _Job(name, route, self.state_dir / "jobs" / name, _DEFAULT_TIMEOUT,
+                       time.monotonic())
+            self.jobs[name] = job
+        elif job.route != route:
+            job.route = route  # its coordinator reconnected (a new connection)
+        return job
 
     def _child(self, job_name: str, pid: int, route: bytes) -> Child:
         job = self.jobs.get(job_name)
@@ -224,20 +257,11 @@ class Agent:
 
     async def _spawn(self, msg: Message, route: bytes) -> Message:
         name = msg["job"]
-        if not _JOB.fullmatch(name):
-            raise ReplyError("protocol", f"spawn.job: {name!r} is not a job name (letters, "
-                                         f"digits, '.', '_', '-')")
         if self.busy >= self.slots:
             raise ReplyError("busy", f"all {self.slots} slots of this agent are taken "
                                      f"(--slots); free one or add a host")
-        job = self.jobs.get(name)
-        if job is None:
-            directory = self.state_dir / "jobs" / name
-            job = _Job(name, route, directory, _heartbeat_timeout(msg["spec"]),
-                       time.monotonic())
-            self.jobs[name] = job
-        elif job.route != route:
-            job.route = route  # its coordinator reconnected (a new connection)
+        job = self._job(name, route)
+        job.heartbeat_timeout = _heartbeat_timeout(msg["spec"])
         spec_path = await asyncio.to_thread(
             _write_private, job.directory / "specs" /
             f"{msg['role']}-{msg['rank']}.{msg['incarnation']}.json", msg["spec"])
@@ -279,7 +303,12 @@ class Agent:
             for job in list(self.jobs.values()):
                 silent = now - job.seen
                 if silent > job.heartbeat_timeout and not job.children:
-                    del self.jobs[job.name]  # its coordinator is gone, and so are its processes
+                    # its coordinator is gone, and so are its processes: keep their logs,
+                    # drop the state they started from and slices nobody gathered
+                    del self.jobs[job.name]
+                    for bulky in (DATA_DIR, ".shards"):
+                        self._tasks.spawn(asyncio.to_thread(
+                            shutil.rmtree, job.directory / bulky, True), f"clean {job.name}")
                 elif silent > job.heartbeat_timeout:
                     log.warning("agent.coordinator_silent", job=job.name,
                                 silent=round(silent, 1), timeout=job.heartbeat_timeout,

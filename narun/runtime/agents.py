@@ -23,12 +23,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 import zmq.asyncio
 
 import narun
 from narun.errors import ActorDiedError, ConfigError, NarunError, WaitTimeout
 from narun.runtime.hosts import Host, is_loopback, place, route_to
+from narun.runtime.jobfiles import CHUNK, DATA_DIR
 from narun.runtime.jobkeys import JobKeys
 from narun.runtime.launcher import Worker
 from narun.runtime.mailbox import Mailbox, ReplyError, new_id
@@ -261,6 +263,7 @@ class AgentProcesses:
         self._report = report
         self.links: dict[Host, AgentLink] = {}
         self.placement: dict[tuple[str, int], Host] = {}
+        self._shipped: set[tuple[Host, str]] = set()  # (host, local file) already there
         self._port = 0
 
     def listen_address(self, host: str, port: int) -> str:
@@ -296,10 +299,61 @@ class AgentProcesses:
     async def spawn(self, role: str, rank: int, spec: WorkerSpec, incarnation: int,
                     log_dir: Path, blas_threads: int = 1) -> Worker:
         host = self._host_for(role, rank)
+        link = self.links[host]
+        # What the process starts from lives on this host: ship it to its job directory
+        # there (each file once per host), and name it relative to that directory.
+        init, resume = spec.init_state, spec.resume
+        if init is not None and role == "ps":
+            init = await self._ship(link, Path(init), f"{DATA_DIR}/{Path(init).name}")
+        if resume is not None:
+            for file in sorted(p for p in Path(resume).iterdir() if p.is_file()):
+                await self._ship(link, file, f"{DATA_DIR}/resume/{Path(resume).name}/"
+                                             f"{file.name}")
+            resume = f"{DATA_DIR}/resume/{Path(resume).name}"
         spec = dataclasses.replace(
-            spec, coordinator=self.coordinator_for(host), host=host.host,
+            spec, coordinator=self.coordinator_for(host), host=host.host, init_state=init,
+            resume=resume,
             curve=self.job_keys.to_spec() if self.job_keys is not None else None)
-        return await self.links[host].spawn(role, rank, spec, incarnation, blas_threads)
+        return await link.spawn(role, rank, spec, incarnation, blas_threads)
+
+    def checkpoint_path(self, child: Worker, staging: Path) -> str:
+        """Where a shard on another host writes its checkpoint slice: in its job
+        directory there, gathered by `collect`."""
+        return f".shards/{staging.name}"
+
+    async def collect(self, child: Worker, path: str, staging: Path) -> Path:
+        """Bring the slice a shard wrote at `path` (on its host) into `staging` here."""
+        assert isinstance(child, RemoteChild)
+        target = staging / Path(path).name
+        await asyncio.to_thread(staging.mkdir, parents=True, exist_ok=True)
+        with open(target, "wb") as f:
+            offset, eof = 0, False
+            while not eof:
+                answer = await child.link.call("file_get", f"{child.name}'s slice {path}",
+                                               path=path, offset=offset, size=CHUNK,
+                                               remove=True)
+                data = answer["data"]
+                await asyncio.to_thread(f.write, memoryview(data))
+                offset += data.size
+                eof = answer["eof"]
+        return target
+
+    async def _ship(self, link: AgentLink, source: Path, path: str) -> str:
+        key = (link.host, str(source.resolve()))
+        if key not in self._shipped:
+            size = source.stat().st_size
+            with open(source, "rb") as f:
+                offset = 0
+                while True:
+                    data = np.frombuffer(await asyncio.to_thread(f.read, CHUNK), np.uint8)
+                    last = offset + data.size >= size
+                    await link.call("file_put", f"{source.name} for the job's processes",
+                                    path=path, offset=offset, data=data, last=last)
+                    offset += data.size
+                    if last:
+                        break
+            self._shipped.add(key)
+        return path
 
     def _host_for(self, role: str, rank: int) -> Host:
         host = self.placement.get((role, rank))

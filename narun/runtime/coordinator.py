@@ -628,13 +628,18 @@ class Coordinator:
         a checkpoint holds all slices of one step or does not exist."""
         assert self.control is not None
         staging = self._staging(step)
-        calls = [self.control.call(message("checkpoint", new_id(), step=step,
-                                           path=str(staging.resolve())),
-                                   to=c.identity, timeout=self.wait_timeout, step=step,
-                                   what="its checkpoint slice")
-                 for c in self.children if c.role == "ps"]
+        shards = [c for c in self.children if c.role == "ps"]
+
+        async def slice_of(c: Worker) -> Path:
+            answer = await self.control.call(  # type: ignore[union-attr]
+                message("checkpoint", new_id(), step=step,
+                        path=self.processes.checkpoint_path(c, staging)),
+                to=c.identity, timeout=self.wait_timeout, step=step,
+                what="its checkpoint slice")
+            return await self.processes.collect(c, answer["path"], staging)
+
         try:
-            files = [Path(r["path"]) for r in await asyncio.gather(*calls)]
+            files = list(await asyncio.gather(*(slice_of(c) for c in shards)))
             return await asyncio.to_thread(self._save, step, files)
         finally:  # written into the checkpoint, or of no use: a failed one is redone whole
             await asyncio.to_thread(shutil.rmtree, staging, True)

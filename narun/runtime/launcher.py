@@ -213,6 +213,14 @@ class LocalProcesses:
                     log_dir: Path, blas_threads: int = 1) -> Worker:
         return await spawn(role, rank, spec.to_json(), log_dir, blas_threads, incarnation)
 
+    def checkpoint_path(self, child: Worker, staging: Path) -> str:
+        """Where a shard writes its checkpoint slice: the staging directory itself."""
+        return str(staging.resolve())
+
+    async def collect(self, child: Worker, path: str, staging: Path) -> Path:
+        """The slice is already where the checkpoint is assembled."""
+        return Path(path)
+
     async def close(self) -> None:
         """Children are stopped by the coordinator; nothing else is held."""
 

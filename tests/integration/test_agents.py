@@ -60,6 +60,12 @@ def test_launch_over_two_agents_equals_one_process(make_config, tmp_path):
     assert where[("ps", 0)] != where[("ps", 1)]  # shards spread over the hosts first
     assert sorted(where) == [("ps", 0), ("ps", 1), ("trainer", 0), ("trainer", 1)]
     assert [e["step"] for e in events if e["event"] == "step"] == list(range(1, 11))
+    # the shards started from state shipped to their hosts, and their slices were gathered
+    # over the protocol (and removed there): nothing came through a shared directory
+    shipped = [list((tmp_path / f"agent{i}").glob("jobs/*/data/init-*.safetensors"))
+               for i in range(2)]
+    assert all(len(files) == 1 for files in shipped), shipped
+    assert not list(tmp_path.glob("agent*/jobs/*/.shards/*/*.safetensors"))
 
 
 def test_launch_names_a_host_whose_agent_does_not_answer_within_seconds(make_config):
@@ -175,23 +181,25 @@ def test_agent_speaks_sd_notify_ready_watchdog_and_stopping(tmp_path):
 
 
 @pytest.mark.timeout(150)
-def test_a_lost_host_is_survived(make_config, tmp_path):
+@pytest.mark.parametrize("lost,role", [(2, "trainer"), (1, "ps")])
+def test_a_lost_host_is_survived(make_config, tmp_path, lost, role):
     agents = [AgentProcess("tcp://127.0.0.1:0", tmp_path / f"agent{i}", slots=2)
               for i in range(3)]
     hosts = [a.endpoint.removeprefix("tcp://") for a in agents]
     try:
         clean, _ = _launch(make_config("ps-sync", 2, out="clean", steps=30), hosts)
-        # trainer 0 runs on the third host (shards first, one per host, then trainers)
-        faults = LoseHost(agents[2], at_step=8)
+        # shards go first, one per host, then trainers: host 1 runs ps 1 alone, host 2
+        # trainer 0 alone (a lost shard rolls the job back to its last checkpoint)
+        faults = LoseHost(agents[lost], at_step=8)
         done, _ = _launch(make_config("ps-sync", 2, out="faulty", steps=30,
-                                      heartbeat_timeout=3.0), hosts, reporter=faults)
+                                      heartbeat_timeout=3.0, checkpoint_every=5),
+                          hosts, reporter=faults)
     finally:
         for a in agents:
             a.stop()
-    lost = faults.of("host_lost")
-    assert [e["host"] for e in lost] == [hosts[2]]
+    assert [e["host"] for e in faults.of("host_lost")] == [hosts[lost]]
     restarts = faults.of("restart")
-    assert restarts and restarts[0]["role"] == "trainer" and "was lost with its host" in \
+    assert restarts and restarts[0]["role"] == role and "was lost with its host" in \
         restarts[0]["reason"]
     assert done["step"] == 30 and done["restarts"] >= 1
     assert done["val_loss"] == pytest.approx(clean["val_loss"], rel=0.05)
