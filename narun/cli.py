@@ -76,6 +76,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         structlog.get_logger("narun.cli").warning(
             "workers_exceed_cores", workers=cfg.runtime.workers, cores=cores,
             reason=_OVERSUBSCRIBED)
+    if args.command == "train" and cfg.runtime.hosts:
+        structlog.get_logger("narun.cli").warning(
+            "hosts_ignored", hosts=cfg.runtime.hosts,
+            reason="narun train runs every process on this machine; narun launch runs the "
+                   "job over runtime.hosts")
     reporter = make_reporter(True if args.json else None)
     if args.command == "launch":
         from narun.runtime.launch import launch
