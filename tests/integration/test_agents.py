@@ -226,3 +226,61 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.timeout(90)
+def test_a_dead_worker_is_restarted_on_its_own_host_while_its_agent_lives(make_config,
+                                                                          tmp_path):
+    import uvloop
+
+    from narun.runtime import Coordinator
+    from narun.runtime.agents import AgentProcesses
+    from narun.runtime.hosts import parse_hosts
+
+    agents = [AgentProcess("tcp://127.0.0.1:0", tmp_path / f"agent{i}", slots=3)
+              for i in range(2)]
+    hosts = parse_hosts([a.endpoint.removeprefix("tcp://") for a in agents])
+    faults = Faults({4: ("trainer", 1, signal.SIGKILL)})
+    processes = AgentProcesses(hosts, None, "restart-test", faults.emit)
+    coordinator = Coordinator(make_config("ps-sync", 2, steps=12), faults,
+                              processes=processes, bucket_bytes=BUCKET, wait_timeout=30.0)
+    faults.coordinator = coordinator
+    try:
+        done = uvloop.run(coordinator.run())
+        before = next(p["host"] for p in faults.of("placement")[0]["processes"]
+                      if (p["role"], p["rank"]) == ("trainer", 1))
+    finally:
+        for a in agents:
+            a.stop()
+    assert done["step"] == 12 and done["restarts"] == 1
+    [restart] = faults.of("restart")
+    assert (restart["role"], restart["rank"]) == ("trainer", 1)
+    assert "killed by signal 9" in restart["reason"]
+    assert not faults.of("host_lost")
+    assert str(processes.placement[("trainer", 1)]) == before  # the same host again
+    replacement = next(c for c in coordinator.children if c.name == "trainer 1")
+    assert replacement.host == before and replacement.pid != faults.signalled[0][2]
+
+
+@pytest.mark.timeout(90)
+def test_one_agent_serves_two_jobs_at_once_within_its_slots(make_config, tmp_path):
+    import threading
+
+    agent = AgentProcess("tcp://127.0.0.1:0", tmp_path / "agent", slots=8)
+    host = agent.endpoint.removeprefix("tcp://")
+    results: dict[str, dict] = {}
+
+    def run(name: str) -> None:
+        results[name] = _launch(make_config("ps-sync", 2, out=name, steps=15), [host])[0]
+
+    try:
+        jobs = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+        for job in jobs:
+            job.start()
+        for job in jobs:
+            job.join(80)
+    finally:
+        assert agent.stop() == 0
+    assert sorted(results) == ["a", "b"]
+    assert results["a"]["step"] == results["b"]["step"] == 15
+    assert results["a"]["val_loss"] == pytest.approx(results["b"]["val_loss"], rel=1e-6)
