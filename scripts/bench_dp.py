@@ -62,7 +62,10 @@ def gpt_config(mode: str, workers: int, shards: int, steps: int, out: str):
         "runtime": {"mode": mode, "workers": workers, "ps_shards": shards}})
 
 
-def bench_gpt(workers: int, shards: int, steps: int, warmup: int) -> dict:
+def bench_gpt(workers: int, shards: int, steps: int, warmup: int,
+              launch_over: tuple[list[str], str] | None = None) -> dict:
+    """`launch_over` (hosts, keys directory): run the ps-sync job over those agents
+    (narun launch) instead of local processes (scripts/bench_hosts.py)."""
     from narun._process import tune_process
     from narun.events import ListReporter
 
@@ -77,9 +80,16 @@ def bench_gpt(workers: int, shards: int, steps: int, warmup: int) -> dict:
         times = [tokens / e["tokens_per_s"] for e in rep.events if e["event"] == "step"]
         comm = [0.0] * len(times)
     else:
-        from narun.runtime import train
+        cfg = gpt_config("ps-sync", workers, shards, steps, out)
+        if launch_over is None:
+            from narun.runtime import train
 
-        train(gpt_config("ps-sync", workers, shards, steps, out), rep, stop_at=steps)
+            train(cfg, rep, stop_at=steps)
+        else:
+            from narun.runtime.launch import launch
+
+            cfg.runtime.hosts = launch_over[0]
+            launch(cfg, launch_over[1], rep, stop_at=steps)
         times, comm = [], []
         for e in rep.events:
             if e["event"] == "step":
@@ -94,24 +104,40 @@ def bench_gpt(workers: int, shards: int, steps: int, warmup: int) -> dict:
 
 
 # ---- 2. 100 MB push + pull ---------------------------------------------------------------
-def serve_echo(kind: str) -> None:
+# CURVE for the transfer (scripts/bench_hosts.py): a directory holding server.key_secret and
+# client.key_secret (narun keys generate); None is plaintext.
+def _curve_keys(curve_dir: str | None):
+    if curve_dir is None:
+        return None, None
+    from protocol.keys import load_keypair
+
+    return (load_keypair(Path(curve_dir) / "server.key_secret"),
+            load_keypair(Path(curve_dir) / "client.key_secret"))
+
+
+def serve_echo(kind: str, bind: str = "127.0.0.1", curve_dir: str | None = None) -> None:
     """The far side: answers each 4 MB push with 4 MB of its own, one of 25 buffers it holds
     (as a parameter server answers with its values), zero-copy: a params reply through
-    narun's Mailbox, or the bare frames (raw). Prints its endpoint, serves until killed."""
+    narun's Mailbox, or the bare frames (raw). Prints its endpoint, serves until killed.
+    With CURVE both sides are CURVE servers (raw without a ZAP allow-list: the limit)."""
     import numpy as np
     import zmq
 
     from narun._process import tune_process
 
     tune_process()  # as every narun worker does, before ZeroMQ starts its threads
+    server, client = _curve_keys(curve_dir)
     values = {f"b{i}": np.ones(BUCKET // 4, np.float32) for i in range(MB100 // BUCKET)}
     if kind == "raw":
         ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
         sock.linger = 0
         sock.sndhwm = sock.rcvhwm = 64
-        port = sock.bind_to_random_port("tcp://127.0.0.1")
-        print(json.dumps({"endpoint": f"tcp://127.0.0.1:{port}"}), flush=True)
+        if server is not None:
+            sock.curve_secretkey, sock.curve_publickey = server.secret, server.public
+            sock.curve_server = True
+        port = sock.bind_to_random_port(f"tcp://{bind}")
+        print(json.dumps({"endpoint": f"tcp://{bind}:{port}"}), flush=True)
         cycle = list(values.values())
         for i in itertools.count():
             route, header, _ = sock.recv_multipart(copy=False)
@@ -122,6 +148,7 @@ def serve_echo(kind: str) -> None:
 
     from narun.runtime.mailbox import Mailbox
     from protocol import open_channel, reply
+    from protocol.curve import Authenticator, CurveServer
 
     async def handle(msg, route):
         return reply(msg, "params", version=1,
@@ -129,7 +156,12 @@ def serve_echo(kind: str) -> None:
 
     async def main() -> None:
         ctx = zmq.asyncio.Context()
-        box = Mailbox(open_channel(ctx, "router", bind="tcp://127.0.0.1:0"), "echo",
+        curve = None
+        if server is not None:
+            auth = Authenticator(ctx, [client.public])
+            auth.start()
+            curve = CurveServer(server, auth)
+        box = Mailbox(open_channel(ctx, "router", bind=f"tcp://{bind}:0", curve=curve), "echo",
                       handle).start()
         print(json.dumps({"endpoint": box.channel.endpoint}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -139,11 +171,31 @@ def serve_echo(kind: str) -> None:
     uvloop.run(main())
 
 
-def bench_transfer(rounds: int) -> dict:
-    """Both servers up at once; raw and narun rounds alternate so machine noise hits both
-    alike. Two figures: each side's best round (ratio of the bests), and the median over
-    rounds of raw / narun in the same round (paired, so a burst of load on this shared
-    machine moves both halves of a pair; the steadier figure)."""
+def start_echo_servers(prefix: list[str] | None = None, bind: str = "127.0.0.1",
+                       curve_dir: str | None = None) -> tuple[dict, dict[str, str]]:
+    """The raw and the narun echo server, each a process (run under `prefix`, e.g. `ip
+    netns exec NS`, when given), and their endpoints."""
+    extra = ["--bind", bind] + (["--curve", curve_dir] if curve_dir else [])
+    servers = {kind: subprocess.Popen([*(prefix or []), sys.executable, __file__, "--serve",
+                                       kind, *extra],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for kind in ("raw", "narun")}
+    endpoints = {k: json.loads(p.stdout.readline())["endpoint"] for k, p in servers.items()}
+    return servers, endpoints
+
+
+def stop_servers(servers: dict) -> None:
+    for p in servers.values():
+        p.kill()
+        p.wait()
+
+
+def measure_transfer(endpoints: dict[str, str], rounds: int,
+                     curve_dir: str | None = None) -> dict:
+    """Raw and narun rounds alternate so machine noise hits both alike. Two figures: each
+    side's best round (ratio of the bests), and the median over rounds of raw / narun in the
+    same round (paired, so a burst of load on this shared machine moves both halves of a
+    pair; the steadier figure)."""
     import numpy as np
     import uvloop
     import zmq
@@ -152,49 +204,46 @@ def bench_transfer(rounds: int) -> dict:
     from narun._process import tune_process
     from narun.runtime.mailbox import Mailbox, new_id
     from protocol import message, open_channel
+    from protocol.curve import CurveClient
 
     tune_process()  # both clients live in this process: the same malloc settings for both
+    server, client = _curve_keys(curve_dir)
     buckets = [np.full(BUCKET // 4, i, np.float32) for i in range(MB100 // BUCKET)]
-    servers = {kind: subprocess.Popen([sys.executable, __file__, "--serve", kind],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-               for kind in ("raw", "narun")}
-    try:
-        endpoints = {k: json.loads(p.stdout.readline())["endpoint"] for k, p in servers.items()}
 
-        async def main() -> dict[str, list[float]]:
-            raw_ctx = zmq.Context()
-            raw = raw_ctx.socket(zmq.DEALER)
-            raw.linger = 0
-            raw.sndhwm = raw.rcvhwm = 64
-            raw.connect(endpoints["raw"])
-            ctx = zmq.asyncio.Context()
-            box = Mailbox(open_channel(ctx, "dealer", connect=endpoints["narun"]),
-                          "echo").start()
-            times: dict[str, list[float]] = {"raw": [], "narun": []}
-            header = b"x" * 64
-            for _ in range(rounds + 1):
-                t0 = time.perf_counter()
-                for b in buckets:
-                    raw.send_multipart([header, b], copy=False)
-                for _ in buckets:
-                    raw.recv_multipart(copy=False)
-                times["raw"].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                await asyncio.gather(*(
-                    box.call(message("push_grads", new_id(), step=0, rank=0, version=0,
-                                     grads={f"b{i}": b}), timeout=60, what="bench")
-                    for i, b in enumerate(buckets)))
-                times["narun"].append(time.perf_counter() - t0)
-            box.close()
-            ctx.destroy(linger=0)
-            raw_ctx.destroy(linger=0)
-            return {k: v[1:] for k, v in times.items()}  # the first round warms up
+    async def main() -> dict[str, list[float]]:
+        raw_ctx = zmq.Context()
+        raw = raw_ctx.socket(zmq.DEALER)
+        raw.linger = 0
+        raw.sndhwm = raw.rcvhwm = 64
+        if server is not None:
+            raw.curve_serverkey = server.public
+            raw.curve_publickey, raw.curve_secretkey = client.public, client.secret
+        raw.connect(endpoints["raw"])
+        ctx = zmq.asyncio.Context()
+        curve = None if server is None else CurveClient(client, server.public)
+        box = Mailbox(open_channel(ctx, "dealer", connect=endpoints["narun"], curve=curve),
+                      "echo").start()
+        times: dict[str, list[float]] = {"raw": [], "narun": []}
+        header = b"x" * 64
+        for _ in range(rounds + 1):
+            t0 = time.perf_counter()
+            for b in buckets:
+                raw.send_multipart([header, b], copy=False)
+            for _ in buckets:
+                raw.recv_multipart(copy=False)
+            times["raw"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(
+                box.call(message("push_grads", new_id(), step=0, rank=0, version=0,
+                                 grads={f"b{i}": b}), timeout=60, what="bench")
+                for i, b in enumerate(buckets)))
+            times["narun"].append(time.perf_counter() - t0)
+        box.close()
+        ctx.destroy(linger=0)
+        raw_ctx.destroy(linger=0)
+        return {k: v[1:] for k, v in times.items()}  # the first round warms up
 
-        times = uvloop.run(main())
-    finally:
-        for p in servers.values():
-            p.kill()
-            p.wait()
+    times = uvloop.run(main())
     out: dict = {}
     for kind, ts in times.items():
         out[kind] = {"seconds": min(ts), "gb_per_s": 2 * MB100 / min(ts) / 1e9}
@@ -203,6 +252,15 @@ def bench_transfer(rounds: int) -> dict:
     out["paired_median"] = statistics.median(pairs)
     out["paired_quartiles"] = [pairs[len(pairs) // 4], pairs[(3 * len(pairs)) // 4]]
     return out
+
+
+def bench_transfer(rounds: int) -> dict:
+    """Both servers up at once on loopback, measured from this process."""
+    servers, endpoints = start_echo_servers()
+    try:
+        return measure_transfer(endpoints, rounds)
+    finally:
+        stop_servers(servers)
 
 
 # ---- driver ------------------------------------------------------------------------------
@@ -238,9 +296,11 @@ def main() -> None:
     p.add_argument("--gpt-rounds", type=int, default=3, help="rounds of the GPT configs")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--serve", choices=("raw", "narun"), help=argparse.SUPPRESS)
+    p.add_argument("--bind", default="127.0.0.1", help=argparse.SUPPRESS)
+    p.add_argument("--curve", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
-        return serve_echo(args.serve)
+        return serve_echo(args.serve, args.bind, args.curve)
     if args.child:
         return child(args.child, args)
     # Configurations alternate over --gpt-rounds rounds so machine drift hits all alike;
