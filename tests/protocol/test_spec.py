@@ -49,7 +49,7 @@ def test_allowed_values_are_all_spelled_out() -> None:
 
 
 def test_limits_table_matches_the_defaults() -> None:
-    units = {"MiB": 1 << 20}
+    units = {"MiB": 1 << 20, "GiB": 1 << 30}
     for name, default, _ in table_rows(section("8. Limits")):
         number, _, unit = default.partition(" ")
         value = 2 ** int(number[2:]) if number.startswith("2^") else int(number)
