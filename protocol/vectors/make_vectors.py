@@ -48,6 +48,17 @@ _ONE_OF_EACH = {
 # 8192 float64 = exactly 64 KiB: the smallest tensor that travels as its own frame
 _FRAME_TENSOR = _t("float64", [8192], [i * 0.5 for i in range(8192)])
 
+# 65535 uint8 = one byte under 64 KiB: the largest tensor that travels inline (as bin16)
+_LARGEST_INLINE = _t("uint8", [65535], [i % 10 for i in range(65535)])
+# msgpack's int and str forms at each boundary (SPEC.md 2.1): shortest form, unsigned for
+# ints >= 0, signed below; fixstr, str8, str16
+_FORMS = {
+    "uint": [0, 127, 128, 255, 256, 65535, 65536, 4294967295, 4294967296, MAX_ID],
+    "int": [-1, -32, -33, -128, -129, -32768, -32769, -2147483648, -2147483649, -(1 << 63)],
+    "float": [0.0, -0.0, 1.0, 0.1, 1e300],
+    "str": ["", "a" * 31, "b" * 32, "c" * 255, "d" * 256],
+}
+
 VECTORS: dict[str, dict[str, Any]] = {
     "hello": _v("hello", 1, role="trainer", rank=0, software="0.1.0"),
     "welcome": _v("welcome", 1, role="coordinator", software="0.1.0", heartbeat_interval=1.0),
@@ -96,6 +107,10 @@ VECTORS: dict[str, dict[str, Any]] = {
     "events_reply": _v("events", 22, job="job-0001", since=0, events=[
         {"event": "step", "step": 1, "loss": 5.5, "lr": 3e-6, "tokens_per_s": 12000.0},
         {"event": "checkpoint", "step": 500, "path": "runs/quickstart/step-000500"}]),
+    "tensor_inline_largest": _v("params", 26, version=0, params={"ids": _LARGEST_INLINE}),
+    "plain_forms": _v("submit", 27, name="forms", config=_FORMS),
+    "generate_greedy": _v("generate", 28, prompt=_t("int64", [2], [50256, 464]),
+                          max_tokens=1000, temperature=0, top_k=0, seed=-1000),
 }
 
 
