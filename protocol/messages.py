@@ -135,6 +135,10 @@ _SPECS = (
 
 #: type -> schema, in SPEC.md's order.
 SCHEMAS: Mapping[str, MessageSpec] = MappingProxyType({s.type: s for s in _SPECS})
+#: Optional fields that only the reply form of a type carries, all of them together; the
+#: request form carries none (SPEC.md 4.1). Any other mix is refused.
+REPLY_FIELDS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "status": ("state", "step", "steps", "message"), "events": ("events",)})
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -194,6 +198,12 @@ def convert_fields(spec: MessageSpec, fields: Mapping[str, Any], tensor: TensorH
     if not spec.required.issubset(fields):
         missing = [f.name for f in spec.fields if f.name in spec.required - set(fields)]
         raise ProtocolError(f"{spec.type}: missing field(s) {_names(missing)}")
+    together = REPLY_FIELDS.get(spec.type)
+    if together is not None and len(fields) != len(spec.required):
+        have = [name for name in together if name in fields]
+        if len(have) != len(together):
+            raise ProtocolError(f"{spec.type}: a reply carries all of {_names(list(together))} "
+                                f"and a request none of them; got only {_names(have)}")
     out = CheckedFields()
     for f, where in zip(spec.fields, spec.paths):
         if f.name in fields:

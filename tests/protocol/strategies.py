@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from protocol import SCHEMAS, WIRE_DTYPES, BFloat16Array, Field, Kind, Message, message
-from protocol.messages import NONFINITE_FLOATS
+from protocol.messages import NONFINITE_FLOATS, REPLY_FIELDS
 
 MAX_ID = (1 << 64) - 1
 ints = st.integers(-(1 << 63), MAX_ID)
@@ -73,6 +73,7 @@ def field_values(f: Field, path: str = "") -> st.SearchStrategy[Any]:
 @st.composite
 def messages(draw: st.DrawFn, type_: str) -> Message:
     spec = SCHEMAS[type_]
+    reply = draw(st.booleans())  # optional fields: a request's none, a reply's all of them
     fields = {f.name: draw(field_values(f, path)) for f, path in zip(spec.fields, spec.paths)
-              if not f.optional or draw(st.booleans())}
+              if not f.optional or (reply if type_ in REPLY_FIELDS else draw(st.booleans()))}
     return message(type_, draw(st.integers(0, MAX_ID)), **fields)

@@ -132,6 +132,10 @@ CASES = [
     ("float field Inf", [msgpack.packb({"v": 1, "type": "heartbeat", "id": 1, "role": "ps",
                                         "rank": 0, "step": 0, "time": float("-inf")})],
      "heartbeat.time: expected a finite float, got -inf"),
+    ("status half a reply", [msgpack.packb({"v": 1, "type": "status", "id": 1, "job": "j",
+                                            "state": "done"})],
+     "status: a reply carries all of 'state', 'step', 'steps', 'message' and a request none "
+     "of them; got only 'state'"),
     ("header nested 1025 deep", submit_with_config_arrays(1025), "header: not valid msgpack"),
     ("header nested 1024 deep", submit_with_config_arrays(1024), "nested deeper than 32 levels"),
     ("extension type", [msgpack.packb(msgpack.ExtType(5, b"x"))], "header: not valid msgpack"),
