@@ -4,6 +4,7 @@
     python -m protocol.vectors.make_vectors --write   # rewrite them: only with a new version
 
 Each vector is defined below by its JSON meaning; the encoder turns the meaning into frames.
+``decoding.json`` holds the decoder vectors of ``protocol.vectors.decoding``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from protocol.codec import decode, encode
+from narun.errors import ProtocolError
+from protocol.codec import decode, encode, refusal
 from protocol.dtypes import WIRE_DTYPES, BFloat16Array
 from protocol.messages import MAX_ID, SCHEMAS, Kind, Message, message
-from protocol.vectors import VECTOR_DIR, load
+from protocol.vectors import DECODING, VECTOR_DIR, load
+from protocol.vectors.decoding import ACCEPTED, REFUSED
 
 
 def _t(dtype: str, shape: list[int], values: Any, **extra: Any) -> dict[str, Any]:
@@ -189,6 +192,28 @@ def encoded(meaning: dict[str, Any]) -> bytes:
     return msgpack.packb(frames, use_bin_type=True)
 
 
+def decoding_text() -> str:
+    """decoding.json: each decoder vector's frames (hex) and the stated outcome, checked
+    against this decoder (ValueError where it disagrees)."""
+    refused, accepted = {}, {}
+    for name, (why, frames, reply) in REFUSED.items():
+        try:
+            decode(frames)
+        except ProtocolError as exc:
+            answer = refusal(frames, exc)
+        else:
+            raise ValueError(f"decoder vector {name}: decoded, expected a refusal")
+        got = None if answer is None else {"code": answer["code"], "id": answer.id}
+        if got != reply:
+            raise ValueError(f"decoder vector {name}: answered {got}, stated {reply}")
+        refused[name] = {"why": why, "frames": [f.hex() for f in frames], "reply": reply}
+    for name, (why, frames, meaning) in ACCEPTED.items():
+        if to_meaning(decode(frames)) != meaning:
+            raise ValueError(f"decoder vector {name}: decodes to {to_meaning(decode(frames))}")
+        accepted[name] = {"why": why, "frames": [f.hex() for f in frames], "meaning": meaning}
+    return _dump({"refused": refused, "accepted": accepted}) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="rewrite the vector files")
@@ -206,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
             frames, stored = [], None
         if msgpack.packb(frames, use_bin_type=True) != data or stored != meaning:
             stale.append(name)
+    text = decoding_text()
+    if args.write:
+        DECODING.write_text(text)
+    elif not DECODING.exists() or DECODING.read_text() != text:
+        stale.append(DECODING.name)
     if stale:
         print(f"vectors differ from the encoder: {', '.join(stale)}", file=sys.stderr)
         return 1

@@ -6,7 +6,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from protocol import SCHEMAS, decode, encode, vectors
+from narun.errors import ProtocolError
+from protocol import SCHEMAS, decode, encode, refusal, vectors
 from protocol.vectors import make_vectors
 
 NAMES = vectors.names()
@@ -70,3 +71,30 @@ def test_boundary_vectors_hold_the_forms_spec_md_names() -> None:
     assert len(frames) == 1  # 65535 bytes stay inline, as bin16; 65536 take a frame
     assert b"\xa4data\xc5\xff\xff" + bytes(i % 10 for i in range(65535)) in frames[0]
     assert len(vectors.load("push_grads")[0][1]) == 65536
+
+
+DECODING = vectors.load_decoding()
+
+
+@pytest.mark.parametrize("name", sorted(DECODING["refused"]))
+def test_decoder_refuses_and_answers_as_stated(name: str) -> None:
+    frames, reply = DECODING["refused"][name]
+    with pytest.raises(ProtocolError) as info:
+        decode(frames)
+    answer = refusal(frames, info.value)
+    assert (None if answer is None else {"code": answer["code"], "id": answer.id}) == reply
+
+
+@pytest.mark.parametrize("name", sorted(DECODING["accepted"]))
+def test_decoder_accepts_every_form_of_a_value(name: str) -> None:
+    frames, meaning = DECODING["accepted"][name]
+    got = decode(frames)
+    assert make_vectors.to_meaning(got) == meaning
+    assert [type(v) for v in got.fields.values()] == [type(v) for v in meaning["fields"].values()]
+
+
+def test_decoder_vectors_cover_every_answer() -> None:
+    replies = [r for _, r in DECODING["refused"].values()]
+    assert None in replies
+    assert {(r["code"], r["id"] == 0) for r in replies if r} == {
+        ("version", False), ("protocol", False), ("protocol", True)}
