@@ -4,9 +4,14 @@ one frame more is refused, and the receiver serves the next message."""
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing as mp
+from typing import Any
+
 import numpy as np
 import pytest
 import zmq
+import zmq.asyncio
 
 from narun.errors import ConfigError, WaitTimeout
 from protocol import Channel, Limits, encode, message, open_channel
@@ -111,3 +116,49 @@ def test_zeromq_counts_neither_frames_nor_bytes_of_a_message() -> None:
         assert len(pull.recv_multipart()) == 2000
     finally:
         ctx.destroy(linger=0)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def _hold_unread(limits: Limits, out: Any, go: Any) -> None:
+    # A receiver that never reads: what ZeroMQ queues for it is all it holds.
+    async def main() -> None:
+        ctx = zmq.asyncio.Context()
+        channel = open_channel(ctx, "pull", bind=LOOPBACK, limits=limits)
+        before = _rss_mib()
+        out.put(channel.endpoint)
+        await asyncio.get_running_loop().run_in_executor(None, go.wait, 20)
+        await asyncio.sleep(1.0)  # let the I/O thread read what it will
+        out.put(_rss_mib() - before)
+        channel.close()
+        ctx.term()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_a_receiver_that_does_not_read_holds_at_most_the_bound() -> None:
+    limits = Limits(max_message_bytes=4 * MIB, max_header_bytes=MIB, max_frames=4,
+                    max_queued_bytes=12 * MIB)  # receive_hwm: 2 messages
+    spawn = mp.get_context("spawn")
+    out, go = spawn.Queue(), spawn.Event()
+    proc = spawn.Process(target=_hold_unread, args=(limits, out, go))
+    proc.start()
+    ctx = zmq.Context()
+    try:
+        push = ctx.socket(zmq.PUSH)
+        push.sndhwm = 100
+        push.connect(out.get(timeout=30))
+        payload = bytes(4 * MIB - 1024)  # one max-size message, sent 16 times (64 MiB)
+        for i in range(16):
+            push.send_multipart([b"header %d" % i, payload], copy=False)
+        go.set()
+        held = out.get(timeout=30)
+    finally:
+        ctx.destroy(linger=0)
+        proc.join(10)
+    # (2 + 1) * 4 MiB = 12 MiB; without the bound (RCVHWM 64) all 64 MiB would be held
+    assert 4 < held < 12 + 4, held
