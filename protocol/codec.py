@@ -192,7 +192,8 @@ def _no_extensions(code: int, data: bytes) -> Any:
 
 def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     # msgpack-python keeps the last of two equal keys; the protocol refuses such a map
-    # (SPEC.md 2.1). A hook per map costs ~0.35 us; headers hold few maps.
+    # (SPEC.md 2.2). The hook costs ~0.3 us a map: measured, decode takes ~1 us longer for a
+    # small message and ~13% longer for one of 1000 small tensors.
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[Any] = set()
