@@ -6,6 +6,7 @@ it against its schema at once, so a wrong field fails at the sender with its nam
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -29,6 +30,11 @@ ERROR_CODES = ("protocol", "version", "unsupported", "stale", "not_found", "busy
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 DONE_REASONS = ("length", "stop", "cancelled")
 WORKER_ROLES = ("ps", "trainer", "stage", "inference")  # what an agent may spawn
+#: The float fields that may carry NaN and +-Inf: values computed from training, where a
+#: non-finite one is news the receiver must see (a diverged loss, an overflowed gradient).
+#: Every other float field must be finite (SPEC.md 2.2).
+NONFINITE_FLOATS = frozenset({"step_done.loss", "grad_norm.sq", "apply_step.norm",
+                              "token.logprob"})
 
 
 class Kind(StrEnum):
@@ -153,6 +159,10 @@ _SPECS = (
 
 #: type -> schema, in SPEC.md's order.
 SCHEMAS: Mapping[str, MessageSpec] = MappingProxyType({s.type: s for s in _SPECS})
+#: Optional fields that only the reply form of a type carries, all of them together; the
+#: request form carries none (SPEC.md 4.1). Any other mix is refused.
+REPLY_FIELDS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "status": ("state", "step", "steps", "message"), "events": ("events",)})
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -212,6 +222,12 @@ def convert_fields(spec: MessageSpec, fields: Mapping[str, Any], tensor: TensorH
     if not spec.required.issubset(fields):
         missing = [f.name for f in spec.fields if f.name in spec.required - set(fields)]
         raise ProtocolError(f"{spec.type}: missing field(s) {_names(missing)}")
+    together = REPLY_FIELDS.get(spec.type)
+    if together is not None and len(fields) != len(spec.required):
+        have = [name for name in together if name in fields]
+        if len(have) != len(together):
+            raise ProtocolError(f"{spec.type}: a reply carries all of {_names(list(together))} "
+                                f"and a request none of them; got only {_names(have)}")
     out = CheckedFields()
     for f, where in zip(spec.fields, spec.paths):
         if f.name in fields:
@@ -230,12 +246,17 @@ def _int(f: Field, value: Any, where: str, *_: Any) -> int:
 
 
 def _float(f: Field, value: Any, where: str, *_: Any) -> float:
-    if type(value) is float:
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
-            _numpy_scalar(value, "fiu")):
-        raise _wrong(f.kind, value, where)
-    return float(value)  # an int, or a NumPy scalar such as a loss computed as np.float32
+    if type(value) is not float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+                _numpy_scalar(value, "fiu")):
+            raise _wrong(f.kind, value, where)
+        try:
+            value = float(value)  # an int, or a NumPy scalar such as a loss as np.float32
+        except OverflowError:
+            raise ProtocolError(f"{where}: {value} does not fit a float64") from None
+    if not math.isfinite(value) and where not in NONFINITE_FLOATS:
+        raise ProtocolError(f"{where}: expected a finite float, got {value}")
+    return value
 
 
 def _bool(f: Field, value: Any, where: str, *_: Any) -> bool:
@@ -324,11 +345,11 @@ def _plain_problem(item: Any, depth: int, max_depth: int) -> str | None:
     # Returns the path below `item` and what is wrong there; paths are only built on error.
     if type(item) in _PLAIN_SCALARS:
         return None
-    if depth > max_depth:
-        return f": nested deeper than {max_depth} levels"
     if type(item) is int or (isinstance(item, int) and not isinstance(item, bool)):
         return None if -(1 << 63) <= item <= MAX_ID else \
             f": {item} does not fit msgpack's 64-bit ints"
+    if depth > max_depth:  # only containers count (SPEC.md 2.2), scalars are no level
+        return f": nested deeper than {max_depth} levels"
     if isinstance(item, (list, tuple)):
         for i, x in enumerate(item):
             problem = _plain_problem(x, depth + 1, max_depth)

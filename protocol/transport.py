@@ -32,6 +32,7 @@ SOCKET_TYPES = {"router": zmq.ROUTER, "dealer": zmq.DEALER, "push": zmq.PUSH,
                 "pull": zmq.PULL, "pub": zmq.PUB, "sub": zmq.SUB}
 #: Messages queued per peer and direction. Tensor messages are large: a few in flight keep
 #: the pipe full, hundreds only hold memory. ROUTER and PUB drop beyond it, others wait.
+#: The receive side is lowered further to fit Limits.max_queued_bytes (Limits.receive_hwm).
 DEFAULT_HWM = 64
 _ROUTED = {"router", "pub", "sub"}  # one routing frame: the peer's identity, or the topic
 _CAN_REPLY = {"router", "dealer"}
@@ -165,7 +166,7 @@ class Channel:
                                   "reader held the socket)") from None
         try:
             while True:
-                frames, overflow = await self._recv_frames(deadline, timeout)
+                frames, overflow = await self._recv_frames(deadline, timeout, n_route)
                 route, body = frames[:n_route], frames[n_route:]
                 try:
                     if overflow:
@@ -378,10 +379,11 @@ class Channel:
             os.close(self._fd)
             self._fd = self._loop = None
 
-    async def _recv_frames(self, deadline: float | None,
-                           timeout: float | None) -> tuple[list[Any], str]:
+    async def _recv_frames(self, deadline: float | None, timeout: float | None,
+                           n_route: int) -> tuple[list[Any], str]:
         """One whole multipart message, but never more than the limits: past them, the rest
-        is read and dropped frame by frame, and the reason returned."""
+        is read and dropped frame by frame, and the reason returned. The ``n_route``
+        routing frames count toward neither limit."""
         getopt, recv_frame = self._getopt, self._recv_frame
         if self._maybe_partial:  # a read stopped inside a multipart message
             while getopt(_RCVMORE):
@@ -410,8 +412,8 @@ class Channel:
             except TimeoutError:
                 raise WaitTimeout(f"{self!r}: no message within {timeout} s") from None
             ready = True
-        frames, total, overflow = [frame], len(frame), ""
-        max_frames = self.limits.max_frames + 2  # + header + routing frame
+        frames, total, overflow = [frame], 0 if n_route else len(frame), ""
+        max_frames = self.limits.max_frames + 1 + n_route  # + header + routing frame
         while frame.more:
             # the rest of a multipart message has arrived with its first frame
             frame = recv_frame(_DONTWAIT, False)
@@ -480,10 +482,12 @@ def open_channel(context: zmq.asyncio.Context, kind: str, *, bind: str | None = 
     """A Channel on a new ``kind`` socket (router, dealer, push, pull, pub, sub) that binds
     to ``bind`` or connects to ``connect``.
 
-    Every socket gets linger 0, MAXMSGSIZE = limits.max_message_bytes, send and receive
-    high-water marks ``hwm``, TCP keepalive, and ROUTER_MANDATORY on a ROUTER (a send to a
-    vanished peer raises instead of vanishing) and ROUTER_HANDOVER (a peer that reconnects
-    under its identity replaces its old connection). ``bind="tcp://127.0.0.1:0"`` picks a free
+    Every socket gets linger 0, MAXMSGSIZE = limits.max_message_bytes (per frame), send
+    high-water mark ``hwm``, receive high-water mark ``limits.receive_hwm(hwm)`` (at most
+    ``hwm``, fewer where max-size messages would overrun max_queued_bytes), TCP keepalive,
+    and ROUTER_MANDATORY on a ROUTER (a send to a vanished peer raises instead of
+    vanishing) and ROUTER_HANDOVER (a peer that reconnects under its identity replaces its
+    old connection). ``bind="tcp://127.0.0.1:0"`` picks a free
     port; ``channel.endpoint`` names it. ConfigError names the address that failed.
 
         server = open_channel(ctx, "router", bind="tcp://127.0.0.1:0")
@@ -499,7 +503,8 @@ def open_channel(context: zmq.asyncio.Context, kind: str, *, bind: str | None = 
     try:
         sock.linger = 0
         sock.maxmsgsize = limits.max_message_bytes
-        sock.sndhwm = sock.rcvhwm = hwm
+        sock.sndhwm = hwm
+        sock.rcvhwm = limits.receive_hwm(hwm)
         sock.tcp_keepalive = 1
         sock.tcp_keepalive_idle = _KEEPALIVE_IDLE
         sock.tcp_keepalive_intvl = _KEEPALIVE_INTERVAL

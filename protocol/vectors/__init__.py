@@ -1,6 +1,7 @@
 """Golden vectors: encoded messages every implementation must reproduce (SPEC.md, section 10).
 
-``load(name)`` gives (frames, meaning); ``make_vectors`` writes and checks them.
+``load(name)`` gives (frames, meaning); ``load_decoding()`` the decoder vectors (frames no
+encoder writes, and what a decoder must answer); ``make_vectors`` writes and checks both.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import msgpack
 
 VECTOR_DIR = Path(__file__).resolve().parent
+DECODING = VECTOR_DIR / "decoding.json"
 
 
 def names() -> list[str]:
@@ -24,3 +26,13 @@ def load(name: str) -> tuple[list[bytes], dict[str, Any]]:
     frames = msgpack.unpackb((VECTOR_DIR / f"{name}.msgpack").read_bytes(), raw=False)
     meaning = json.loads((VECTOR_DIR / f"{name}.json").read_text())
     return frames, meaning
+
+
+def load_decoding() -> dict[str, dict[str, tuple[list[bytes], Any]]]:
+    """``{"refused": {name: (frames, reply)}, "accepted": {name: (frames, meaning)}}``:
+    reply is ``{"code", "id"}`` or None (no answer), meaning as in ``load``."""
+    stored = json.loads(DECODING.read_text())
+    return {kind: {name: ([bytes.fromhex(f) for f in v["frames"]],
+                          v["reply" if kind == "refused" else "meaning"])
+                   for name, v in entries.items()}
+            for kind, entries in stored.items()}

@@ -4,6 +4,7 @@
     python -m protocol.vectors.make_vectors --write   # rewrite them: only with a new version
 
 Each vector is defined below by its JSON meaning; the encoder turns the meaning into frames.
+``decoding.json`` holds the decoder vectors of ``protocol.vectors.decoding``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from protocol.codec import decode, encode
+from narun.errors import ProtocolError
+from protocol.codec import decode, encode, refusal
 from protocol.dtypes import WIRE_DTYPES, BFloat16Array
 from protocol.messages import MAX_ID, SCHEMAS, Kind, Message, message
-from protocol.vectors import VECTOR_DIR, load
+from protocol.vectors import DECODING, VECTOR_DIR, load
+from protocol.vectors.decoding import ACCEPTED, REFUSED
 
 
 def _t(dtype: str, shape: list[int], values: Any, **extra: Any) -> dict[str, Any]:
@@ -47,6 +50,17 @@ _ONE_OF_EACH = {
 }
 # 8192 float64 = exactly 64 KiB: the smallest tensor that travels as its own frame
 _FRAME_TENSOR = _t("float64", [8192], [i * 0.5 for i in range(8192)])
+
+# 65535 uint8 = one byte under 64 KiB: the largest tensor that travels inline (as bin16)
+_LARGEST_INLINE = _t("uint8", [65535], [i % 10 for i in range(65535)])
+# msgpack's int and str forms at each boundary (SPEC.md 2.1): shortest form, unsigned for
+# ints >= 0, signed below; fixstr, str8, str16
+_FORMS = {
+    "uint": [0, 127, 128, 255, 256, 65535, 65536, 4294967295, 4294967296, MAX_ID],
+    "int": [-1, -32, -33, -128, -129, -32768, -32769, -2147483648, -2147483649, -(1 << 63)],
+    "float": [0.0, -0.0, 1.0, 0.1, 1e300],
+    "str": ["", "a" * 31, "b" * 32, "c" * 255, "d" * 256],
+}
 
 VECTORS: dict[str, dict[str, Any]] = {
     "hello": _v("hello", 1, role="trainer", rank=0, software="0.1.0"),
@@ -120,6 +134,10 @@ VECTORS: dict[str, dict[str, Any]] = {
     "probe": _v("probe", 32, address="tcp://10.0.0.1:7711"),
     "probe_reply": _v("probe", 32, address="tcp://10.0.0.1:7711", ok=False,
                       message="connection refused", slots=4),
+    "tensor_inline_largest": _v("params", 26, version=0, params={"ids": _LARGEST_INLINE}),
+    "plain_forms": _v("submit", 27, name="forms", config=_FORMS),
+    "generate_greedy": _v("generate", 28, prompt=_t("int64", [2], [50256, 464]),
+                          max_tokens=1000, temperature=0, top_k=0, seed=-1000),
 }
 
 
@@ -198,6 +216,28 @@ def encoded(meaning: dict[str, Any]) -> bytes:
     return msgpack.packb(frames, use_bin_type=True)
 
 
+def decoding_text() -> str:
+    """decoding.json: each decoder vector's frames (hex) and the stated outcome, checked
+    against this decoder (ValueError where it disagrees)."""
+    refused, accepted = {}, {}
+    for name, (why, frames, reply) in REFUSED.items():
+        try:
+            decode(frames)
+        except ProtocolError as exc:
+            answer = refusal(frames, exc)
+        else:
+            raise ValueError(f"decoder vector {name}: decoded, expected a refusal")
+        got = None if answer is None else {"code": answer["code"], "id": answer.id}
+        if got != reply:
+            raise ValueError(f"decoder vector {name}: answered {got}, stated {reply}")
+        refused[name] = {"why": why, "frames": [f.hex() for f in frames], "reply": reply}
+    for name, (why, frames, meaning) in ACCEPTED.items():
+        if to_meaning(decode(frames)) != meaning:
+            raise ValueError(f"decoder vector {name}: decodes to {to_meaning(decode(frames))}")
+        accepted[name] = {"why": why, "frames": [f.hex() for f in frames], "meaning": meaning}
+    return _dump({"refused": refused, "accepted": accepted}) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="rewrite the vector files")
@@ -215,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
             frames, stored = [], None
         if msgpack.packb(frames, use_bin_type=True) != data or stored != meaning:
             stale.append(name)
+    text = decoding_text()
+    if args.write:
+        DECODING.write_text(text)
+    elif not DECODING.exists() or DECODING.read_text() != text:
+        stale.append(DECODING.name)
     if stale:
         print(f"vectors differ from the encoder: {', '.join(stale)}", file=sys.stderr)
         return 1

@@ -9,10 +9,12 @@ import numpy as np
 from hypothesis import strategies as st
 
 from protocol import SCHEMAS, WIRE_DTYPES, BFloat16Array, Field, Kind, Message, message
+from protocol.messages import NONFINITE_FLOATS, REPLY_FIELDS
 
 MAX_ID = (1 << 64) - 1
 ints = st.integers(-(1 << 63), MAX_ID)
 floats = st.floats(allow_nan=True, allow_infinity=True)
+finite_floats = st.floats(allow_nan=False, allow_infinity=False)
 names = st.text(max_size=12)
 plain = st.recursive(
     st.none() | st.booleans() | ints | floats | st.text(max_size=20) | st.binary(max_size=20),
@@ -43,11 +45,12 @@ def tensors(draw: st.DrawFn, dtype: str | None = None) -> np.ndarray | BFloat16A
     return arr
 
 
-def field_values(f: Field) -> st.SearchStrategy[Any]:
+def field_values(f: Field, path: str = "") -> st.SearchStrategy[Any]:
+    """Valid values of field ``f`` (``path``: "type.field", for the fields that allow NaN)."""
     if f.kind is Kind.INT:
         return ints
     if f.kind is Kind.FLOAT:
-        return floats
+        return floats if path in NONFINITE_FLOATS else finite_floats
     if f.kind is Kind.BOOL:
         return st.booleans()
     if f.kind is Kind.STR:
@@ -70,6 +73,7 @@ def field_values(f: Field) -> st.SearchStrategy[Any]:
 @st.composite
 def messages(draw: st.DrawFn, type_: str) -> Message:
     spec = SCHEMAS[type_]
-    fields = {f.name: draw(field_values(f)) for f in spec.fields
-              if not f.optional or draw(st.booleans())}
+    reply = draw(st.booleans())  # optional fields: a request's none, a reply's all of them
+    fields = {f.name: draw(field_values(f, path)) for f, path in zip(spec.fields, spec.paths)
+              if not f.optional or (reply if type_ in REPLY_FIELDS else draw(st.booleans()))}
     return message(type_, draw(st.integers(0, MAX_ID)), **fields)

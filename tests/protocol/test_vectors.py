@@ -6,7 +6,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from protocol import SCHEMAS, decode, encode, vectors
+from narun.errors import ProtocolError
+from protocol import SCHEMAS, decode, encode, refusal, vectors
 from protocol.vectors import make_vectors
 
 NAMES = vectors.names()
@@ -48,3 +49,52 @@ def test_edge_cases_are_what_they_claim() -> None:
 def test_the_checker_script_agrees(capsys: pytest.CaptureFixture[str]) -> None:
     assert make_vectors.main([]) == 0
     assert f"{len(NAMES)} vectors match" in capsys.readouterr().out
+
+
+def test_boundary_vectors_hold_the_forms_spec_md_names() -> None:
+    # Spelled out byte by byte, not by msgpack-python: these are SPEC.md 2.1's rules.
+    (head,), _ = vectors.load("plain_forms")
+    uint = bytes.fromhex("9a 00 7f cc80 ccff cd0100 cdffff ce00010000 ceffffffff"
+                         "cf0000000100000000 cfffffffffffffffff")
+    sint = bytes.fromhex("9a ff e0 d0df d080 d1ff7f d18000 d2ffff7fff d280000000"
+                         "d3ffffffff7fffffff d38000000000000000")
+    floats = bytes.fromhex("95 cb0000000000000000 cb8000000000000000 cb3ff0000000000000"
+                           "cb3fb999999999999a cb7e37e43c8800759c")
+    strs = (b"\x95\xa0" + b"\xbf" + b"a" * 31 + b"\xd9\x20" + b"b" * 32 + b"\xd9\xff"
+            + b"c" * 255 + b"\xda\x01\x00" + b"d" * 256)
+    for key, packed in (("uint", uint), ("int", sint), ("float", floats), ("str", strs)):
+        assert msgpack.packb(key) + packed in head, key
+    (head,), _ = vectors.load("generate_greedy")
+    assert b"\xabtemperature\xcb" + bytes(8) in head  # an int given: written as float64 0.0
+    assert b"\xa4seed\xd1\xfc\x18" in head and b"\xaamax_tokens\xcd\x03\xe8" in head
+    frames, _ = vectors.load("tensor_inline_largest")
+    assert len(frames) == 1  # 65535 bytes stay inline, as bin16; 65536 take a frame
+    assert b"\xa4data\xc5\xff\xff" + bytes(i % 10 for i in range(65535)) in frames[0]
+    assert len(vectors.load("push_grads")[0][1]) == 65536
+
+
+DECODING = vectors.load_decoding()
+
+
+@pytest.mark.parametrize("name", sorted(DECODING["refused"]))
+def test_decoder_refuses_and_answers_as_stated(name: str) -> None:
+    frames, reply = DECODING["refused"][name]
+    with pytest.raises(ProtocolError) as info:
+        decode(frames)
+    answer = refusal(frames, info.value)
+    assert (None if answer is None else {"code": answer["code"], "id": answer.id}) == reply
+
+
+@pytest.mark.parametrize("name", sorted(DECODING["accepted"]))
+def test_decoder_accepts_every_form_of_a_value(name: str) -> None:
+    frames, meaning = DECODING["accepted"][name]
+    got = decode(frames)
+    assert make_vectors.to_meaning(got) == meaning
+    assert [type(v) for v in got.fields.values()] == [type(v) for v in meaning["fields"].values()]
+
+
+def test_decoder_vectors_cover_every_answer() -> None:
+    replies = [r for _, r in DECODING["refused"].values()]
+    assert None in replies
+    assert {(r["code"], r["id"] == 0) for r in replies if r} == {
+        ("version", False), ("protocol", False), ("protocol", True)}
