@@ -264,23 +264,29 @@ def test_a_dead_worker_is_restarted_on_its_own_host_while_its_agent_lives(make_c
 
 @pytest.mark.timeout(90)
 def test_one_agent_serves_two_jobs_at_once_within_its_slots(make_config, tmp_path):
-    import threading
+    from narun.config import to_dict
 
     agent = AgentProcess("tcp://127.0.0.1:0", tmp_path / "agent", slots=8)
     host = agent.endpoint.removeprefix("tcp://")
-    results: dict[str, dict] = {}
-
-    def run(name: str) -> None:
-        results[name] = _launch(make_config("ps-sync", 2, out=name, steps=15), [host])[0]
-
+    jobs = {}
     try:
-        jobs = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
-        for job in jobs:
-            job.start()
-        for job in jobs:
-            job.join(80)
+        for name in ("a", "b"):  # two coordinators (processes: each seeds its own job)
+            config = tmp_path / f"{name}.yaml"
+            config.write_text(json.dumps(to_dict(make_config("ps-sync", 2, out=name,
+                                                             steps=15))))
+            jobs[name] = subprocess.Popen(
+                [sys.executable, "-m", "narun.cli", "launch", str(config), "--hosts", host,
+                 "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        outs = {name: job.communicate(timeout=80) for name, job in jobs.items()}
     finally:
+        for job in jobs.values():
+            job.kill()
         assert agent.stop() == 0
-    assert sorted(results) == ["a", "b"]
-    assert results["a"]["step"] == results["b"]["step"] == 15
-    assert results["a"]["val_loss"] == pytest.approx(results["b"]["val_loss"], rel=1e-6)
+    done = {}
+    for name, (stdout, stderr) in outs.items():
+        assert jobs[name].returncode == 0, stderr
+        done[name] = json.loads(stdout.splitlines()[-1])
+    assert done["a"]["step"] == done["b"]["step"] == 15
+    assert done["a"]["val_loss"] == pytest.approx(done["b"]["val_loss"], rel=1e-6)
+    placements = [json.loads(out[0].splitlines()[0]) for out in outs.values()]
+    assert all(p["event"] == "placement" and len(p["processes"]) == 4 for p in placements)
