@@ -128,8 +128,8 @@ def _start_time(pid: int) -> str | None:
 
 def _owner_alive(tag: str) -> bool:
     try:
-        pid, start = (STATE_DIR / tag).read_text().split()
-    except (OSError, ValueError):
+        pid, start = (STATE_DIR / tag).read_text().splitlines()[0].split()
+    except (OSError, ValueError, IndexError):
         return False
     return _start_time(int(pid)) == start
 
@@ -199,17 +199,19 @@ def _remove(tag: str, namespaces: Iterable[str], links: Iterable[str],
     left = _kill_all(pids_of, tracked, grace, timeout)
     if left:
         problems.append(f"processes {left} still alive {grace + timeout:g} s after SIGTERM")
+    # Links first, each end in the root namespace: deleting a veth there removes its peer at
+    # once, whereas a namespace's devices go asynchronously after `ip netns delete`.
+    for link in sorted(links, key=lambda name: name.endswith("-br")):  # the bridge last
+        try:
+            _ip("link", "delete", link)
+        except ClusterError as e:
+            if link in _links():  # not merely gone already
+                problems.append(str(e))
     for ns in namespaces:
         try:
             _ip("netns", "delete", ns)
         except ClusterError as e:
-            problems.append(str(e))
-    present = set(_links())
-    for link in links:  # a veth goes with its peer's namespace; the bridge stays until here
-        if link in present:
-            try:
-                _ip("link", "delete", link)
-            except ClusterError as e:
+            if ns in _namespaces():
                 problems.append(str(e))
     ns_left, links_left = cluster_names(tag)
     if ns_left or links_left:
@@ -530,10 +532,10 @@ class Cluster:
             return
         self._closed = True
         namespaces = [f"narun-{self.tag}-h{i}" for i in range(1, self.n + 1)]
-        existing = set(_namespaces())
-        problems = _remove(self.tag, [ns for ns in namespaces if ns in existing],
-                           [*(f"nr-{self.tag}-h{i}" for i in range(1, self.n + 1)),
-                            self.bridge],
+        present_ns, present_links = set(_namespaces()), set(_links())
+        links = [*(f"nr-{self.tag}-h{i}" for i in range(1, self.n + 1)), self.bridge]
+        problems = _remove(self.tag, [ns for ns in namespaces if ns in present_ns],
+                           [link for link in links if link in present_links],
                            self._procs, self.grace, self.kill_timeout)
         if problems:
             raise ClusterError(f"cluster {self.tag}: " + "; ".join(problems))
