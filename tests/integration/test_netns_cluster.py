@@ -81,9 +81,10 @@ def links() -> set[str]:
     return {link["ifname"] for link in json.loads(out)}
 
 
-def assert_gone(cluster: Cluster, pids: list[int]) -> None:
-    assert pids, "the test started no process"
-    assert [pid for pid in pids if running(pid)] == []
+def assert_gone(cluster: Cluster, pids: list[int] | None) -> None:
+    if pids is not None:
+        assert pids, "the test started no process"
+        assert [pid for pid in pids if running(pid)] == []
     assert not {h.name for h in cluster.hosts} & namespaces()
     assert not {l for l in links() if l.startswith(f"nr-{cluster.tag}-")}
     assert cluster.bridge not in links()
@@ -107,7 +108,13 @@ def test_script_refuses_to_run_without_root(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert nc.main(["up", "2"]) == 2
     assert "must run as root" in capsys.readouterr().err
-    assert "root" in (nc.unavailable_reason() or "")
+    assert "need root" in (nc.unavailable_reason() or "")
+
+
+def test_unavailable_without_iproute2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(nc.shutil, "which", lambda name: None)
+    assert nc.unavailable_reason() == "`ip` (iproute2) is not installed"
 
 
 def test_host_count_is_checked() -> None:
@@ -166,6 +173,46 @@ def test_hosts_and_root_namespace_reach_each_other_over_tcp(netns_cluster) -> No
         out = h3.call([sys.executable, "-c", CLIENT, cluster.gateway, str(port), "to root"])
         t.join(timeout=10)
     assert out.stdout.strip() == "TO ROOT"
+
+
+@netns
+def test_clusters_built_side_by_side_get_separate_subnets(netns_cluster) -> None:
+    built: list[Cluster] = []
+    threads = [threading.Thread(target=lambda: built.append(netns_cluster(1)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    a, b = built
+    assert a.subnet != b.subnet and a.tag != b.tag
+    for cluster in (a, b):
+        host = cluster.hosts[0]
+        host.run([sys.executable, "-c", ECHO_SERVER, host.address, "7002"])
+        assert ask(host.address, 7002, cluster.tag) == cluster.tag.upper()
+    # separate bridges, nothing forwarded: a host has no route beyond its own subnet
+    out = a.hosts[0].call([sys.executable, "-c", CLIENT, b.hosts[0].address, "7002", "x"],
+                          check=False)
+    assert out.returncode != 0 and "Network is unreachable" in out.stderr
+
+
+@netns
+def test_a_build_that_fails_halfway_removes_what_it_made(netns_available,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    cluster = Cluster(3)
+    real_ip = nc._ip
+
+    def failing_ip(*args: str, **kwargs: float) -> str:
+        if args[:3] == ("-n", f"narun-{cluster.tag}-h2", "addr"):
+            raise ClusterError("injected: cannot add the address")
+        return real_ip(*args, **kwargs)
+
+    monkeypatch.setattr(nc, "_ip", failing_ip)
+    with pytest.raises(ClusterError, match="injected"):
+        cluster.open()
+    assert [h.short for h in cluster.hosts] == ["h1", "h2"]  # made before the failure
+    assert_gone(cluster, None)
 
 
 @netns
