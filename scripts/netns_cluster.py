@@ -298,7 +298,7 @@ class Host:
     name: str  # the namespace, narun-TAG-hI
     short: str  # hI, used as the agent's key name
     address: str
-    _cluster: Cluster = field(repr=False)
+    _cluster: Cluster = field(repr=False, compare=False)
 
     def run(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
         """Start argv inside this namespace (`ip netns exec`, which execs: the Popen's pid is
