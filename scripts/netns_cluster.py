@@ -355,14 +355,9 @@ def narun_agent_argv(spec: AgentSpec) -> list[str]:
 
 
 def _authorize(keys_dir: Path, public_key: Path) -> None:
-    """Let the node with keys_dir admit the holder of public_key. Once `narun keys authorize`
-    exists this body becomes the one line:
-        subprocess.run([*NARUN, "keys", "authorize", str(keys_dir), str(public_key)],
-                       check=True, timeout=30)
-    """
-    authorized = keys_dir / "authorized"
-    authorized.mkdir(mode=0o700, exist_ok=True)
-    shutil.copyfile(public_key, authorized / public_key.name)
+    """Let the node with keys_dir admit the holder of public_key."""
+    subprocess.run([*NARUN, "keys", "authorize", str(keys_dir), str(public_key)],
+                   check=True, timeout=30, stdout=subprocess.DEVNULL)
 
 
 def _wait_listening(agents: Sequence[Agent], timeout: float) -> None:

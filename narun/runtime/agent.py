@@ -131,6 +131,9 @@ class Agent:
             self.notifier.stopping()
             log.info("agent.draining", jobs=len(self.jobs), processes=self.busy)
             await self._drain()
+            # what reached the handler, and what CURVE turned away before it could
+            log.info("agent.stopped", processed=self.processed,
+                     denied=auth.denied if auth is not None else 0)
             return 0
         finally:
             self._tasks.cancel()
