@@ -441,7 +441,8 @@ class Coordinator:
             return
         if code != EXIT_LEFT:
             failure = Failure(child.role, child.rank, child.pid,
-                              self._last_step.get(child.pid, -1), reason, child.log_path)
+                              self._last_step.get(child.pid, -1), reason,
+                              Path(child.log_path), child.host)
             if not self.supervisor.record(failure):
                 self._fail(self.supervisor.exhausted(child.log_tail()))
                 return

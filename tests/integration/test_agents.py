@@ -258,6 +258,7 @@ def test_a_dead_worker_is_restarted_on_its_own_host_while_its_agent_lives(make_c
     assert "killed by signal 9" in restart["reason"]
     assert not faults.of("host_lost")
     assert str(processes.placement[("trainer", 1)]) == before  # the same host again
+    assert coordinator.supervisor.failures[0].host == before  # named where it died
     replacement = next(c for c in coordinator.children if c.name == "trainer 1")
     assert replacement.host == before and replacement.pid != faults.signalled[0][2]
 
