@@ -252,14 +252,18 @@ class Agent:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
         except (OSError, TimeoutError, ValueError) as exc:
-            why = "timed out" if isinstance(exc, TimeoutError) else (
-                exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+            why = ("timed out" if isinstance(exc, TimeoutError) else
+                   os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else
+                   str(exc))
             return reply(msg, "probe", address=address, ok=False, message=str(why),
                          slots=free)
         return reply(msg, "probe", address=address, ok=True, message="", slots=free)
 
     async def _spawn(self, msg: Message, route: bytes) -> Message:
         name = msg["job"]
+        if self._stop.is_set():
+            raise ReplyError("busy", "this agent is draining (SIGTERM) and starts nothing "
+                                     "more; place the process on another host")
         if self.busy >= self.slots:
             raise ReplyError("busy", f"all {self.slots} slots of this agent are taken "
                                      f"(--slots); free one or add a host")

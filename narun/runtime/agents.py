@@ -28,7 +28,7 @@ import structlog
 import zmq.asyncio
 
 import narun
-from narun.errors import ActorDiedError, ConfigError, NarunError, WaitTimeout
+from narun.errors import ActorDiedError, ConfigError, NarunError, Refused, WaitTimeout
 from narun.runtime.hosts import Host, is_loopback, place, route_to
 from narun.runtime.jobfiles import CHUNK, DATA_DIR
 from narun.runtime.jobkeys import JobKeys
@@ -140,10 +140,10 @@ class AgentLink:
         self.lost: str | None = None
         self.slots = 0
         self._on_lost = on_lost
-        self.tasks = Background(f"agent {host}", on_error=lambda exc: self._lose(repr(exc)))
+        self.tasks = Background(f"agent {host}", on_error=lambda exc: self.lose(repr(exc)))
         channel = open_channel(context, "dealer", connect=host.address, curve=curve)
         self.mailbox = Mailbox(channel, f"the agent on {host}", self._handle, watch=True,
-                               on_error=lambda exc: self._lose(repr(exc))).start()
+                               on_error=lambda exc: self.lose(repr(exc))).start()
 
     async def call(self, type_: str, what: str, timeout: float | None = None,
                    **fields: Any) -> Message:
@@ -215,7 +215,7 @@ class AgentLink:
         heard = loop.time()
         while self.lost is None:
             if self.mailbox.peer_lost.is_set():
-                self._lose("its connection dropped")
+                self.lose("its connection dropped")
                 return
             beat = message("heartbeat", new_id(), role="coordinator", rank=0, step=-1,
                            time=time.time())
@@ -224,14 +224,14 @@ class AgentLink:
                                         what="the heartbeat echo")
                 heard = loop.time()
             if loop.time() - heard > self.heartbeat_timeout:
-                self._lose(f"its agent echoed no heartbeat for {loop.time() - heard:.1f} s "
+                self.lose(f"its agent echoed no heartbeat for {loop.time() - heard:.1f} s "
                            f"(runtime.heartbeat_timeout {self.heartbeat_timeout:g} s)")
                 return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.heartbeat_interval):
                     await self.mailbox.peer_lost.wait()
 
-    def _lose(self, reason: str) -> None:
+    def lose(self, reason: str) -> None:
         if self.lost is not None:
             return
         self.lost = reason
@@ -265,12 +265,14 @@ class AgentProcesses:
         self.placement: dict[tuple[str, int], Host] = {}
         self._shipped: set[tuple[Host, str]] = set()  # (host, local file) already there
         self._port = 0
+        self._bound: str | None = None  # runtime.host, when the coordinator binds only there
 
     def listen_address(self, host: str, port: int) -> str:
         """Where the coordinator binds: runtime.host when set to an address of this
         machine, else every interface, since each host reaches it by its own route (and on
         loopback only, when every agent is on this machine)."""
         if not is_loopback(host) or all(is_loopback(h.host) for h in self.hosts):
+            self._bound = None if is_loopback(host) else host
             return f"tcp://{host}:{port}"
         return f"tcp://0.0.0.0:{port}"
 
@@ -293,7 +295,10 @@ class AgentProcesses:
             for (role, rank), host in sorted(self.placement.items())])
 
     def coordinator_for(self, host: Host) -> str:
-        """The coordinator's address as a process on `host` reaches it."""
+        """The coordinator's address as a process on `host` reaches it: runtime.host when
+        set to one of this machine's addresses, else the address on the route to `host`."""
+        if self._bound is not None:
+            return f"tcp://{self._bound}:{self._port}"
         return f"tcp://{route_to(host.host, host.port)}:{self._port}"
 
     async def spawn(self, role: str, rank: int, spec: WorkerSpec, incarnation: int,
@@ -302,7 +307,7 @@ class AgentProcesses:
         link = self.links[host]
         # What the process starts from lives on this host: ship it to its job directory
         # there (each file once per host), and name it relative to that directory.
-        init, resume = spec.init_state, spec.resume
+        init_local, resume_local = init, resume = spec.init_state, spec.resume
         if init is not None and role == "ps":
             init = await self._ship(link, Path(init), f"{DATA_DIR}/{Path(init).name}")
         if resume is not None:
@@ -314,7 +319,17 @@ class AgentProcesses:
             spec, coordinator=self.coordinator_for(host), host=host.host, init_state=init,
             resume=resume,
             curve=self.job_keys.to_spec() if self.job_keys is not None else None)
-        return await link.spawn(role, rank, spec, incarnation, blas_threads)
+        try:
+            return await link.spawn(role, rank, spec, incarnation, blas_threads)
+        except Refused as exc:
+            if exc.code != "busy" or "draining" not in str(exc):
+                raise
+        # Its agent is being stopped (SIGTERM): the host leaves the job, as a lost one
+        # does, and the process goes to another.
+        link.lose("its agent is draining")
+        return await self.spawn(role, rank, dataclasses.replace(
+            spec, init_state=init_local, resume=resume_local), incarnation, log_dir,
+            blas_threads)
 
     def checkpoint_path(self, child: Worker, staging: Path) -> str:
         """Where a shard on another host writes its checkpoint slice: in its job

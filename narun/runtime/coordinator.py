@@ -475,7 +475,8 @@ class Coordinator:
         # step: the job's last completed step (the event's documented field); rejoins_at:
         # the step the replacement starts at; last_step: the dead one's last reported step
         fields = dict(role="trainer", rank=dead.rank, reason=reason, step=self._completed,
-                      rejoins_at=start, last_step=self._last_step.get(dead.pid, -1))
+                      rejoins_at=start, last_step=self._last_step.get(dead.pid, -1),
+                      host=child.host)
         log.warning("coordinator.restarted", pid=child.pid, **fields)
         self.reporter.emit("restart", **fields)
 

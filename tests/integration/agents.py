@@ -67,10 +67,12 @@ class AgentProcess:
 
 @contextlib.contextmanager
 def agent_thread(state_dir: Path, keys=None, slots: int = 4) -> Iterator[Agent]:
-    """An Agent on loopback, on a thread of this process (its counters readable)."""
+    """An Agent on loopback, on a thread of this process (its counters readable;
+    `agent.stop_threadsafe()` is its SIGTERM)."""
     agent = Agent("tcp://127.0.0.1:0", keys, slots, state_dir, grace=2.0,
                   notifier=Notifier({}, unset_environment=False))
     loop = asyncio.new_event_loop()
+    agent.stop_threadsafe = lambda: loop.call_soon_threadsafe(agent.stop)  # type: ignore
     result: list[object] = []
     thread = threading.Thread(target=lambda: result.append(loop.run_until_complete(
         agent.run())), daemon=True)

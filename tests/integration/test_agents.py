@@ -291,3 +291,95 @@ def test_one_agent_serves_two_jobs_at_once_within_its_slots(make_config, tmp_pat
     assert done["a"]["val_loss"] == pytest.approx(done["b"]["val_loss"], rel=1e-6)
     placements = [json.loads(out[0].splitlines()[0]) for out in outs.values()]
     assert all(p["event"] == "placement" and len(p["processes"]) == 4 for p in placements)
+
+
+def test_launch_names_a_host_that_cannot_reach_the_coordinator(tmp_path):
+    import uvloop
+    import zmq.asyncio
+
+    from narun.runtime.agents import AgentLink
+    from narun.runtime.hosts import parse_hosts
+
+    with socket.socket() as s:  # the coordinator's address, as the host would dial it
+        s.bind(("127.0.0.1", 0))
+        closed = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    with agent_thread(tmp_path / "state") as agent:
+        [host] = parse_hosts([agent.endpoint.removeprefix("tcp://")])
+
+        async def hello() -> None:
+            context = zmq.asyncio.Context()
+            link = AgentLink(host, "probe-test", context, None, 0.5, 2.0, lambda *_: None)
+            try:
+                await link.hello(closed)
+            finally:
+                link.close()
+                context.destroy(linger=0)
+
+        with pytest.raises(ConfigError, match=rf"host {host}: cannot reach the coordinator "
+                                              rf"at {closed} \(.*refused.*\)"):
+            uvloop.run(hello())
+
+
+@pytest.mark.timeout(120)
+def test_an_agent_stopped_mid_run_hands_its_work_to_the_other_hosts(make_config, tmp_path):
+    agents = [AgentProcess("tcp://127.0.0.1:0", tmp_path / f"agent{i}", slots=2, grace=5.0)
+              for i in range(3)]
+    hosts = [a.endpoint.removeprefix("tcp://") for a in agents]
+    stopped: list[int] = []
+
+    class StopHost(Faults):
+        def emit(self, event: str, **fields) -> None:
+            super().emit(event, **fields)
+            if event == "step" and fields["step"] == 6 and not stopped:
+                stopped.append(1)
+                agents[2].proc.send_signal(signal.SIGTERM)  # drain trainer 0's host
+
+    faults = StopHost({})
+    try:
+        done, _ = _launch(make_config("ps-sync", 2, steps=25, heartbeat_timeout=3.0), hosts,
+                          reporter=faults)
+        assert agents[2].proc.wait(30) == 0  # drained and exited
+    finally:
+        for a in agents:
+            a.stop()
+    assert done["step"] == 25 and not done["interrupted"]
+    assert [e["host"] for e in faults.of("host_lost")] == [hosts[2]]
+    # a planned leave: restarted once, on another host, and nothing drawn from the budget
+    [restart] = faults.of("restart")
+    assert (restart["role"], restart["rank"]) == ("trainer", 0)
+    assert restart["host"] != hosts[2] and done["restarts"] == 0
+
+
+def test_a_draining_agent_refuses_to_start_more(make_config, tmp_path):
+    import asyncio
+
+    import uvloop
+    import zmq.asyncio
+
+    from narun.config import to_dict
+    from narun.errors import Refused
+    from narun.runtime.agents import AgentLink
+    from narun.runtime.hosts import parse_hosts
+    from narun.runtime.spec import WorkerSpec
+
+    spec = WorkerSpec(to_dict(make_config("ps-sync", 2)), "tcp://127.0.0.1:9", 512, 5.0)
+    with agent_thread(tmp_path / "state") as agent:
+        [host] = parse_hosts([agent.endpoint.removeprefix("tcp://")])
+
+        async def scenario() -> None:
+            context = zmq.asyncio.Context()
+            link = AgentLink(host, "drain-test", context, None, 0.5, 5.0, lambda *_: None)
+            try:
+                await link.mailbox.call(message("hello", 1, role="coordinator", rank=0,
+                                                software="x"), timeout=5, what="welcome")
+                child = await link.spawn("trainer", 0, spec, 0, 1)
+                os.kill(child.pid, signal.SIGSTOP)  # it cannot leave: the drain waits
+                agent.stop_threadsafe()  # SIGTERM, as systemd sends it
+                await asyncio.sleep(0.3)
+                with pytest.raises(Refused, match="draining"):
+                    await link.spawn("trainer", 1, spec, 0, 1)
+            finally:
+                link.close()
+                context.destroy(linger=0)
+
+        uvloop.run(scenario())
