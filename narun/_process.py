@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import structlog
@@ -195,3 +197,16 @@ def rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux; elsewhere a
+    no-op), so a coordinator or service killed with -9 leaves no child running. Safe as a
+    subprocess preexec_fn. With `parent`, exit at once if that parent is already gone."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:  # it died before prctl took effect
+        os._exit(3)

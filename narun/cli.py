@@ -342,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     a.set_defaults(fn=cmd_agent)
 
+    from narun.cli_jobs import add_commands
+
+    add_commands(sub)
+
     d = sub.add_parser("data", help="make datasets")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     db = dsub.add_parser("blobs", help="write a known-answer classification set (.npz)")

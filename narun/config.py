@@ -119,6 +119,11 @@ class RuntimeConfig(_Section):
     port: int = _key(0, ge=0, lt=65536)  # the coordinator's control port; 0 picks a free one
     # agents (HOST[:PORT]) `narun launch` runs the job on; empty: `narun train` runs it here
     hosts: list[str] = field(default_factory=list)
+    # the job service (`narun coordinator`): a failed job is run again from its newest
+    # checkpoint this many times, with a back-off; and ends `failed` (deadline) once it has
+    # run this many seconds (0: no deadline)
+    job_retries: int = _key(0, ge=0)
+    deadline: float = _key(0.0, ge=0)
 
     def __post_init__(self) -> None:
         if isinstance(self.hosts, str):  # --set runtime.hosts=h1,h2

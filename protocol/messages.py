@@ -132,6 +132,8 @@ _SPECS = (
         _f("job: str"), _f("reason: str"))),
     MessageSpec("events", "client -> coordinator (subscribe), coordinator -> client", (
         _f("job: str"), _f("since: int"), _f("events?: list[map]"))),
+    MessageSpec("jobs", "client -> coordinator, and the coordinator's reply", (
+        _f("jobs?: list[map]"),)),
     MessageSpec("spawn", "coordinator -> agent", (
         _f("job: str"), _f("role: str", WORKER_ROLES), _f("rank: int"), _f("incarnation: int"),
         _f("spec: str"), _f("blas_threads: int"))),
@@ -162,7 +164,8 @@ SCHEMAS: Mapping[str, MessageSpec] = MappingProxyType({s.type: s for s in _SPECS
 #: Optional fields that only the reply form of a type carries, all of them together; the
 #: request form carries none (SPEC.md 4.1). Any other mix is refused.
 REPLY_FIELDS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "status": ("state", "step", "steps", "message"), "events": ("events",)})
+    "status": ("state", "step", "steps", "message"), "events": ("events",),
+    "jobs": ("jobs",)})
 
 
 @dataclass(frozen=True, eq=False, slots=True)

@@ -8,22 +8,11 @@ WorkerSpec as JSON. The process asks the kernel to kill it when its parent dies
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import sys
 
 ROLES = ("ps", "trainer")
-
-
-def _die_with_parent(parent: int) -> None:
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent", type=int, default=None, help="die when this pid goes away")
     args = p.parse_args(argv)
     if args.parent is not None:
-        _die_with_parent(args.parent)
+        from narun._process import die_with_parent
+
+        die_with_parent(args.parent)
     # The coordinator stops workers with `shutdown` messages; a terminal's Ctrl-C reaches the
     # whole process group, and must not kill a worker before the coordinator drains it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

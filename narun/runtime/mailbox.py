@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import random
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 import zmq
@@ -75,6 +75,9 @@ class Mailbox:
         self.max_requests = max_requests
         self._on_error = on_error
         self._pending: dict[int, tuple[asyncio.Future[Message], bytes | None]] = {}
+        # id -> (what arrives for a stream, its peer): several answers to one request
+        self._streams: dict[int, tuple[asyncio.Queue[Message | BaseException],
+                                       bytes | None]] = {}
         self._tasks = Background(f"mailbox {name}", on_error=self._loop_failed)
         self._serving = 0  # requests whose handler runs now
         self.busy_refused = 0  # requests refused `busy` because max_requests were in flight
@@ -166,6 +169,38 @@ class Mailbox:
             raise Refused(text, reply["code"], reply["traceback"])
         return reply
 
+    async def stream(self, msg: Message, *, timeout: float, what: str,
+                     to: bytes | None = None) -> AsyncIterator[Message]:
+        """Send a request answered by several messages with its id (an `events`
+        subscription), and yield each as it arrives; WaitTimeout when none comes for
+        `timeout` seconds, RemoteError/Refused for an `error`. The caller ends the stream
+        by leaving the loop."""
+        if to in self._dead or self._broken is not None:
+            raise ActorDiedError(f"{self._dead.get(to) or self._broken}; cannot ask "
+                                 f"{self._who(to)} for {what}")
+        queue: asyncio.Queue[Message | BaseException] = asyncio.Queue()
+        self._streams[msg.id] = (queue, to)
+        try:
+            await self.channel.send(msg, to=to, wait_sent=False, timeout=timeout)
+            while True:
+                try:
+                    async with asyncio.timeout(timeout):
+                        item = await queue.get()
+                except TimeoutError:
+                    raise WaitTimeout(f"{self._who(to)} sent nothing for {msg.type} ({what}) "
+                                      f"within {timeout:g} s") from None
+                if isinstance(item, BaseException):
+                    raise item
+                if item.type == "error":
+                    text = (f"{self._who(to)} refused {msg.type} ({what}): [{item['code']}] "
+                            f"{item['message']}")
+                    if item["code"] == "internal":
+                        raise RemoteError(text, item["traceback"])
+                    raise Refused(text, item["code"], item["traceback"])
+                yield item
+        finally:
+            self._streams.pop(msg.id, None)
+
     async def send(self, msg: Message, *, to: bytes | None = None,
                    timeout: float | None = None) -> None:
         """Send without awaiting a reply (arrays in `msg` must not be written afterwards)."""
@@ -181,15 +216,21 @@ class Mailbox:
         for future, to in list(self._pending.values()):
             if (route is None or to == route) and not future.done():
                 future.set_exception(exc)
+        for queue, to in list(self._streams.values()):
+            if route is None or to == route:
+                queue.put_nowait(exc)
 
     async def _recv_loop(self) -> None:
         while True:
             incoming = await self.channel.recv()
             msg, route = incoming.msg, incoming.route
             pending = self._pending.get(msg.id)
+            stream = self._streams.get(msg.id)
             if pending is not None and pending[1] == route:
                 if not pending[0].done():
                     pending[0].set_result(msg)
+            elif stream is not None and stream[1] == route:
+                stream[0].put_nowait(msg)
             elif msg.type == "error":
                 log.warning("runtime.unsolicited_error", mailbox=self.name,
                             code=msg["code"], message=msg["message"])

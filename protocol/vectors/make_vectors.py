@@ -110,6 +110,12 @@ VECTORS: dict[str, dict[str, Any]] = {
     "events_reply": _v("events", 22, job="job-0001", since=0, events=[
         {"event": "step", "step": 1, "loss": 5.5, "lr": 3e-6, "tokens_per_s": 12000.0},
         {"event": "checkpoint", "step": 500, "path": "runs/quickstart/step-000500"}]),
+    "jobs": _v("jobs", 35),
+    "jobs_reply": _v("jobs", 35, jobs=[
+        {"job": "mlp-0001", "name": "mlp", "state": "done", "step": 300, "steps": 300,
+         "message": ""},
+        {"job": "quickstart-0002", "name": "quickstart", "state": "queued", "step": 0,
+         "steps": 600, "message": ""}]),
     "spawn": _v("spawn", 26, job="mlp-7f3a", role="ps", rank=1, incarnation=0,
                 spec='{"config":{},"coordinator":"tcp://10.0.0.1:7711"}', blas_threads=1),
     "spawned": _v("spawned", 26, job="mlp-7f3a", pid=4242,

@@ -93,7 +93,8 @@ def test_config_check_prints_the_resolved_config(tmp_path, blobs):
                                    "max_staleness": 4, "device": "cpu",
                                    "heartbeat_interval": 1.0, "heartbeat_timeout": 10.0,
                                    "max_restarts": 3, "rejoin_timeout": 30.0,
-                                   "host": "127.0.0.1", "port": 0, "hosts": []}
+                                   "host": "127.0.0.1", "port": 0, "hosts": [],
+                                   "job_retries": 0, "deadline": 0.0}
     # the resolved config is itself a valid config that resolves to the same text
     again = tmp_path / "resolved.yaml"
     again.write_text(out.stdout)

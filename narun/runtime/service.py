@@ -1,0 +1,374 @@
+"""`narun coordinator`: the job service. Clients submit jobs; the service queues them, runs
+as many at once as its slots allow, and keeps every job's state and events on disk.
+
+Each running job is one `narun train` (or `narun launch --hosts`) process started by the
+service with `--json`: the same supervision, checkpoints and events as a job typed at a
+terminal, and a job's failure cannot take the service or another job down. The service
+reads the job's events from that process's stdout, numbers them, writes them
+(narun.runtime.jobstore) and streams them to every client following the job.
+
+- FIFO: the oldest queued job starts as soon as its processes fit in the free slots; the
+  jobs behind it wait for it (none overtakes, so none starves).
+- A job process dies with the service (parent-death signal). A service started again finds
+  every job on disk: a running one is queued to resume from its newest checkpoint
+  (`--resume auto`), and emits `resumed` when it does.
+- SIGTERM drains: every running job checkpoints and stops, and is queued to resume.
+- `runtime.job_retries` runs a failed job again from its checkpoint after a back-off;
+  `runtime.deadline` stops a job that ran longer and fails it with reason `deadline`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+import zmq.asyncio
+
+import narun
+from narun._process import die_with_parent
+from narun.config import config_from_dict, to_dict
+from narun.errors import ActorDiedError, ConfigError, WaitTimeout
+from narun.runtime.hosts import Host, is_loopback
+from narun.runtime.jobstore import FINAL, JobStore, StoredJob
+from narun.runtime.mailbox import Mailbox, ReplyError
+from narun.runtime.sdnotify import Notifier
+from narun.runtime.tasks import Background
+from narun.runtime.waiting import Broadcast
+from protocol import Message, message, open_channel, reply
+from protocol.curve import Authenticator, CurveServer
+from protocol.keys import NodeKeys
+
+log = structlog.get_logger("narun.service")
+
+DEFAULT_PORT = 7700
+BATCH = 256  # events per `events` message
+RETRY_BACKOFF = (5.0, 60.0)  # seconds before a retry: first, and the most
+
+
+class JobService:
+    """Serves clients on `listen` until SIGTERM (see the module docstring).
+
+    `hosts`: the agents jobs run on (narun launch), or None to run them on this machine.
+    `slots`: processes the service runs at once over all jobs.
+    """
+
+    def __init__(self, listen: str, state_dir: Path, slots: int,
+                 hosts: list[Host] | None = None, keys: NodeKeys | None = None,
+                 keys_dir: str | None = None, grace: float = 120.0,
+                 notifier: Notifier | None = None, metrics: Any = None) -> None:
+        if keys is None and not is_loopback(listen.split("//")[-1].rsplit(":", 1)[0]):
+            raise ConfigError(f"--listen {listen}: a job service reachable from other hosts "
+                              f"needs CURVE keys: `narun keys generate DIR --name "
+                              f"coordinator`, authorize each client's key in it, and pass "
+                              f"--keys DIR (or listen on 127.0.0.1)")
+        if slots < 1:
+            raise ConfigError(f"--slots: expected >= 1, got {slots}")
+        self.listen = listen
+        self.store = JobStore(state_dir)
+        self.slots = slots
+        self.hosts = hosts
+        self.keys = keys
+        self.keys_dir = keys_dir
+        self.grace = grace
+        self.notifier = notifier or Notifier()
+        self.metrics = metrics
+        self.endpoint = ""
+        self.refused = 0
+        self._server: Mailbox | None = None
+        self._running: dict[str, asyncio.subprocess.Process] = {}
+        self._subscribers: dict[str, dict[bytes, list[int]]] = {}  # job -> route -> [id, seq]
+        self._changed = Broadcast()
+        self._tasks = Background("job service", on_error=self._fail)
+        self._failure: BaseException | None = None
+        self._stop = asyncio.Event()
+        self._draining = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> int:
+        context = zmq.asyncio.Context()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self._stop.set)
+        auth = None
+        try:
+            curve = None
+            if self.keys is not None:
+                auth = Authenticator(context, self.keys.authorized.values())
+                auth.start()
+                curve = CurveServer(self.keys.keypair, auth)
+            channel = open_channel(context, "router", bind=self.listen, curve=curve)
+            self.endpoint = channel.endpoint
+            self._server = Mailbox(channel, "job service", self._handle,
+                                   on_error=self._fail).start()
+            for job in self.store.ordered():  # what a killed service left running
+                if job.state.state == "running":
+                    job.state.state, job.state.resume = "queued", True
+                    job.save_state()
+            self._tasks.spawn(self._schedule(), "scheduler")
+            self._tasks.spawn(self.notifier.run_watchdog(), "systemd watchdog")
+            log.info("service.listening", endpoint=self.endpoint, slots=self.slots,
+                     jobs=len(self.store.jobs), hosts=[str(h) for h in self.hosts or []])
+            self.notifier.ready(f"serving on {self.endpoint}, {self.slots} slots")
+            await self._stop.wait()
+            if self._failure is not None:
+                raise self._failure
+            self.notifier.stopping(f"draining {len(self._running)} running job(s)")
+            await self._drain()
+            return 0
+        finally:
+            self._tasks.cancel()
+            for proc in self._running.values():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            for job in self.store.jobs.values():
+                job.close()
+            if self._server is not None:
+                self._server.close()
+            if auth is not None:
+                auth.stop()
+            context.destroy(linger=0)
+            self.notifier.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self._stop.set()
+
+    async def _drain(self) -> None:
+        """Running jobs checkpoint and stop (SIGTERM to each job's coordinator), and are
+        queued to resume when the service starts again."""
+        self._draining = True
+        for proc in self._running.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(WaitTimeout):
+            await self._changed.wait_until(lambda: not self._running, timeout=self.grace,
+                                           who="job service", what="running jobs to drain")
+
+    # -- scheduling --------------------------------------------------------------------
+    def _needs(self, job: StoredJob) -> int:
+        rt = job.config["runtime"]
+        return rt["workers"] + rt["ps_shards"] if rt["mode"] in ("ps-sync", "ps-async") else 1
+
+    def _used(self) -> int:
+        return sum(self._needs(self.store.jobs[j]) for j in self._running)
+
+    async def _schedule(self) -> None:
+        while True:
+            now = time.time()
+            for job in self.store.ordered():
+                if job.state.state != "queued" or job.state.job in self._running:
+                    continue
+                if job.state.not_before > now or self._draining:
+                    break  # the head of the queue waits, and the rest behind it
+                if self._needs(job) > self.slots - self._used():
+                    break
+                await self._start(job)
+            with contextlib.suppress(WaitTimeout):
+                await self._changed.wait_until(lambda: False, timeout=1.0,
+                                               who="job service", what="a change")
+
+    async def _start(self, job: StoredJob) -> None:
+        st = job.state
+        config = job.directory / "config.json"
+        argv = [sys.executable, "-m", "narun.cli", "--log-json"]
+        if self.hosts is None:
+            argv += ["train", str(config), "--json"]
+        else:
+            argv += ["launch", str(config), "--json",
+                     "--hosts", ",".join(str(h) for h in self.hosts)]
+            if self.keys_dir is not None:
+                argv += ["--keys", self.keys_dir]
+        if st.resume:
+            argv += ["--resume", "auto"]
+        st.state, st.attempts = "running", st.attempts + 1
+        st.started = st.started or time.time()
+        job.save_state()
+        with open(job.directory / "coordinator.log", "ab") as stderr:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+                stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent)
+        self._running[st.job] = proc
+        log.info("service.started", job=st.job, pid=proc.pid, attempt=st.attempts,
+                 resume=st.resume)
+        self._tasks.spawn(self._follow(job, proc), f"follow {st.job}")
+        deadline = job.config["runtime"].get("deadline") or 0.0
+        if deadline:
+            self._tasks.spawn(self._deadline(job, proc, deadline), f"deadline {st.job}")
+
+    async def _follow(self, job: StoredJob, proc: asyncio.subprocess.Process) -> None:
+        """The job's events, as its process prints them; then its end."""
+        assert proc.stdout is not None
+        last_error = ""
+        while line := await proc.stdout.readline():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # not an event (nothing else is printed to stdout, but be sure)
+            if not isinstance(event, dict) or "event" not in event:
+                continue
+            if event["event"] == "step":
+                job.state.step = int(event.get("step", job.state.step))
+            elif event["event"] == "error":
+                last_error = str(event.get("message", ""))
+            await self._publish(job, event)
+        code = await proc.wait()
+        self._running.pop(job.state.job, None)
+        self._ended(job, code, last_error)
+        job.save_state()
+        await self._flush(job)
+        self._changed.notify()
+
+    def _ended(self, job: StoredJob, code: int, last_error: str) -> None:
+        st = job.state
+        st.ended = time.time()
+        if st.cancel:
+            st.state, st.resume = "cancelled", False
+            st.message = st.message or "cancelled"
+        elif st.message.startswith("deadline"):
+            st.state = "failed"
+        elif self._draining:
+            st.state, st.resume = "queued", True  # drained: resume when the service is back
+        elif code == 0:
+            st.state, st.message = "done", ""
+        else:
+            why = last_error or f"its coordinator exited with status {code}; see " \
+                                f"{job.directory / 'coordinator.log'}"
+            retries = job.config["runtime"].get("job_retries", 0)
+            if st.attempts <= retries:
+                backoff = min(RETRY_BACKOFF[0] * 2 ** (st.attempts - 1), RETRY_BACKOFF[1])
+                st.state, st.resume, st.not_before = "queued", True, time.time() + backoff
+                st.message = (f"retry {st.attempts} of {retries} in {backoff:g} s after: "
+                              f"{why}")
+            else:
+                st.state, st.message = "failed", why
+        log.info("service.ended", job=st.job, state=st.state, code=code, message=st.message)
+
+    async def _deadline(self, job: StoredJob, proc: asyncio.subprocess.Process,
+                        deadline: float) -> None:
+        started = job.state.started or time.time()
+        await asyncio.sleep(max(0.0, started + deadline - time.time()))
+        if proc.returncode is None:
+            job.state.message = (f"deadline: it ran {time.time() - started:.0f} s, over "
+                                 f"runtime.deadline {deadline:g} s; stopped at its newest "
+                                 f"checkpoint")
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)  # drain: checkpoint, then exit
+
+    # -- events ------------------------------------------------------------------------
+    async def _publish(self, job: StoredJob, event: dict[str, Any]) -> None:
+        job.append(event)
+        if self.metrics is not None:
+            self.metrics.observe(job.state.job, event)
+        await self._flush(job)
+
+    async def _flush(self, job: StoredJob) -> None:
+        """Send each follower of `job` what it has not had; the final empty batch once the
+        job is over. A follower that cannot take a message now is dropped: it resumes from
+        its last sequence number by asking again."""
+        subscribers = self._subscribers.get(job.state.job)
+        if not subscribers:
+            return
+        assert self._server is not None
+        final = job.state.state in FINAL
+        for route, sub in list(subscribers.items()):
+            msg_id, seq = sub
+            try:
+                while seq < len(job.events):
+                    batch = job.events[seq:seq + BATCH]
+                    await self._server.send(message("events", msg_id, job=job.state.job,
+                                                    since=seq, events=batch),
+                                            to=route, timeout=0.0)
+                    seq += len(batch)
+                    sub[1] = seq
+                if final:
+                    await self._server.send(message("events", msg_id, job=job.state.job,
+                                                    since=seq, events=[]),
+                                            to=route, timeout=0.0)
+                    del subscribers[route]
+            except (ActorDiedError, WaitTimeout):
+                subscribers.pop(route, None)
+        if not subscribers:
+            self._subscribers.pop(job.state.job, None)
+
+    # -- requests ----------------------------------------------------------------------
+    def _job(self, job_id: str) -> StoredJob:
+        job = self.store.jobs.get(job_id)
+        if job is None:
+            raise ReplyError("not_found", f"no job {job_id!r} here; `narun status` lists "
+                                          f"them")
+        return job
+
+    async def _handle(self, msg: Message, route: bytes | None) -> Message | None:
+        assert route is not None
+        if msg.type == "hello":
+            return reply(msg, "welcome", role="coordinator", software=narun.__version__,
+                         heartbeat_interval=1.0)
+        if msg.type == "heartbeat":
+            return reply(msg, "heartbeat", role="coordinator", rank=0, step=-1,
+                         time=time.time())
+        if msg.type == "submit":
+            return await self._submit(msg)
+        if msg.type == "jobs" and msg.get("jobs") is None:
+            return reply(msg, "jobs", jobs=[{**j.state.status(), "name": j.state.name}
+                                            for j in self.store.ordered()])
+        if msg.type == "status" and msg.get("state") is None:
+            return reply(msg, "status", **self._job(msg["job"]).state.status())
+        if msg.type == "cancel":
+            return self._cancel(self._job(msg["job"]), msg, msg["reason"])
+        if msg.type == "events" and msg.get("events") is None:
+            job = self._job(msg["job"])
+            self._subscribers.setdefault(job.state.job, {})[route] = [
+                msg.id, max(0, min(msg["since"], len(job.events)))]
+            await self._flush(job)
+            return None
+        raise ReplyError("unsupported", f"the job service does not handle {msg.type!r} "
+                                        f"in this form")
+
+    async def _submit(self, msg: Message) -> Message:
+        import narun.models  # noqa: F401  (registers model fields, so model.* keys check)
+        from narun.train import check_job
+
+        try:
+            cfg = config_from_dict(dict(msg["config"]))
+            check_job(cfg, here=self.hosts is None)
+        except ConfigError as err:
+            raise ReplyError("protocol", f"submit.config: {err}") from None
+        job = await asyncio.to_thread(self.store.add, msg["name"], to_dict(cfg), time.time())
+        log.info("service.submitted", job=job.state.job, name=msg["name"])
+        self._changed.notify()
+        return reply(msg, "status", **job.state.status())
+
+    def _cancel(self, job: StoredJob, msg: Message, reason: str) -> Message:
+        st = job.state
+        if st.state == "queued":
+            st.state, st.message, st.ended = "cancelled", f"cancelled: {reason}", time.time()
+            job.save_state()
+            self._tasks.spawn(self._flush(job), f"end {st.job}'s followers")
+        elif st.state == "running" and not st.cancel:
+            st.cancel, st.message = True, f"cancelled: {reason}"
+            job.save_state()
+            proc = self._running.get(st.job)
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)  # drain: a checkpoint, then exit
+        self._changed.notify()
+        return reply(msg, "status", **st.status())
+
+
+def run_service(service: JobService) -> int:
+    import uvloop
+
+    return uvloop.run(service.run())
+

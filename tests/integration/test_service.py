@@ -1,0 +1,194 @@
+"""The job service with real processes: `narun coordinator` as a process, narun.client as
+its client. A submitted job ends with the parameters `narun train` gives; jobs wait for a
+slot in order; cancel drains to a loadable checkpoint; the service killed with -9 and
+started again finishes the job while a client's event stream goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvloop
+
+from narun.checkpoint import latest_good, load_checkpoint
+from narun.client import Client, JobNotFound, SyncClient
+from narun.config import to_dict
+from narun.errors import Refused
+from narun.events import ListReporter
+from narun.train import train as local_train
+
+
+class ServiceProcess:
+    """`narun coordinator` on loopback, its log in state_dir.log."""
+
+    def __init__(self, state_dir: Path, slots: int = 4, port: int = 0) -> None:
+        self.state_dir, self.slots = state_dir, slots
+        self.log = state_dir.with_suffix(".log")
+        self.start(port)
+
+    def start(self, port: int = 0) -> None:
+        self.log.write_text("")
+        argv = [sys.executable, "-m", "narun.cli", "--log-json", "coordinator", "--listen",
+                f"tcp://127.0.0.1:{port}", "--state-dir", str(self.state_dir), "--slots",
+                str(self.slots)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stderr=log, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for line in self.log.read_text(errors="replace").splitlines():
+                if '"service.listening"' in line:
+                    self.endpoint = json.loads(line)["endpoint"]
+                    return
+            assert self.proc.poll() is None, self.log.read_text()
+            time.sleep(0.05)
+        raise TimeoutError(self.log.read_text())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+@pytest.fixture
+def service(tmp_path):
+    started: list[ServiceProcess] = []
+
+    def make(slots: int = 4) -> ServiceProcess:
+        started.append(ServiceProcess(tmp_path / "service", slots))
+        return started[-1]
+
+    yield make
+    for s in started:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(10)
+
+
+def _config(make_config, **options) -> dict:
+    return to_dict(make_config(**options))
+
+
+def test_a_submitted_job_ends_with_the_parameters_narun_train_gives(service, make_config):
+    svc = service()
+    config = _config(make_config, mode="ps-sync", workers=2, out="svc", steps=12,
+                     eval_every=4)
+    reference = local_train(make_config("local", 0, out="local", steps=12, eval_every=4),
+                            ListReporter())
+
+    async def main():
+        async with Client(svc.endpoint) as client:
+            job = await client.submit(config, name="equal")
+            events = [e async for e in client.events(job)]
+            return job, events, await client.status(job), await client.list()
+
+    job, events, status, listed = uvloop.run(main())
+    assert status.state == "done" and status.step == status.steps == 12
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert [e["step"] for e in events if e["event"] == "step"] == list(range(1, 13))
+    done = events[-1]
+    assert done["event"] == "done"
+    ours, theirs = load_checkpoint(done["checkpoint"]), load_checkpoint(reference["checkpoint"])
+    for name in theirs.model:
+        np.testing.assert_allclose(ours.model[name], theirs.model[name], rtol=1e-5,
+                                   atol=1e-7, err_msg=name)
+    assert [(s.job, s.name, s.state) for s in listed] == [(job, "equal", "done")]
+    assert svc.stop() == 0
+
+
+def test_jobs_wait_for_a_slot_in_order(service, make_config):
+    svc = service(slots=1)
+    with SyncClient(svc.endpoint) as client:
+        first = client.submit(_config(make_config, mode="local", workers=0, out="a", steps=15))
+        second = client.submit(_config(make_config, mode="local", workers=0, out="b",
+                                       steps=5))
+        assert client.status(second).state == "queued"
+        assert client.wait(first).state == "done"
+        assert client.wait(second).state == "done"
+    states = {j: json.loads((svc.state_dir / "jobs" / j / "state.json").read_text())
+              for j in (first, second)}
+    assert states[second]["started"] >= states[first]["ended"]  # one after the other
+    svc.stop()
+
+
+def test_cancel_drains_to_a_loadable_checkpoint(service, make_config):
+    svc = service()
+    config = _config(make_config, mode="ps-sync", workers=2, out="c", steps=100000,
+                     checkpoint_every=1000)
+
+    async def main():
+        async with Client(svc.endpoint) as client:
+            job = await client.submit(config)
+            async for event in client.events(job):
+                if event["event"] == "step" and event["step"] >= 5:
+                    await client.cancel(job, "enough")
+            return await client.status(job)
+
+    status = uvloop.run(main())
+    assert status.state == "cancelled" and status.message == "cancelled: enough"
+    run = Path(config["training"]["out_dir"])
+    if not run.is_absolute():
+        run = svc.state_dir / "jobs" / status.job / "run"
+    checkpoint = latest_good(run / "checkpoints")
+    assert checkpoint is not None
+    assert load_checkpoint(checkpoint).step >= 5
+    svc.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_service_started_again_finishes_the_job_and_the_stream_goes_on(
+        service, make_config):
+    clean = local_train(make_config("local", 0, out="clean", steps=60,
+                                    checkpoint_every=10), ListReporter())
+    svc = service()
+    port = int(svc.endpoint.rsplit(":", 1)[1])
+    config = _config(make_config, mode="ps-sync", workers=2, out="k", steps=60,
+                     checkpoint_every=10)
+    config["runtime"]["heartbeat_timeout"] = 3.0
+
+    async def main():
+        async with Client(svc.endpoint, timeout=30.0, follow_idle=1.0) as client:
+            job = await client.submit(config)
+            seen: list[dict] = []
+            async for event in client.events(job):
+                seen.append(event)
+                if event["event"] == "checkpoint" and event["step"] == 20 and \
+                        svc.proc.poll() is None:
+                    svc.proc.kill()  # kill -9: its job dies with it
+                    svc.proc.wait(10)
+                    await asyncio.to_thread(svc.start, port)
+            return seen, await client.status(job)
+
+    seen, status = uvloop.run(main())
+    assert status.state == "done", status
+    kinds = [e["event"] for e in seen]
+    assert "resumed" in kinds
+    assert [e["seq"] for e in seen] == list(range(len(seen)))  # nothing lost or repeated
+    resumed = next(e for e in seen if e["event"] == "resumed")
+    assert resumed["step"] >= 20
+    assert seen[-1]["event"] == "done"
+    assert seen[-1]["val_loss"] == pytest.approx(clean["val_loss"], rel=0.05)
+    svc.stop()
+
+
+def test_errors_are_typed(service, make_config):
+    svc = service()
+
+    async def main():
+        async with Client(svc.endpoint) as client:
+            with pytest.raises(JobNotFound):
+                await client.status("nope-0001")
+            bad = _config(make_config)
+            bad["model"]["name"] = "gtp"
+            with pytest.raises(Refused, match=r"submit.config: model.name: must be one of"):
+                await client.submit(bad)
+
+    uvloop.run(main())
+    svc.stop()
+
