@@ -1,0 +1,41 @@
+"""The job service for tests: `narun coordinator` as a real process on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class ServiceProcess:
+    """`narun coordinator` on loopback, its log in state_dir.log."""
+
+    def __init__(self, state_dir: Path, slots: int = 4, port: int = 0) -> None:
+        self.state_dir, self.slots = state_dir, slots
+        self.log = state_dir.with_suffix(".log")
+        self.start(port)
+
+    def start(self, port: int = 0) -> None:
+        self.log.write_text("")
+        argv = [sys.executable, "-m", "narun.cli", "--log-json", "coordinator", "--listen",
+                f"tcp://127.0.0.1:{port}", "--state-dir", str(self.state_dir), "--slots",
+                str(self.slots)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stderr=log, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for line in self.log.read_text(errors="replace").splitlines():
+                if '"service.listening"' in line:
+                    self.endpoint = json.loads(line)["endpoint"]
+                    return
+            assert self.proc.poll() is None, self.log.read_text()
+            time.sleep(0.05)
+        raise TimeoutError(self.log.read_text())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
