@@ -13,8 +13,9 @@ from pathlib import Path
 class ServiceProcess:
     """`narun coordinator` on loopback, its log in state_dir.log."""
 
-    def __init__(self, state_dir: Path, slots: int = 4, port: int = 0) -> None:
-        self.state_dir, self.slots = state_dir, slots
+    def __init__(self, state_dir: Path, slots: int = 4, port: int = 0,
+                 hosts: str | None = None) -> None:
+        self.state_dir, self.slots, self.hosts = state_dir, slots, hosts
         self.log = state_dir.with_suffix(".log")
         self.start(port)
 
@@ -22,7 +23,7 @@ class ServiceProcess:
         self.log.write_text("")
         argv = [sys.executable, "-m", "narun.cli", "--log-json", "coordinator", "--listen",
                 f"tcp://127.0.0.1:{port}", "--state-dir", str(self.state_dir), "--slots",
-                str(self.slots)]
+                str(self.slots)] + (["--hosts", self.hosts] if self.hosts else [])
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stderr=log, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 20

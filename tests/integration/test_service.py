@@ -158,3 +158,79 @@ def test_errors_are_typed(service, make_config):
     uvloop.run(main())
     svc.stop()
 
+
+
+def test_sigterm_drains_running_jobs_and_they_resume_when_it_is_back(service, make_config):
+    svc = service()
+    port = int(svc.endpoint.rsplit(":", 1)[1])
+    config = _config(make_config, mode="ps-sync", workers=2, out="d", steps=400,
+                     checkpoint_every=1000)
+    with SyncClient(svc.endpoint) as client:
+        job = client.submit(config)
+        for event in client.events(job):
+            if event["event"] == "step" and event["step"] >= 5:
+                break
+    assert svc.stop() == 0  # drained: the job checkpointed, then the service exited
+    state = json.loads((svc.state_dir / "jobs" / job / "state.json").read_text())
+    assert (state["state"], state["resume"]) == ("queued", True)
+    svc.start(port)
+    with SyncClient(svc.endpoint) as client:
+        final = client.wait(job)
+        events = list(client.events(job))
+    assert final.state == "done" and final.step == 400
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] >= 5
+    svc.stop()
+
+
+def test_a_deadline_fails_the_job_in_words(service, make_config):
+    svc = service()
+    config = _config(make_config, mode="local", workers=0, out="late", steps=10**7,
+                     checkpoint_every=10**6)
+    config["runtime"]["deadline"] = 2.0
+    with SyncClient(svc.endpoint) as client:
+        final = client.wait(client.submit(config))
+    assert final.state == "failed"
+    assert final.message.startswith("deadline: it ran ")
+    assert "over runtime.deadline 2 s" in final.message
+    svc.stop()
+
+
+def test_a_failing_job_is_retried_then_fails_saying_why(service, make_config, tmp_path):
+    svc = service()
+    config = _config(make_config, mode="local", workers=0, out="bad", steps=5)
+    config["data"]["path"] = str(tmp_path / "vanishes.npz")
+    np.savez(config["data"]["path"], x=np.zeros((8, 16), np.float32),
+             y=np.zeros(8, np.int64))
+    config["runtime"]["job_retries"] = 1
+    with SyncClient(svc.endpoint) as client:
+        job = client.submit(config)  # checks, then the data goes away before it runs
+        Path(config["data"]["path"]).unlink()
+        final = client.wait(job)
+    state = json.loads((svc.state_dir / "jobs" / job / "state.json").read_text())
+    assert final.state == "failed" and state["attempts"] == 2  # once, and one retry
+    assert "vanishes.npz" in final.message and "narun data blobs" in final.message
+    svc.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_service_over_agents_runs_jobs_through_launch(tmp_path, make_config):
+    from tests.integration.agents import AgentProcess
+
+    agents = [AgentProcess("tcp://127.0.0.1:0", tmp_path / f"agent{i}", slots=2)
+              for i in range(2)]
+    hosts = ",".join(a.endpoint.removeprefix("tcp://") for a in agents)
+    svc = ServiceProcess(tmp_path / "service", slots=4, hosts=hosts)
+    try:
+        with SyncClient(svc.endpoint) as client:
+            job = client.submit(_config(make_config, mode="ps-sync", workers=2, out="h",
+                                        steps=8))
+            events = list(client.events(job))
+            final = client.status(job)
+    finally:
+        svc.stop()
+        for a in agents:
+            a.stop()
+    assert final.state == "done"
+    placement = next(e for e in events if e["event"] == "placement")
+    assert {p["host"] for p in placement["processes"]} == set(hosts.split(","))
