@@ -89,6 +89,15 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return _run(main)
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        async with _client(args) as client:
+            print(await client.fetch_checkpoint(args.job, args.out))
+            return 0
+
+    return _run(main)
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     async def main() -> int:
         async with _client(args) as client:
@@ -183,6 +192,14 @@ def add_commands(sub: Any) -> None:
                     help="from event number N (default 0)")
     client_options(lg)
     lg.set_defaults(fn=cmd_logs)
+
+    f = sub.add_parser("fetch", help="copy a job's newest checkpoint here (checked against "
+                                     "its manifest); prints its path")
+    f.add_argument("job")
+    f.add_argument("--out", default=".", metavar="DIR",
+                   help="where DIR/step-NNNNNN/ is written (default: here)")
+    client_options(f)
+    f.set_defaults(fn=cmd_fetch)
 
     ca = sub.add_parser("cancel", help="stop a job: a running one drains to a checkpoint")
     ca.add_argument("job")

@@ -17,6 +17,7 @@ Everything it does is protocol messages (protocol/SPEC.md): `submit`, `status`, 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -168,6 +169,51 @@ class Client:
                             f"the coordinator at {self.address} has not answered for "
                             f"{time.monotonic() - heard:.0f} s while following {job}") from None
 
+    async def fetch_checkpoint(self, job: str, dest: str | os.PathLike[str]) -> Path:
+        """Copy the job's newest checkpoint into `dest` (DEST/step-NNNNNN/, checked
+        against its manifest's SHA-256s as narun.load does); its local path."""
+        from narun.checkpoint import load_checkpoint
+
+        newest = None
+        async for event in self._stored_events(job):
+            if event["event"] == "checkpoint":
+                newest = Path(event["path"]).name
+        if newest is None:
+            raise JobNotFound(f"job {job} has written no checkpoint yet")
+        target = Path(dest) / newest
+        target.mkdir(parents=True, exist_ok=True)
+        manifest = await self._fetch(job, f"checkpoints/{newest}/manifest.json",
+                                     target / "manifest.json")
+        for name in json.loads(manifest.read_text())["files"]:
+            await self._fetch(job, f"checkpoints/{newest}/{name}", target / name)
+        await asyncio.to_thread(load_checkpoint, target)  # refuses a corrupted copy, named
+        return target
+
+    async def _stored_events(self, job: str) -> AsyncIterator[dict[str, Any]]:
+        """The events stored now (a running job's stream is left once they are in)."""
+        events = self.events(job)
+        try:
+            while True:
+                async with asyncio.timeout(self.follow_idle / 2):
+                    yield await anext(events)
+        except (StopAsyncIteration, TimeoutError):
+            return
+        finally:
+            await events.aclose()
+
+    async def _fetch(self, job: str, path: str, target: Path) -> Path:
+        from narun.runtime.jobfiles import CHUNK
+
+        with open(target, "wb") as f:
+            offset, eof = 0, False
+            while not eof:
+                answer = await self._call(message("file_get", new_id(), job=job, path=path,
+                                                  offset=offset, size=CHUNK), path)
+                f.write(memoryview(answer["data"]))
+                offset += answer["data"].size
+                eof = answer["eof"]
+        return target
+
     async def wait(self, job: str) -> JobStatus:
         """Follow the job to its end; its final status."""
         async for _ in self.events(job):
@@ -241,6 +287,9 @@ class SyncClient:
 
     def wait(self, job: str) -> JobStatus:
         return self._loop.run_until_complete(self._client.wait(job))
+
+    def fetch_checkpoint(self, job: str, dest: str | os.PathLike[str]) -> Path:
+        return self._loop.run_until_complete(self._client.fetch_checkpoint(job, dest))
 
     def events(self, job: str, since: int = 0) -> Iterator[dict[str, Any]]:
         stream = self._client.events(job, since)

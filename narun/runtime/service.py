@@ -36,6 +36,7 @@ from narun._process import die_with_parent
 from narun.config import config_from_dict, to_dict
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
 from narun.runtime.hosts import Host, is_loopback
+from narun.runtime.jobfiles import get_chunk
 from narun.runtime.jobstore import FINAL, JobStore, StoredJob
 from narun.runtime.mailbox import Mailbox, ReplyError
 from narun.runtime.sdnotify import Notifier
@@ -327,6 +328,8 @@ class JobService:
             return reply(msg, "status", **self._job(msg["job"]).state.status())
         if msg.type == "cancel":
             return self._cancel(self._job(msg["job"]), msg, msg["reason"])
+        if msg.type == "file_get" and msg.get("data") is None:
+            return await self._file(self._job(msg["job"]), msg)
         if msg.type == "events" and msg.get("events") is None:
             job = self._job(msg["job"])
             self._subscribers.setdefault(job.state.job, {})[route] = [
@@ -335,6 +338,16 @@ class JobService:
             return None
         raise ReplyError("unsupported", f"the job service does not handle {msg.type!r} "
                                         f"in this form")
+
+    async def _file(self, job: StoredJob, msg: Message) -> Message:
+        """A piece of a file of the job's out_dir (its checkpoints), for a client to fetch;
+        read only."""
+        if msg.get("remove"):
+            raise ReplyError("protocol", "file_get.remove: a job's files are read only here")
+        data, eof = await asyncio.to_thread(get_chunk, job.out_dir, msg["path"],
+                                            msg["offset"], msg["size"])
+        return reply(msg, "file_get", job=msg["job"], path=msg["path"], offset=msg["offset"],
+                     size=msg["size"], data=data, eof=eof)
 
     async def _submit(self, msg: Message) -> Message:
         import narun.models  # noqa: F401  (registers model fields, so model.* keys check)

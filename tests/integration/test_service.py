@@ -234,3 +234,29 @@ def test_a_service_over_agents_runs_jobs_through_launch(tmp_path, make_config):
     assert final.state == "done"
     placement = next(e for e in events if e["event"] == "placement")
     assert {p["host"] for p in placement["processes"]} == set(hosts.split(","))
+
+
+def test_a_client_fetches_a_job_s_checkpoint(service, make_config, tmp_path):
+    svc = service()
+    config = _config(make_config, mode="local", workers=0, out="f", steps=6)
+    with SyncClient(svc.endpoint) as client:
+        job = client.submit(config)
+        assert client.wait(job).state == "done"
+        local = client.fetch_checkpoint(job, tmp_path / "fetched")
+        with pytest.raises(Refused, match="read only"):
+            uvloop.run(_remove(svc.endpoint, job))
+    done = load_checkpoint(local)
+    served = load_checkpoint(Path(config["training"]["out_dir"]) / "checkpoints" / local.name)
+    assert done.step == 6 and local.name == "step-000006"
+    for name in served.model:
+        np.testing.assert_array_equal(done.model[name], served.model[name])
+    svc.stop()
+
+
+async def _remove(endpoint: str, job: str) -> None:
+    from narun.runtime.mailbox import new_id
+    from protocol import message
+
+    async with Client(endpoint) as client:
+        await client._call(message("file_get", new_id(), job=job, path="checkpoints",
+                                   offset=0, size=1, remove=True), "a removal")
