@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +263,40 @@ async def _remove(endpoint: str, job: str) -> None:
     async with Client(endpoint) as client:
         await client._call(message("file_get", new_id(), job=job, path="checkpoints",
                                    offset=0, size=1, remove=True), "a removal")
+
+
+def test_the_command_line_client(service, make_config, tmp_path):
+    svc = service()
+    env = {**os.environ, "NARUN_COORDINATOR": svc.endpoint}
+
+    def narun(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "narun.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps(_config(make_config, mode="local", workers=0, out="cli",
+                                         steps=5)))
+    followed = narun("submit", str(config), "--follow", "--json", "--name", "cli")
+    assert followed.returncode == 0, followed.stderr
+    events = [json.loads(line) for line in followed.stdout.splitlines()]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5]
+    assert events[-1]["event"] == "done"
+    queued = narun("submit", str(config), "--set", "training.steps=100000", "--set",
+                   "training.out_dir=long", "--name", "long")  # relative: in the job's dir
+    job = queued.stdout.strip()
+    assert queued.returncode == 0 and job.startswith("long-")
+    table = narun("status")
+    assert table.returncode == 0
+    rows = [line.split() for line in table.stdout.splitlines()]
+    assert rows[0] == ["JOB", "STATE", "STEP", "MESSAGE"] and rows[1][:3] == [
+        "cli-0001", "done", "5/5"]
+    logs = narun("logs", "cli-0001")
+    assert [json.loads(line) for line in logs.stdout.splitlines()] == [
+        {**e, "seq": i} for i, e in enumerate(events)]
+    cancelled = narun("cancel", job, "--reason", "test over")
+    assert cancelled.returncode == 0 and "cancelled: test over" in cancelled.stdout
+    with SyncClient(svc.endpoint) as client:
+        assert client.wait(job).state == "cancelled"
+    missing = narun("status", "nope-0009")
+    assert missing.returncode == 1 and "no job 'nope-0009'" in missing.stderr
+    svc.stop()
