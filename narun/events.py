@@ -7,6 +7,7 @@ shows step, loss, throughput and ETA instead. Fields may be added, never renamed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -58,6 +59,27 @@ class ListReporter:
 
     def close(self) -> None:
         return None
+
+
+class TeeReporter:
+    """Hands every call to each reporter in turn: the first is what the user sees, the
+    others record the run (narun.runlog). Every reporter is closed even if one fails."""
+
+    def __init__(self, *reporters: Reporter) -> None:
+        self.reporters = reporters
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        for r in self.reporters:
+            r.start(total_steps, first_step)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        for r in self.reporters:
+            r.emit(event, **fields)
+
+    def close(self) -> None:
+        with contextlib.ExitStack() as closing:
+            for r in self.reporters:
+                closing.callback(r.close)
 
 
 class RichReporter:
