@@ -63,10 +63,12 @@ class ListReporter:
 
 class TeeReporter:
     """Hands every call to each reporter in turn: the first is what the user sees, the
-    others record the run (narun.runlog). Every reporter is closed even if one fails."""
+    others record the run (narun.runlog). `close` closes every reporter, even if one fails,
+    and only once, so a runner may close it again on its way out after a failure."""
 
     def __init__(self, *reporters: Reporter) -> None:
         self.reporters = reporters
+        self.closed = False
 
     def start(self, total_steps: int, first_step: int) -> None:
         for r in self.reporters:
@@ -77,6 +79,9 @@ class TeeReporter:
             r.emit(event, **fields)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         with contextlib.ExitStack() as closing:
             for r in self.reporters:
                 closing.callback(r.close)

@@ -68,12 +68,14 @@ class EventLogReporter:
         self.fresh = fresh
         self._file: TextIO | None = None
         self._lines: JsonLinesReporter | None = None
+        self._closed = False
 
     def _open(self) -> JsonLinesReporter:
         if self._lines is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.fresh:
                 _move_aside(self.path)
+                self.fresh = False  # once: reopening appends to this run's own log
             self._file = self.path.open("a+", encoding="utf-8")
             # A run killed mid-line leaves a torn last line: start on a line of our own.
             if self._file.tell() > 0:
@@ -88,11 +90,14 @@ class EventLogReporter:
 
     def emit(self, event: str, **fields: Any) -> None:
         self._open().emit(event, **fields)
+        if self._closed:  # an event after the run closed (stopping a process): kept, and
+            self.close()  # the file not left open
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         self._file = self._lines = None
+        self._closed = True
 
 
 def check_tensorboard(training: TrainingConfig) -> None:

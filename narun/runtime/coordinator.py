@@ -216,6 +216,10 @@ class Coordinator:
             context.destroy(linger=0)
             for sig in handled:
                 loop.remove_signal_handler(sig)
+            # After a failure too: a job service runs many jobs in one process, and each
+            # job's event log and TensorBoard writer must not outlive it (closed once; last,
+            # so that what stopping the processes reports is recorded).
+            self.reporter.close()
 
     def _spec(self, **changes: Any) -> WorkerSpec:
         # Paths absolute: an agent starts processes in their job's directory on its host.

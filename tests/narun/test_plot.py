@@ -2,16 +2,14 @@
 
 import json
 import struct
-import sys
 
 import numpy as np
 import pytest
 
-from narun.cli import main
 from narun.events import ListReporter
 from narun.plot import plot_run
 from narun.train import train
-from tests.narun.test_runlog import blobs, mlp  # noqa: F401  (blobs: a fixture)
+from tests.narun.test_runlog import blobs, mlp, narun_cli  # noqa: F401  (blobs: a fixture)
 
 pytest.importorskip("matplotlib")
 
@@ -29,12 +27,13 @@ def write_events(run, events):
     (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
-def test_plot_of_a_real_run_draws_its_step_and_eval_losses(blobs, tmp_path, capsys):  # noqa: F811
+def test_plot_of_a_real_run_draws_its_step_and_eval_losses(blobs, tmp_path):  # noqa: F811
     run = tmp_path / "blobs-run"
     reporter = ListReporter()
     train(mlp(blobs, run), reporter)
-    assert main(["plot", str(run)]) == 0
-    assert capsys.readouterr().out.strip() == str(run / "loss.png")
+    out = narun_cli("plot", run)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(run / "loss.png")
     assert png_size(run / "loss.png") == (800, 500)
 
     plot = plot_run(run, tmp_path / "elsewhere" / "curves.png")
@@ -78,14 +77,14 @@ def test_redone_steps_keep_their_last_value_nan_is_left_out_and_log_y_past_two_d
     assert not flat_plot.log_y and set(flat_plot.lines) == {"loss"}
 
 
-def test_plot_says_what_is_missing(tmp_path, monkeypatch, capsys):
-    assert main(["plot", str(tmp_path / "nothing")]) == 2
-    assert "nothing: no events.jsonl here" in capsys.readouterr().err
+def test_plot_says_what_is_missing(tmp_path):
     write_events(tmp_path / "started", [{"event": "placement", "processes": []}])
-    assert main(["plot", str(tmp_path / "started")]) == 2
-    assert "holds no loss to plot yet" in capsys.readouterr().err
     write_events(tmp_path / "run", [{"event": "step", "step": 1, "loss": 1.0}])
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if not installed
-    assert main(["plot", str(tmp_path / "run")]) == 2
-    assert "pip install 'narun[plot]'" in capsys.readouterr().err
+    for run, missing, expected in [
+            ("nothing", [], "nothing: no events.jsonl here"),
+            ("started", [], "started: events.jsonl holds no loss to plot yet"),
+            ("run", ["matplotlib"], "needs matplotlib, which is not installed: pip install "
+                                    "'narun[plot]'")]:
+        out = narun_cli("plot", tmp_path / run, missing=missing)
+        assert out.returncode == 2 and expected in out.stderr, (run, out.stderr)
     assert not (tmp_path / "run" / "loss.png").exists()

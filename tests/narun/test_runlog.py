@@ -2,13 +2,15 @@
 files (training.tensorboard), read back and compared with the events the run emitted."""
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import narun.models  # noqa: F401  (registers model fields)
-from narun.cli import main
 from narun.config import config_from_dict
 from narun.data import make_classification_npz
 from narun.errors import ConfigError
@@ -19,6 +21,18 @@ from narun.train import check_job, train
 event_accumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator")
 pytest.importorskip("tensorboardX")
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def narun_cli(*args, missing=()):
+    """`narun ARGS` in a subprocess, as if the modules `missing` were not installed."""
+    code = (f"import sys; sys.modules.update(dict.fromkeys({list(missing)!r})); "
+            f"from narun.cli import main; sys.exit(main({list(map(str, args))!r}))")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          encoding="utf-8", timeout=60,
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +142,7 @@ def test_the_event_log_starts_after_a_torn_line_and_reading_skips_it(tmp_path):
 
 
 def test_tensorboard_without_tensorboardx_is_refused_with_the_install_command(
-        blobs, tmp_path, monkeypatch, capsys):
+        blobs, tmp_path, monkeypatch):
     cfg = mlp(blobs, tmp_path / "run", tensorboard=True)
     check_job(cfg)  # installed here
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # as if not installed
@@ -139,9 +153,23 @@ def test_tensorboard_without_tensorboardx_is_refused_with_the_install_command(
         train(cfg, ListReporter())
     assert not (tmp_path / "run").exists()  # refused before anything was written
     check_job(mlp(blobs, tmp_path / "run"))  # off: tensorboardX is not needed
-    code = main(["config", "check", "configs/mlp.yaml", "--set", f"data.path={blobs}",
-                 "--set", "training.tensorboard=true"])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert "pip install 'narun[tensorboard]'" in err and "[from --set training.tensorboard" \
-        in err
+    for command in ("config", "check"), ("train", "--json"):
+        out = narun_cli(*command, "configs/mlp.yaml", "--set", f"data.path={blobs}",
+                        "--set", f"training.out_dir={tmp_path / 'cli'}",
+                        "--set", "training.tensorboard=true", missing=["tensorboardX"])
+        assert out.returncode == 2, out.stderr
+        assert "training.tensorboard: true needs tensorboardX, which is not installed: pip " \
+               "install 'narun[tensorboard]'" in out.stderr
+        assert "[from --set training.tensorboard=true]" in out.stderr
+    assert not (tmp_path / "cli").exists()
+
+
+def test_an_event_after_close_is_appended_without_keeping_the_file_open(tmp_path):
+    (tmp_path / "events.jsonl").write_text('{"event": "done", "step": 9}\n')  # a run before
+    log = EventLogReporter(tmp_path / "events.jsonl", fresh=True)
+    log.emit("step", step=1, loss=1.0)
+    log.close()
+    log.emit("host_lost", host="node2", reason="silent")  # while its processes stopped
+    assert log._file is None
+    assert [e["event"] for e in read_events(tmp_path)] == ["step", "host_lost"]
+    assert read_events(tmp_path / "events.old-1.jsonl") == [{"event": "done", "step": 9}]
