@@ -1,8 +1,9 @@
 """Job metrics for Prometheus: a registry fed by the `--json` events, and a tiny HTTP server.
 
 The job service turns each job's events (the dicts `--json` prints: step, eval, checkpoint,
-restart, host_lost, done, error, ...) into `Metrics.observe(job, event)` calls, and serves
-`Metrics.render()` on `--metrics-port` with `serve_metrics`. The exposition is the
+restart, host_lost, done, error, ...) into `Metrics.observe(job, event)` calls (a
+`MetricsReporter(metrics, job)` teed beside the job's other reporters does that), and
+serves `Metrics.render()` on `--metrics-port` with `serve_metrics`. The exposition is the
 Prometheus text format 0.0.4, written here so that narun needs no client library:
 
     >>> m = Metrics()
@@ -25,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CONTENT_TYPE", "Metrics", "serve_metrics"]
+__all__ = ["CONTENT_TYPE", "Metrics", "MetricsReporter", "serve_metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PHASES = ("compute", "push", "wait", "pull")  # the coordinator's step `timings`
@@ -161,6 +162,23 @@ class Metrics:
             for labels, value in sorted(samples[f.name]):
                 lines.append(f"{f.name}{_labels(labels)} {_value(value)}")
         return "\n".join(lines) + "\n"
+
+
+class MetricsReporter:
+    """A Reporter (narun.events) that feeds one job's events to `metrics`: tee it beside
+    the job's others, e.g. `TeeReporter(reporter, MetricsReporter(metrics, job))`."""
+
+    def __init__(self, metrics: Metrics, job: str) -> None:
+        self.metrics, self.job = metrics, job
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        return None
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self.metrics.observe(self.job, {"event": event, **fields})
+
+    def close(self) -> None:
+        return None  # the series stay for scrapes after the end; Metrics.forget drops them
 
 
 def _number(value: Any) -> float | None:

@@ -8,7 +8,8 @@ import urllib.request
 
 import pytest
 
-from narun.metrics import Metrics, serve_metrics
+from narun.events import ListReporter, TeeReporter
+from narun.metrics import Metrics, MetricsReporter, serve_metrics
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -184,3 +185,18 @@ async def test_a_silent_client_is_timed_out_and_does_not_hold_up_others(served):
     reply = await asyncio.wait_for(reader.read(), 5)  # the server's 0.5 s, then closed
     assert reply.startswith(b"HTTP/1.1 408 ")
     writer.close()
+
+
+def test_a_reporter_teed_beside_a_jobs_others_feeds_its_events():
+    m = Metrics()
+    shown = ListReporter()
+    reporter = TeeReporter(shown, MetricsReporter(m, "job-7"))
+    reporter.start(10, 0)
+    reporter.emit("step", step=1, loss=3.5, lr=0.01, samples_per_s=100.0)
+    reporter.emit("restart", role="trainer", rank=0, reason="exit 1", step=1)
+    reporter.close()
+    samples, _ = parse(m.render())
+    job = (("job", "job-7"),)
+    assert samples["narun_loss", job] == 3.5 and samples["narun_step", job] == 1
+    assert samples["narun_restarts_total", (*job, ("role", "trainer"))] == 1
+    assert [e["event"] for e in shown.events] == ["step", "restart"]
