@@ -135,6 +135,7 @@ class TensorBoardReporter:
             self._writer.close()
         elif self.fresh:
             _move_aside(self.logdir)
+            self.fresh = False  # once: this run's own files stay
         # tensorboardX names the file by the second it was made and the host: a writer
         # opened in the same second (a rollback, a quick resume) would truncate another's.
         # purge_step None: a fresh start, which purges nothing.

@@ -173,3 +173,20 @@ def test_an_event_after_close_is_appended_without_keeping_the_file_open(tmp_path
     assert log._file is None
     assert [e["event"] for e in read_events(tmp_path)] == ["step", "host_lost"]
     assert read_events(tmp_path / "events.old-1.jsonl") == [{"event": "done", "step": 9}]
+
+
+def test_tensorboard_moves_an_earlier_runs_files_aside_once(tmp_path):
+    earlier = TensorBoardReporter(tmp_path / "tb")
+    earlier.start(3, 0)
+    earlier.emit("step", step=1, loss=9.0, lr=0.1)
+    earlier.close()
+    r = TensorBoardReporter(tmp_path / "tb", fresh=True)
+    r.start(3, 0)
+    r.emit("step", step=1, loss=1.0, lr=0.1)
+    r.close()
+    r.start(3, 1)  # the same reporter started again (a runner's second leg): kept
+    r.emit("step", step=2, loss=2.0, lr=0.1)
+    r.close()
+    assert scalars(tmp_path / "tb")["loss"] == [(1, 1.0), (2, 2.0)]
+    assert scalars(tmp_path / "tb.old-1")["loss"] == [(1, 9.0)]
+    assert not (tmp_path / "tb.old-2").exists()
