@@ -179,6 +179,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from narun.plot import plot_run
+
+    print(plot_run(args.run, args.out).path)
+    return 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     from narun.config import format_config
 
@@ -301,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a step directory, or a run directory (newest good one)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_evaluate)
+
+    pl = sub.add_parser("plot", help="draw a run's loss and validation loss against step "
+                                     "(needs narun[plot])",
+                        description="Draw RUN's training loss and validation loss against "
+                        "step, from RUN/events.jsonl, into a PNG (log y when the losses span "
+                        "more than two decades).")
+    pl.add_argument("run", help="a run directory (training.out_dir), e.g. runs/mlp")
+    pl.add_argument("--out", metavar="PATH", help="the PNG to write (default RUN/loss.png)")
+    pl.set_defaults(fn=cmd_plot)
 
     c = sub.add_parser("config", help="work with job configs")
     csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")

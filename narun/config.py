@@ -101,6 +101,7 @@ class TrainingConfig(_Section):
     checkpoint_every: int = _key(500, ge=0)  # 0: never periodically
     keep_checkpoints: int = _key(3, gt=0)
     out_dir: str = "runs/quickstart"
+    tensorboard: bool = False  # TensorBoard event files in out_dir/tensorboard/
 
 
 @dataclass

@@ -7,6 +7,7 @@ shows step, loss, throughput and ETA instead. Fields may be added, never renamed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -58,6 +59,32 @@ class ListReporter:
 
     def close(self) -> None:
         return None
+
+
+class TeeReporter:
+    """Hands every call to each reporter in turn: the first is what the user sees, the
+    others record the run (narun.runlog). `close` closes every reporter, even if one fails,
+    and only once, so a runner may close it again on its way out after a failure."""
+
+    def __init__(self, *reporters: Reporter) -> None:
+        self.reporters = reporters
+        self.closed = False
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        for r in self.reporters:
+            r.start(total_steps, first_step)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        for r in self.reporters:
+            r.emit(event, **fields)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.ExitStack() as closing:
+            for r in self.reporters:
+                closing.callback(r.close)
 
 
 class RichReporter:

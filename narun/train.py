@@ -30,6 +30,7 @@ from narun.events import Reporter
 from narun.models import build_from_config, gpt_config, model_names
 from narun.nn import functional as F
 from narun.nn.utils import clip_grad_norm_
+from narun.runlog import check_tensorboard, record_run
 
 log = structlog.get_logger("narun.train")
 
@@ -158,6 +159,7 @@ def check_job(cfg: JobConfig, here: bool = True) -> None:
             raise ConfigError(f"data.path: no such file {data.path!r}")
         if p.is_dir():
             raise ConfigError(f"data.path: {data.path!r} is a directory, expected a file")
+    check_tensorboard(t)
     if data.kind == "text":
         block = gpt_config(cfg.model.preset, **cfg.model.overrides).block_size
         if data.seq_len > block:
@@ -346,6 +348,7 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
     if path is not None:
         start = restore(job, path)
         log.info("resumed", checkpoint=str(path), step=start)
+    reporter = record_run(reporter, t, fresh=path is None)
     micro = t.batch_size // t.grad_accum  # the config checked that it divides
     per_step = t.batch_size * (cfg.data.seq_len if job.text else 1)
     speed_key = "tokens_per_s" if job.text else "samples_per_s"

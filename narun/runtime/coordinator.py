@@ -47,6 +47,7 @@ from narun.checkpoint import latest_good, save_checkpoint
 from narun.config import JobConfig, to_dict
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
 from narun.events import Reporter
+from narun.runlog import record_run
 from narun.runtime.actor import EXIT_LEFT
 from narun.runtime.assemble import assemble
 from narun.runtime.buckets import BUCKET_BYTES, join, plan_for
@@ -102,9 +103,9 @@ class Coordinator:
         self.processes = processes or LocalProcesses()
         check_config(cfg, here=isinstance(self.processes, LocalProcesses))
         self.cfg = cfg
-        self.reporter = reporter
         self.resume = resolve_resume(cfg, resume)
         claim_out_dir(cfg, self.resume, overwrite)
+        self.reporter = record_run(reporter, cfg.training, fresh=self.resume is None)
         self.first_resume = self.resume
         self.bucket_bytes = bucket_bytes
         rt = cfg.runtime
@@ -215,6 +216,10 @@ class Coordinator:
             context.destroy(linger=0)
             for sig in handled:
                 loop.remove_signal_handler(sig)
+            # After a failure too: a job service runs many jobs in one process, and each
+            # job's event log and TensorBoard writer must not outlive it (closed once; last,
+            # so that what stopping the processes reports is recorded).
+            self.reporter.close()
 
     def _spec(self, **changes: Any) -> WorkerSpec:
         # Paths absolute: an agent starts processes in their job's directory on its host.

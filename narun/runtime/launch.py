@@ -34,6 +34,12 @@ def launch(cfg: JobConfig, keys: str | None = None, reporter: Reporter | None = 
             "HOST`), then pass --keys DIR")
     reporter = reporter or JsonLinesReporter()
     job = f"{cfg.model.name}-{secrets.token_hex(4)}"
-    processes = AgentProcesses(hosts, node_keys, job, reporter.emit)
+
+    def report(event: str, **fields: Any) -> None:
+        # through the coordinator's reporter, which also records the run (narun.runlog);
+        # the processes are made first, and report only once the job runs
+        coordinator.reporter.emit(event, **fields)
+
+    processes = AgentProcesses(hosts, node_keys, job, report)
     coordinator = Coordinator(cfg, reporter, resume, processes=processes, **options)
     return uvloop.run(coordinator.run())
