@@ -21,10 +21,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     hosts = None if args.hosts in (None, "local") else parse_hosts(args.hosts)
     keys = load_node_keys(args.keys) if args.keys else None
-    metrics = None
     service = JobService(tcp_address(args.listen, DEFAULT_PORT, "--listen"),
                          Path(args.state_dir).expanduser(), args.slots, hosts=hosts,
-                         keys=keys, keys_dir=args.keys, metrics=metrics)
+                         keys=keys, keys_dir=args.keys, metrics_port=args.metrics_port)
     return run_service(service)
 
 
@@ -158,6 +157,9 @@ def add_commands(sub: Any) -> None:
     c.add_argument("--slots", type=int, default=os.cpu_count() or 1, metavar="N",
                    help="processes it runs at once over all jobs (default: the core count, "
                         "%(default)s)")
+    c.add_argument("--metrics-port", type=int, metavar="P",
+                   help="serve Prometheus metrics at http://LISTEN-HOST:P/metrics (0: any "
+                        "free port, logged)")
     c.set_defaults(fn=cmd_coordinator)
 
     def client_options(p: argparse.ArgumentParser) -> None:

@@ -35,6 +35,7 @@ import narun
 from narun._process import die_with_parent
 from narun.config import config_from_dict, to_dict
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
+from narun.metrics import Metrics, serve_metrics
 from narun.runtime.hosts import Host, is_loopback
 from narun.runtime.jobfiles import get_chunk
 from narun.runtime.jobstore import FINAL, JobStore, StoredJob
@@ -63,7 +64,7 @@ class JobService:
     def __init__(self, listen: str, state_dir: Path, slots: int,
                  hosts: list[Host] | None = None, keys: NodeKeys | None = None,
                  keys_dir: str | None = None, grace: float = 120.0,
-                 notifier: Notifier | None = None, metrics: Any = None) -> None:
+                 notifier: Notifier | None = None, metrics_port: int | None = None) -> None:
         if keys is None and not is_loopback(listen.split("//")[-1].rsplit(":", 1)[0]):
             raise ConfigError(f"--listen {listen}: a job service reachable from other hosts "
                               f"needs CURVE keys: `narun keys generate DIR --name "
@@ -79,7 +80,10 @@ class JobService:
         self.keys_dir = keys_dir
         self.grace = grace
         self.notifier = notifier or Notifier()
-        self.metrics = metrics
+        # Prometheus exposition of every job's events and the service's own counts
+        self.metrics = Metrics()
+        self.metrics_port = metrics_port
+        self.metrics_address = ""
         self.endpoint = ""
         self.refused = 0
         self._server: Mailbox | None = None
@@ -113,16 +117,26 @@ class JobService:
                 if job.state.state == "running":
                     job.state.state, job.state.resume = "queued", True
                     job.save_state()
+            metrics_server = None
+            if self.metrics_port is not None:
+                host = self.listen.split("//")[-1].rsplit(":", 1)[0].strip("[]")
+                metrics_server = await serve_metrics(self.metrics, host, self.metrics_port)
+                port = metrics_server.sockets[0].getsockname()[1]
+                self.metrics_address = f"http://{host}:{port}/metrics"
+            self._count_states()
             self._tasks.spawn(self._schedule(), "scheduler")
             self._tasks.spawn(self.notifier.run_watchdog(), "systemd watchdog")
             log.info("service.listening", endpoint=self.endpoint, slots=self.slots,
-                     jobs=len(self.store.jobs), hosts=[str(h) for h in self.hosts or []])
+                     jobs=len(self.store.jobs), hosts=[str(h) for h in self.hosts or []],
+                     metrics=self.metrics_address or None)
             self.notifier.ready(f"serving on {self.endpoint}, {self.slots} slots")
             await self._stop.wait()
             if self._failure is not None:
                 raise self._failure
             self.notifier.stopping(f"draining {len(self._running)} running job(s)")
             await self._drain()
+            if metrics_server is not None:
+                metrics_server.close()
             return 0
         finally:
             self._tasks.cancel()
@@ -165,8 +179,19 @@ class JobService:
     def _used(self) -> int:
         return sum(self._needs(self.store.jobs[j]) for j in self._running)
 
+    def _count_states(self) -> None:
+        counts = dict.fromkeys(("queued", "running", *FINAL), 0)
+        for job in self.store.jobs.values():
+            counts[job.state.state] = counts.get(job.state.state, 0) + 1
+        self.metrics.set_jobs_by_state(counts)
+        if self._server is not None:  # refusals counted by the channel since last time
+            refused = self._server.channel.refused
+            self.metrics.add_refused(refused - self.refused)
+            self.refused = refused
+
     async def _schedule(self) -> None:
         while True:
+            self._count_states()
             now = time.time()
             for job in self.store.ordered():
                 if job.state.state != "queued" or job.state.job in self._running:
@@ -270,8 +295,7 @@ class JobService:
     # -- events ------------------------------------------------------------------------
     async def _publish(self, job: StoredJob, event: dict[str, Any]) -> None:
         job.append(event)
-        if self.metrics is not None:
-            self.metrics.observe(job.state.job, event)
+        self.metrics.observe(job.state.job, event)
         await self._flush(job)
 
     async def _flush(self, job: StoredJob) -> None:
