@@ -362,7 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from narun import logs
 
-    logs.configure(json_lines=True if args.log_json else None)
+    # NARUN_LOG_LEVEL=debug adds the long-lived services' vitals (tasks, rss), as for workers
+    logs.configure(json_lines=True if args.log_json else None,
+                   level=os.environ.get("NARUN_LOG_LEVEL", "info"))
     try:
         return args.fn(args)
     except ConfigError as e:

@@ -15,6 +15,12 @@ reads the job's events from that process's stdout, numbers them, writes them
 - SIGTERM drains: every running job checkpoints and stops, and is queued to resume.
 - `runtime.job_retries` runs a failed job again from its checkpoint after a back-off;
   `runtime.deadline` stops a job that ran longer and fails it with reason `deadline`.
+- A follower is forgotten once nothing was sent to it, and it did not ask again, for
+  `follower_ttl` seconds: a client that left while its job was quiet (queued, or between
+  events) leaves no subscription behind. A live Client asks again after `follow_idle`
+  (5 s) of silence, which renews it; one forgotten resumes from its last `seq` when it asks.
+- With --keys, a peer without an authorised key never reaches the handler: `processed`
+  counts the messages that did (logged in `service.stopped`, and each `service.vitals`).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import structlog
 import zmq.asyncio
 
 import narun
-from narun._process import die_with_parent
+from narun._process import die_with_parent, rss_bytes
 from narun.config import config_from_dict, to_dict
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
 from narun.runtime.hosts import Host, is_loopback
@@ -50,6 +56,7 @@ log = structlog.get_logger("narun.service")
 DEFAULT_PORT = 7700
 BATCH = 256  # events per `events` message
 RETRY_BACKOFF = (5.0, 60.0)  # seconds before a retry: first, and the most
+VITALS_EVERY = 2.0  # seconds between `service.vitals` (debug) and sweeps of idle followers
 
 
 class JobService:
@@ -62,7 +69,8 @@ class JobService:
     def __init__(self, listen: str, state_dir: Path, slots: int,
                  hosts: list[Host] | None = None, keys: NodeKeys | None = None,
                  keys_dir: str | None = None, grace: float = 120.0,
-                 notifier: Notifier | None = None, metrics: Any = None) -> None:
+                 notifier: Notifier | None = None, metrics: Any = None,
+                 follower_ttl: float = 60.0) -> None:
         if keys is None and not is_loopback(listen.split("//")[-1].rsplit(":", 1)[0]):
             raise ConfigError(f"--listen {listen}: a job service reachable from other hosts "
                               f"needs CURVE keys: `narun keys generate DIR --name "
@@ -80,10 +88,12 @@ class JobService:
         self.notifier = notifier or Notifier()
         self.metrics = metrics
         self.endpoint = ""
-        self.refused = 0
+        self.follower_ttl = follower_ttl
+        self.processed = 0  # messages that reached the handler (authorised peers only)
         self._server: Mailbox | None = None
         self._running: dict[str, asyncio.subprocess.Process] = {}
-        self._subscribers: dict[str, dict[bytes, list[int]]] = {}  # job -> route -> [id, seq]
+        # job -> route -> [request id, next seq, when last sent to or asked (monotonic)]
+        self._subscribers: dict[str, dict[bytes, list[Any]]] = {}
         self._changed = Broadcast()
         self._tasks = Background("job service", on_error=self._fail)
         self._failure: BaseException | None = None
@@ -114,6 +124,7 @@ class JobService:
                     job.save_state()
             self._tasks.spawn(self._schedule(), "scheduler")
             self._tasks.spawn(self.notifier.run_watchdog(), "systemd watchdog")
+            self._tasks.spawn(self._housekeeping(), "followers' sweep and vitals")
             log.info("service.listening", endpoint=self.endpoint, slots=self.slots,
                      jobs=len(self.store.jobs), hosts=[str(h) for h in self.hosts or []])
             self.notifier.ready(f"serving on {self.endpoint}, {self.slots} slots")
@@ -122,6 +133,10 @@ class JobService:
                 raise self._failure
             self.notifier.stopping(f"draining {len(self._running)} running job(s)")
             await self._drain()
+            # what reached the handler; what the decoder and CURVE turned away before it
+            log.info("service.stopped", processed=self.processed,
+                     refused=self._server.channel.refused if self._server else 0,
+                     denied=auth.denied if auth is not None else 0)
             return 0
         finally:
             self._tasks.cancel()
@@ -266,6 +281,25 @@ class JobService:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)  # drain: checkpoint, then exit
 
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(VITALS_EVERY)
+            self._sweep(time.monotonic())
+            # what an operator (and the load test) watches for leaks: flat after warm-up
+            log.debug("service.vitals", tasks=len(asyncio.all_tasks()), rss=rss_bytes(),
+                      followers=sum(len(s) for s in self._subscribers.values()),
+                      running=len(self._running), processed=self.processed)
+
+    def _sweep(self, now: float) -> None:
+        """Forget followers idle for follower_ttl: a follower that left is only noticed when
+        something is sent to it (EHOSTUNREACH), and a quiet job sends nothing."""
+        for job_id, subscribers in list(self._subscribers.items()):
+            for route, sub in list(subscribers.items()):
+                if now - sub[2] > self.follower_ttl:
+                    del subscribers[route]
+            if not subscribers:
+                del self._subscribers[job_id]
+
     # -- events ------------------------------------------------------------------------
     async def _publish(self, job: StoredJob, event: dict[str, Any]) -> None:
         job.append(event)
@@ -283,7 +317,7 @@ class JobService:
         assert self._server is not None
         final = job.state.state in FINAL
         for route, sub in list(subscribers.items()):
-            msg_id, seq = sub
+            msg_id, seq, _ = sub
             try:
                 while seq < len(job.events):
                     batch = job.events[seq:seq + BATCH]
@@ -291,16 +325,17 @@ class JobService:
                                                     since=seq, events=batch),
                                             to=route, timeout=0.0)
                     seq += len(batch)
-                    sub[1] = seq
+                    sub[1], sub[2] = seq, time.monotonic()
                 if final:
                     await self._server.send(message("events", msg_id, job=job.state.job,
                                                     since=seq, events=[]),
                                             to=route, timeout=0.0)
-                    del subscribers[route]
+                    subscribers.pop(route, None)
             except (ActorDiedError, WaitTimeout):
                 subscribers.pop(route, None)
-        if not subscribers:
-            self._subscribers.pop(job.state.job, None)
+        # a send that waited may have let the sweep, or another flush, replace the table
+        if not subscribers and self._subscribers.get(job.state.job) is subscribers:
+            del self._subscribers[job.state.job]
 
     # -- requests ----------------------------------------------------------------------
     def _job(self, job_id: str) -> StoredJob:
@@ -312,6 +347,7 @@ class JobService:
 
     async def _handle(self, msg: Message, route: bytes | None) -> Message | None:
         assert route is not None
+        self.processed += 1
         if msg.type == "hello":
             return reply(msg, "welcome", role="coordinator", software=narun.__version__,
                          heartbeat_interval=1.0)
@@ -330,7 +366,7 @@ class JobService:
         if msg.type == "events" and msg.get("events") is None:
             job = self._job(msg["job"])
             self._subscribers.setdefault(job.state.job, {})[route] = [
-                msg.id, max(0, min(msg["since"], len(job.events)))]
+                msg.id, max(0, min(msg["since"], len(job.events))), time.monotonic()]
             await self._flush(job)
             return None
         raise ReplyError("unsupported", f"the job service does not handle {msg.type!r} "
