@@ -243,13 +243,13 @@ def test_followers_that_leave_mid_stream_leave_nothing_behind(service, make_conf
     os.kill(pid, signal.SIGSTOP)
     ctx = zmq.Context()
     try:
-        assert _leave_mid_stream(ctx, svc.endpoint, job, 50) >= 50 * 20  # warm-up
-        baseline = _next_vitals(svc)
-        read = sum(_leave_mid_stream(ctx, svc.endpoint, job, 50) for _ in range(10))
-        assert read >= 500 * 20
+        for _ in range(2):  # the first round warms up (allocator arenas, zmq's buffers)
+            baseline = _next_vitals(svc)
+            read = sum(_leave_mid_stream(ctx, svc.endpoint, job, 50) for _ in range(10))
+            assert read >= 500 * 20
         # those still being sent to when they left are dropped at once (EHOSTUNREACH); those
         # that had every stored event before leaving wait for the job's next event
-        assert _next_vitals(svc)["followers"] <= 550
+        assert _next_vitals(svc)["followers"] <= 1000
         before = len(stored.read_text().splitlines())
         os.kill(pid, signal.SIGCONT)  # its next event finds each of them gone
         _until("an event", lambda: len(stored.read_text().splitlines()) > before)
@@ -262,8 +262,9 @@ def test_followers_that_leave_mid_stream_leave_nothing_behind(service, make_conf
     assert svc.proc.poll() is None
     assert after["followers"] == 0
     assert after["tasks"] == baseline["tasks"], (baseline, after)
-    # 500 leaked followers of a few KiB each would show; allocator noise stays below this
-    assert after["rss"] - baseline["rss"] < 4 << 20, (baseline, after)
+    # 500 more followers after the warm-up: 4 KiB leaked by each would show (measured: the
+    # first round of 500 adds ~3.7 MB, the second ~0.1 MB)
+    assert after["rss"] - baseline["rss"] < 2 << 20, (baseline, after)
     svc.stop()
 
 
