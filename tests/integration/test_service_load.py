@@ -291,7 +291,7 @@ def service_thread(state_dir: Path, slots: int, **options: Any) -> Iterator[JobS
 def test_a_quiet_job_forgets_followers_that_left(make_config, tmp_path):
     # 4 processes never fit in 1 slot: the job stays queued, and emits nothing
     config = to_dict(make_config("ps-sync", 2, shards=2))
-    with service_thread(tmp_path / "state", 1, follower_ttl=1.0) as svc:
+    with service_thread(tmp_path / "state", 1, follower_ttl=2.0) as svc:
 
         async def main():
             async with Client(svc.endpoint, follow_idle=0.3) as live:
@@ -307,7 +307,9 @@ def test_a_quiet_job_forgets_followers_that_left(make_config, tmp_path):
                         peer.close(linger=1000)
                 finally:
                     ctx.term()
-                await asyncio.sleep(0.5)
+                deadline = time.monotonic() + 1.5  # within follower_ttl of their requests
+                while time.monotonic() < deadline and len(svc._subscribers[job]) < 21:
+                    await asyncio.sleep(0.02)
                 assert len(svc._subscribers[job]) == 21  # one live, 20 gone
                 deadline = time.monotonic() + 4 * VITALS_EVERY
                 while time.monotonic() < deadline and len(svc._subscribers.get(job, ())) > 1:
