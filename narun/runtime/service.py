@@ -31,6 +31,7 @@ import json
 import signal
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,7 @@ class JobService:
         self._running: dict[str, asyncio.subprocess.Process] = {}
         # job -> route -> [request id, next seq, when last sent to or asked (monotonic)]
         self._subscribers: dict[str, dict[bytes, list[Any]]] = {}
+        self._unfollowed_streams: deque[tuple[bytes, int]] = deque(maxlen=256)  # (route, id)
         self._changed = Broadcast()
         self._tasks = Background("job service", on_error=self._fail)
         self._failure: BaseException | None = None
@@ -116,8 +118,8 @@ class JobService:
                 curve = CurveServer(self.keys.keypair, auth)
             channel = open_channel(context, "router", bind=self.listen, curve=curve)
             self.endpoint = channel.endpoint
-            self._server = Mailbox(channel, "job service", self._handle,
-                                   on_error=self._fail).start()
+            self._server = Mailbox(channel, "job service", self._handle, on_error=self._fail,
+                                   on_stray_error=self._unfollowed).start()
             for job in self.store.ordered():  # what a killed service left running
                 if job.state.state == "running":
                     job.state.state, job.state.resume = "queued", True
@@ -299,6 +301,23 @@ class JobService:
                     del subscribers[route]
             if not subscribers:
                 del self._subscribers[job_id]
+
+    def _unfollowed(self, msg: Message, route: bytes | None) -> bool:
+        """A follower answered its stream with an `error`: it reads it no more (narun.client
+        does so once its `events` loop was left, its connection still open). Stop sending."""
+        if route is None:
+            return False
+        if (route, msg.id) in self._unfollowed_streams:
+            return True  # one of the events that were on their way when it stopped reading
+        for job_id, subscribers in self._subscribers.items():
+            sub = subscribers.get(route)
+            if sub is not None and sub[0] == msg.id:
+                del subscribers[route]
+                if not subscribers:
+                    del self._subscribers[job_id]
+                self._unfollowed_streams.append((route, msg.id))
+                return True
+        return False
 
     # -- events ------------------------------------------------------------------------
     async def _publish(self, job: StoredJob, event: dict[str, Any]) -> None:

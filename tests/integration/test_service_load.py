@@ -268,6 +268,30 @@ def test_followers_that_leave_mid_stream_leave_nothing_behind(service, make_conf
     svc.stop()
 
 
+def test_a_client_that_stops_reading_a_stream_is_no_longer_sent_it(service, make_config):
+    svc = service(slots=2, env=DEBUG)
+    config = to_dict(make_config("local", 0, steps=10_000_000, eval_every=0,
+                                 checkpoint_every=0))
+
+    async def main():
+        async with Client(svc.endpoint) as client:
+            job = await client.submit(config)
+            async for event in client.events(job):
+                if event["event"] == "step":
+                    break  # the connection stays open: each later event is answered `error`
+            vitals = await asyncio.to_thread(
+                _until, "the follower to be dropped",
+                lambda: (v := _next_vitals(svc))["followers"] == 0 and v)
+            await client.cancel(job)
+            return vitals
+
+    vitals = uvloop.run(main())
+    assert vitals["running"] == 1  # dropped while its job ran on
+    # each event sent after it stopped reading came back as an `error`; none was unexpected
+    assert svc.lines("runtime.unsolicited_error") == []
+    svc.stop()
+
+
 @contextlib.contextmanager
 def service_thread(state_dir: Path, slots: int, **options: Any) -> Iterator[JobService]:
     """A JobService on loopback on a thread of this process (its tables readable)."""
