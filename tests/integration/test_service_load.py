@@ -1,6 +1,9 @@
 """The job service under hostile and heavy use (issue 14, item 6): a flood of garbage on
-its control socket, 50 followers of one job, 500 followers that leave mid-stream, a peer
-without an authorised key. Each ends with a job submitted by narun.client completing."""
+its control socket, 50 followers of one job, 500 followers that leave mid-stream (and a
+quiet job's followers that left, and a client that stops reading but stays connected), a
+peer without an authorised key. The service's counters come from its log: `service.vitals`
+(NARUN_LOG_LEVEL=debug) and `service.stopped`; the quiet-job test runs a JobService on a
+thread of this process to read its subscriber table."""
 
 from __future__ import annotations
 
