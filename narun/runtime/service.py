@@ -57,6 +57,7 @@ log = structlog.get_logger("narun.service")
 DEFAULT_PORT = 7700
 BATCH = 256  # events per `events` message
 RETRY_BACKOFF = (5.0, 60.0)  # seconds before a retry: first, and the most
+TICK = 1.0  # seconds between the scheduler's passes when nothing wakes it
 VITALS_EVERY = 2.0  # seconds between `service.vitals` (debug) and sweeps of idle followers
 
 
@@ -192,9 +193,8 @@ class JobService:
                 if self._needs(job) > self.slots - self._used():
                     break
                 await self._start(job)
-            with contextlib.suppress(WaitTimeout):
-                await self._changed.wait_until(lambda: False, timeout=1.0,
-                                               who="job service", what="a change")
+            # woken by a change (a submit, a job's end), else each TICK (retry back-offs)
+            await self._changed.wait(TICK)
 
     async def _start(self, job: StoredJob) -> None:
         st = job.state

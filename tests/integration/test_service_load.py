@@ -315,6 +315,22 @@ def service_thread(state_dir: Path, slots: int, **options: Any) -> Iterator[JobS
         assert result == [0], result
 
 
+def test_a_submit_wakes_the_scheduler(make_config, tmp_path, monkeypatch):
+    import narun.runtime.service
+
+    monkeypatch.setattr(narun.runtime.service, "TICK", 3600.0)  # only a wake-up starts it
+    config = to_dict(make_config("local", 0, steps=3))
+    with service_thread(tmp_path / "state", 1) as svc:
+
+        async def main():
+            async with Client(svc.endpoint) as client:
+                job = await client.submit(config)
+                async with asyncio.timeout(30):
+                    return await client.wait(job)
+
+        assert uvloop.run(main()).state == "done"
+
+
 def test_a_quiet_job_forgets_followers_that_left(make_config, tmp_path):
     # 4 processes never fit in 1 slot: the job stays queued, and emits nothing
     config = to_dict(make_config("ps-sync", 2, shards=2))
