@@ -374,11 +374,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from narun import logs
 
-    logs.configure(json_lines=True if args.log_json else None)
+    # NARUN_LOG_LEVEL=debug adds the long-lived services' vitals (tasks, rss), as for workers
+    level = os.environ.get("NARUN_LOG_LEVEL", "info")
+    if level.lower() not in LOG_LEVELS:
+        _report_error(args, ConfigError(f"NARUN_LOG_LEVEL={level!r}: expected one of "
+                                        f"{', '.join(LOG_LEVELS)} [from the environment]"))
+        return EXIT_USAGE
+    logs.configure(json_lines=True if args.log_json else None, level=level)
     try:
         return args.fn(args)
     except ConfigError as e:

@@ -68,12 +68,15 @@ class Mailbox:
 
     def __init__(self, channel: Channel, name: str, handler: Handler | None = None,
                  watch: bool = False, on_error: Callable[[BaseException], None] | None = None,
-                 max_requests: int = MAX_REQUESTS) -> None:
+                 max_requests: int = MAX_REQUESTS,
+                 on_stray_error: Callable[[Message, bytes | None], bool] | None = None) -> None:
         self.channel = channel
         self.name = name
         self.handler = handler
         self.max_requests = max_requests
         self._on_error = on_error
+        # an `error` answering no call of ours: the owner may claim it (True), else logged
+        self._on_stray_error = on_stray_error
         self._pending: dict[int, tuple[asyncio.Future[Message], bytes | None]] = {}
         # id -> (what arrives for a stream, its peer): several answers to one request
         self._streams: dict[int, tuple[asyncio.Queue[Message | BaseException],
@@ -232,8 +235,9 @@ class Mailbox:
             elif stream is not None and stream[1] == route:
                 stream[0].put_nowait(msg)
             elif msg.type == "error":
-                log.warning("runtime.unsolicited_error", mailbox=self.name,
-                            code=msg["code"], message=msg["message"])
+                if self._on_stray_error is None or not self._on_stray_error(msg, route):
+                    log.warning("runtime.unsolicited_error", mailbox=self.name,
+                                code=msg["code"], message=msg["message"])
             elif self._serving >= self.max_requests:
                 await self._refuse_busy(msg, route)
             else:

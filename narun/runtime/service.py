@@ -15,6 +15,12 @@ reads the job's events from that process's stdout, numbers them, writes them
 - SIGTERM drains: every running job checkpoints and stops, and is queued to resume.
 - `runtime.job_retries` runs a failed job again from its checkpoint after a back-off;
   `runtime.deadline` stops a job that ran longer and fails it with reason `deadline`.
+- A follower is forgotten once nothing was sent to it, and it did not ask again, for
+  `follower_ttl` seconds: a client that left while its job was quiet (queued, or between
+  events) leaves no subscription behind. A live Client asks again after `follow_idle`
+  (5 s) of silence, which renews it; one forgotten resumes from its last `seq` when it asks.
+- With --keys, a peer without an authorised key never reaches the handler: `processed`
+  counts the messages that did (logged in `service.stopped`, and each `service.vitals`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import signal
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +39,7 @@ import structlog
 import zmq.asyncio
 
 import narun
-from narun._process import die_with_parent
+from narun._process import die_with_parent, rss_bytes
 from narun.config import config_from_dict, to_dict
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
 from narun.metrics import Metrics, serve_metrics
@@ -52,6 +59,8 @@ log = structlog.get_logger("narun.service")
 DEFAULT_PORT = 7700
 BATCH = 256  # events per `events` message
 RETRY_BACKOFF = (5.0, 60.0)  # seconds before a retry: first, and the most
+TICK = 1.0  # seconds between the scheduler's passes when nothing wakes it
+VITALS_EVERY = 2.0  # seconds between `service.vitals` (debug) and sweeps of idle followers
 
 
 class JobService:
@@ -64,7 +73,8 @@ class JobService:
     def __init__(self, listen: str, state_dir: Path, slots: int,
                  hosts: list[Host] | None = None, keys: NodeKeys | None = None,
                  keys_dir: str | None = None, grace: float = 120.0,
-                 notifier: Notifier | None = None, metrics_port: int | None = None) -> None:
+                 notifier: Notifier | None = None, metrics_port: int | None = None,
+                 follower_ttl: float = 60.0) -> None:
         if keys is None and not is_loopback(listen.split("//")[-1].rsplit(":", 1)[0]):
             raise ConfigError(f"--listen {listen}: a job service reachable from other hosts "
                               f"needs CURVE keys: `narun keys generate DIR --name "
@@ -85,10 +95,14 @@ class JobService:
         self.metrics_port = metrics_port
         self.metrics_address = ""
         self.endpoint = ""
-        self.refused = 0
+        self.follower_ttl = follower_ttl
+        self.refused = 0  # refusals the metrics have counted
+        self.processed = 0  # messages that reached the handler (authorised peers only)
         self._server: Mailbox | None = None
         self._running: dict[str, asyncio.subprocess.Process] = {}
-        self._subscribers: dict[str, dict[bytes, list[int]]] = {}  # job -> route -> [id, seq]
+        # job -> route -> [request id, next seq, when last sent to or asked (monotonic)]
+        self._subscribers: dict[str, dict[bytes, list[Any]]] = {}
+        self._unfollowed_streams: deque[tuple[bytes, int]] = deque(maxlen=256)  # (route, id)
         self._changed = Broadcast()
         self._tasks = Background("job service", on_error=self._fail)
         self._failure: BaseException | None = None
@@ -111,8 +125,8 @@ class JobService:
                 curve = CurveServer(self.keys.keypair, auth)
             channel = open_channel(context, "router", bind=self.listen, curve=curve)
             self.endpoint = channel.endpoint
-            self._server = Mailbox(channel, "job service", self._handle,
-                                   on_error=self._fail).start()
+            self._server = Mailbox(channel, "job service", self._handle, on_error=self._fail,
+                                   on_stray_error=self._unfollowed).start()
             for job in self.store.ordered():  # what a killed service left running
                 if job.state.state == "running":
                     job.state.state, job.state.resume = "queued", True
@@ -126,6 +140,7 @@ class JobService:
             self._count_states()
             self._tasks.spawn(self._schedule(), "scheduler")
             self._tasks.spawn(self.notifier.run_watchdog(), "systemd watchdog")
+            self._tasks.spawn(self._housekeeping(), "followers' sweep and vitals")
             log.info("service.listening", endpoint=self.endpoint, slots=self.slots,
                      jobs=len(self.store.jobs), hosts=[str(h) for h in self.hosts or []],
                      metrics=self.metrics_address or None)
@@ -137,6 +152,10 @@ class JobService:
             await self._drain()
             if metrics_server is not None:
                 metrics_server.close()
+            # what reached the handler; what the decoder and CURVE turned away before it
+            log.info("service.stopped", processed=self.processed,
+                     refused=self._server.channel.refused if self._server else 0,
+                     denied=auth.denied if auth is not None else 0)
             return 0
         finally:
             self._tasks.cancel()
@@ -201,9 +220,8 @@ class JobService:
                 if self._needs(job) > self.slots - self._used():
                     break
                 await self._start(job)
-            with contextlib.suppress(WaitTimeout):
-                await self._changed.wait_until(lambda: False, timeout=1.0,
-                                               who="job service", what="a change")
+            # woken by a change (a submit, a job's end), else each TICK (retry back-offs)
+            await self._changed.wait(TICK)
 
     async def _start(self, job: StoredJob) -> None:
         st = job.state
@@ -292,6 +310,42 @@ class JobService:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)  # drain: checkpoint, then exit
 
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(VITALS_EVERY)
+            self._sweep(time.monotonic())
+            # what an operator (and the load test) watches for leaks: flat after warm-up
+            log.debug("service.vitals", tasks=len(asyncio.all_tasks()), rss=rss_bytes(),
+                      followers=sum(len(s) for s in self._subscribers.values()),
+                      running=len(self._running), processed=self.processed)
+
+    def _sweep(self, now: float) -> None:
+        """Forget followers idle for follower_ttl: a follower that left is only noticed when
+        something is sent to it (EHOSTUNREACH), and a quiet job sends nothing."""
+        for job_id, subscribers in list(self._subscribers.items()):
+            for route, sub in list(subscribers.items()):
+                if now - sub[2] > self.follower_ttl:
+                    del subscribers[route]
+            if not subscribers:
+                del self._subscribers[job_id]
+
+    def _unfollowed(self, msg: Message, route: bytes | None) -> bool:
+        """A follower answered its stream with an `error`: it reads it no more (narun.client
+        does so once its `events` loop was left, its connection still open). Stop sending."""
+        if route is None:
+            return False
+        if (route, msg.id) in self._unfollowed_streams:
+            return True  # one of the events that were on their way when it stopped reading
+        for job_id, subscribers in self._subscribers.items():
+            sub = subscribers.get(route)
+            if sub is not None and sub[0] == msg.id:
+                del subscribers[route]
+                if not subscribers:
+                    del self._subscribers[job_id]
+                self._unfollowed_streams.append((route, msg.id))
+                return True
+        return False
+
     # -- events ------------------------------------------------------------------------
     async def _publish(self, job: StoredJob, event: dict[str, Any]) -> None:
         job.append(event)
@@ -308,7 +362,7 @@ class JobService:
         assert self._server is not None
         final = job.state.state in FINAL
         for route, sub in list(subscribers.items()):
-            msg_id, seq = sub
+            msg_id, seq, _ = sub
             try:
                 while seq < len(job.events):
                     batch = job.events[seq:seq + BATCH]
@@ -316,16 +370,17 @@ class JobService:
                                                     since=seq, events=batch),
                                             to=route, timeout=0.0)
                     seq += len(batch)
-                    sub[1] = seq
+                    sub[1], sub[2] = seq, time.monotonic()
                 if final:
                     await self._server.send(message("events", msg_id, job=job.state.job,
                                                     since=seq, events=[]),
                                             to=route, timeout=0.0)
-                    del subscribers[route]
+                    subscribers.pop(route, None)
             except (ActorDiedError, WaitTimeout):
                 subscribers.pop(route, None)
-        if not subscribers:
-            self._subscribers.pop(job.state.job, None)
+        # a send that waited may have let the sweep, or another flush, replace the table
+        if not subscribers and self._subscribers.get(job.state.job) is subscribers:
+            del self._subscribers[job.state.job]
 
     # -- requests ----------------------------------------------------------------------
     def _job(self, job_id: str) -> StoredJob:
@@ -337,6 +392,7 @@ class JobService:
 
     async def _handle(self, msg: Message, route: bytes | None) -> Message | None:
         assert route is not None
+        self.processed += 1
         if msg.type == "hello":
             return reply(msg, "welcome", role="coordinator", software=narun.__version__,
                          heartbeat_interval=1.0)
@@ -357,7 +413,7 @@ class JobService:
         if msg.type == "events" and msg.get("events") is None:
             job = self._job(msg["job"])
             self._subscribers.setdefault(job.state.job, {})[route] = [
-                msg.id, max(0, min(msg["since"], len(job.events)))]
+                msg.id, max(0, min(msg["since"], len(job.events))), time.monotonic()]
             await self._flush(job)
             return None
         raise ReplyError("unsupported", f"the job service does not handle {msg.type!r} "

@@ -521,3 +521,12 @@ def test_keys_generate_writes_a_loadable_keypair_and_never_overwrites(tmp_path):
     again = narun_cli("keys", "generate", str(tmp_path / "keys"), "--name", "node1")
     assert again.returncode == 2 and "already exists" in again.stderr
     assert load_keypair(secret).secret == pair.secret  # untouched
+
+
+def test_an_unknown_narun_log_level_exits_2_naming_it(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "narun.cli", "config", "check",
+                          str(tmp_path / "none.yaml")], cwd=ROOT,
+                         env={**ENV, "NARUN_LOG_LEVEL": "loud"}, capture_output=True,
+                         encoding="utf-8", timeout=60)
+    assert run.returncode == 2
+    assert "NARUN_LOG_LEVEL='loud': expected one of debug, info, warning" in run.stderr

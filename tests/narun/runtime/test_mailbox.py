@@ -205,3 +205,34 @@ async def test_requests_in_flight_are_bounded_and_the_rest_refused_busy():
         cli.close()
         srv.close()
         ctx.destroy(linger=0)
+
+
+async def test_an_error_answering_no_call_goes_to_the_owner_who_may_claim_it():
+    from structlog.testing import capture_logs
+
+    from protocol import error_message
+
+    ctx = zmq.asyncio.Context()
+    strays: list[tuple[int, str]] = []
+
+    def claim(msg, route):
+        strays.append((msg.id, msg["code"]))
+        return msg.id == 1  # claims id 1; id 2 is left to the log
+
+    srv = Mailbox(open_channel(ctx, "router", bind="tcp://127.0.0.1:0"), "server",
+                  Server().handle, on_stray_error=claim).start()
+    cli = open_channel(ctx, "dealer", connect=srv.channel.endpoint)
+    try:
+        with capture_logs() as logs:
+            for id_ in (1, 2):
+                await cli.send(error_message(id_, "unsupported", "no"))
+            deadline = time.monotonic() + 5
+            while len(strays) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+    finally:
+        cli.close()
+        srv.close()
+        ctx.destroy(linger=0)
+    assert strays == [(1, "unsupported"), (2, "unsupported")]
+    assert [(e["event"], e["message"]) for e in logs] == [("runtime.unsolicited_error", "no")]
