@@ -300,3 +300,24 @@ def test_the_command_line_client(service, make_config, tmp_path):
     missing = narun("status", "nope-0009")
     assert missing.returncode == 1 and "no job 'nope-0009'" in missing.stderr
     svc.stop()
+
+
+def test_the_service_speaks_sd_notify(tmp_path):
+    import socket
+
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(10)
+    try:
+        svc = ServiceProcess(tmp_path / "service",
+                             env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+        got = [sock.recv(4096).decode() for _ in range(3)]
+        assert got[0].startswith("READY=1\nSTATUS=serving on tcp://127.0.0.1:")
+        assert got[1:] == ["WATCHDOG=1"] * 2
+        assert svc.stop() == 0
+        messages = []
+        while not any(m.startswith("STOPPING=1") for m in messages):
+            messages.append(sock.recv(4096).decode())
+    finally:
+        sock.close()
