@@ -154,9 +154,9 @@ def add_commands(sub: Any) -> None:
     c.add_argument("--state-dir", default="~/.local/state/narun/coordinator", metavar="DIR",
                    help="jobs' configs, states, events and (relative) out_dirs "
                         "(default %(default)s)")
-    c.add_argument("--slots", type=int, default=os.cpu_count() or 1, metavar="N",
-                   help="processes it runs at once over all jobs (default: the core count, "
-                        "%(default)s)")
+    c.add_argument("--slots", type=int, metavar="N",
+                   help="processes it runs at once over all jobs (default: this machine's "
+                        f"cores, {os.cpu_count()}; with --hosts, the agents' free slots)")
     c.add_argument("--metrics-port", type=int, metavar="P",
                    help="serve Prometheus metrics at http://LISTEN-HOST:P/metrics (0: any "
                         "free port, logged)")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -67,10 +68,11 @@ class JobService:
     """Serves clients on `listen` until SIGTERM (see the module docstring).
 
     `hosts`: the agents jobs run on (narun launch), or None to run them on this machine.
-    `slots`: processes the service runs at once over all jobs.
+    `slots`: processes the service runs at once over all jobs; None: this machine's cores,
+    or with `hosts` the agents' free slots when the service starts.
     """
 
-    def __init__(self, listen: str, state_dir: Path, slots: int,
+    def __init__(self, listen: str, state_dir: Path, slots: int | None,
                  hosts: list[Host] | None = None, keys: NodeKeys | None = None,
                  keys_dir: str | None = None, grace: float = 120.0,
                  notifier: Notifier | None = None, metrics_port: int | None = None,
@@ -80,11 +82,13 @@ class JobService:
                               f"needs CURVE keys: `narun keys generate DIR --name "
                               f"coordinator`, authorize each client's key in it, and pass "
                               f"--keys DIR (or listen on 127.0.0.1)")
-        if slots < 1:
+        if slots is not None and slots < 1:
             raise ConfigError(f"--slots: expected >= 1, got {slots}")
+        if slots is None and hosts is None:
+            slots = os.cpu_count() or 1
         self.listen = listen
         self.store = JobStore(state_dir)
-        self.slots = slots
+        self.slots = slots or 0  # with hosts and no --slots: asked of the agents in run()
         self.hosts = hosts
         self.keys = keys
         self.keys_dir = keys_dir
@@ -137,6 +141,8 @@ class JobService:
                 metrics_server = await serve_metrics(self.metrics, host, self.metrics_port)
                 port = metrics_server.sockets[0].getsockname()[1]
                 self.metrics_address = f"http://{host}:{port}/metrics"
+            if not self.slots:
+                self.slots = await self._agents_slots(context)
             self._count_states()
             self._tasks.spawn(self._schedule(), "scheduler")
             self._tasks.spawn(self.notifier.run_watchdog(), "systemd watchdog")
@@ -197,6 +203,29 @@ class JobService:
 
     def _used(self) -> int:
         return sum(self._needs(self.store.jobs[j]) for j in self._running)
+
+    async def _agents_slots(self, context: zmq.asyncio.Context) -> int:
+        """The agents' free slots, asked as `narun launch` asks them (each must answer and
+        reach this service); ConfigError naming a host that does not."""
+        from narun.runtime.agents import AgentLink
+        from narun.runtime.hosts import route_to
+        from protocol.curve import CurveClient
+
+        assert self.hosts is not None
+        port = self.endpoint.rsplit(":", 1)[1]
+        links = []
+        try:
+            for host in self.hosts:
+                curve = None if self.keys is None else CurveClient(
+                    self.keys.keypair, self.keys.public_key_of(host.host))
+                links.append(AgentLink(host, "service", context, curve, 1.0, 10.0,
+                                       lambda *_: None))
+            await asyncio.gather(*(link.hello(f"tcp://{route_to(link.host.host, link.host.port)}"
+                                              f":{port}") for link in links))
+            return sum(link.slots for link in links)
+        finally:
+            for link in links:
+                link.close()
 
     def _count_states(self) -> None:
         counts = dict.fromkeys(("queued", "running", *FINAL), 0)

@@ -16,7 +16,7 @@ class ServiceProcess:
     """`narun coordinator` on loopback, its log in state_dir.log. `keys`: its --keys DIR;
     `env`: more environment (NARUN_LOG_LEVEL=debug logs `service.vitals`)."""
 
-    def __init__(self, state_dir: Path, slots: int = 4, port: int = 0,
+    def __init__(self, state_dir: Path, slots: int | None = 4, port: int = 0,
                  keys: Path | None = None, env: dict[str, str] | None = None,
                  hosts: str | None = None) -> None:
         self.state_dir, self.slots, self.keys, self.env = state_dir, slots, keys, env or {}
@@ -27,8 +27,9 @@ class ServiceProcess:
     def start(self, port: int = 0) -> None:
         self.log.write_text("")
         argv = [sys.executable, "-m", "narun.cli", "--log-json", "coordinator", "--listen",
-                f"tcp://127.0.0.1:{port}", "--state-dir", str(self.state_dir), "--slots",
-                str(self.slots)] + (["--hosts", self.hosts] if self.hosts else [])
+                f"tcp://127.0.0.1:{port}", "--state-dir", str(self.state_dir)]
+        argv += ["--slots", str(self.slots)] if self.slots else []
+        argv += ["--hosts", self.hosts] if self.hosts else []
         if self.keys is not None:
             argv += ["--keys", str(self.keys)]
         with open(self.log, "ab") as log:

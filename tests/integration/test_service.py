@@ -223,7 +223,7 @@ def test_a_service_over_agents_runs_jobs_through_launch(tmp_path, make_config):
     agents = [AgentProcess("tcp://127.0.0.1:0", tmp_path / f"agent{i}", slots=2)
               for i in range(2)]
     hosts = ",".join(a.endpoint.removeprefix("tcp://") for a in agents)
-    svc = ServiceProcess(tmp_path / "service", slots=4, hosts=hosts)
+    svc = ServiceProcess(tmp_path / "service", slots=None, hosts=hosts)  # the agents' slots
     try:
         with SyncClient(svc.endpoint) as client:
             job = client.submit(_config(make_config, mode="ps-sync", workers=2, out="h",
@@ -235,6 +235,7 @@ def test_a_service_over_agents_runs_jobs_through_launch(tmp_path, make_config):
         for a in agents:
             a.stop()
     assert final.state == "done"
+    assert svc.lines("service.listening")[0]["slots"] == 4  # 2 agents x 2
     placement = next(e for e in events if e["event"] == "placement")
     assert {p["host"] for p in placement["processes"]} == set(hosts.split(","))
 
