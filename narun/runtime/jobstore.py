@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from narun.checkpoint._fs import fsync_dir
+
 FINAL = ("done", "failed", "cancelled")
 _NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -114,7 +116,7 @@ class JobStore:
         job = StoredJob(JobState(job_id, name, seq, config["training"]["steps"],
                                  submitted=now), directory, config)
         job.save_state()
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self.jobs[job_id] = job
         return job
 
@@ -148,11 +150,3 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

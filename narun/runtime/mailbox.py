@@ -165,12 +165,18 @@ class Mailbox:
         finally:
             self._pending.pop(msg.id, None)
         if reply.type == "error":
-            text = (f"{self._who(to)} refused {msg.type} ({what}): [{reply['code']}] "
-                    f"{reply['message']}")
-            if reply["code"] == "internal":
-                raise RemoteError(text, reply["traceback"])
-            raise Refused(text, reply["code"], reply["traceback"])
+            raise self._refusal(reply, msg, what, to)
         return reply
+
+    def _refusal(self, error: Message, msg: Message, what: str,
+                 to: bytes | None) -> RemoteError:
+        """What an `error` answer to `msg` raises: RemoteError for the handler's failure,
+        Refused for a refusal code the caller may decide about."""
+        text = (f"{self._who(to)} refused {msg.type} ({what}): [{error['code']}] "
+                f"{error['message']}")
+        if error["code"] == "internal":
+            return RemoteError(text, error["traceback"])
+        return Refused(text, error["code"], error["traceback"])
 
     async def stream(self, msg: Message, *, timeout: float, what: str,
                      to: bytes | None = None) -> AsyncIterator[Message]:
@@ -195,11 +201,7 @@ class Mailbox:
                 if isinstance(item, BaseException):
                     raise item
                 if item.type == "error":
-                    text = (f"{self._who(to)} refused {msg.type} ({what}): [{item['code']}] "
-                            f"{item['message']}")
-                    if item["code"] == "internal":
-                        raise RemoteError(text, item["traceback"])
-                    raise Refused(text, item["code"], item["traceback"])
+                    raise self._refusal(item, msg, what, to)
                 yield item
         finally:
             self._streams.pop(msg.id, None)
