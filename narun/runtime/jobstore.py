@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from array import array
+from collections import deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 from narun.checkpoint._fs import fsync_dir
 
@@ -51,27 +53,65 @@ class JobState:
                 "message": self.message}
 
 
-@dataclass
 class StoredJob:
-    state: JobState
-    directory: Path
-    config: dict[str, Any]
-    events: list[dict[str, Any]] = field(default_factory=list)  # every event, seq = index
-    _log: TextIO | None = None
+    """One job: its state and config, and its events in events.jsonl. Events stay on disk
+    (an index of line offsets, 8 bytes each, and the newest TAIL in memory): a long job's
+    million steps would otherwise hold hundreds of MB in the service for its whole life."""
+
+    TAIL = 1024  # newest events kept in memory: what live followers ask for
+
+    def __init__(self, state: JobState, directory: Path, config: dict[str, Any]) -> None:
+        self.state = state
+        self.directory = directory
+        self.config = config
+        self._offsets = array("q")  # byte offset of each event's line
+        self._tail: deque[dict[str, Any]] = deque(maxlen=self.TAIL)
+        self._log: BinaryIO | None = None
 
     @property
     def out_dir(self) -> Path:
         return Path(self.config["training"]["out_dir"])
 
+    @property
+    def count(self) -> int:
+        """Events so far (the next one's seq)."""
+        return len(self._offsets)
+
     def append(self, event: dict[str, Any]) -> dict[str, Any]:
         """Number an event, write and flush it; the numbered event."""
-        numbered = {"seq": len(self.events), **event}
+        numbered = {"seq": self.count, **event}
         if self._log is None:
-            self._log = open(self.directory / "events.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (held open for the job's life)
-        self._log.write(json.dumps(numbered) + "\n")
+            self._log = open(self.directory / "events.jsonl", "ab")  # noqa: SIM115 (held open for the job's life)
+        offset = self._log.tell()
+        self._log.write((json.dumps(numbered) + "\n").encode())
         self._log.flush()
-        self.events.append(numbered)
+        self._tail.append(numbered)
+        self._offsets.append(offset)  # last: a reader counts only lines written whole
         return numbered
+
+    def in_memory(self, start: int) -> bool:
+        """Whether events from seq `start` on are read without touching the disk."""
+        return start >= self.count - len(self._tail)
+
+    def read(self, start: int, limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` events from seq `start` (call it where events are appended: the
+        in-memory tail moves with each append)."""
+        stop = min(self.count, start + limit)
+        first_kept = self.count - len(self._tail)
+        if start >= first_kept:
+            return [self._tail[i - first_kept] for i in range(start, stop)]
+        return self.read_disk(start, stop)
+
+    def read_disk(self, start: int, stop: int) -> list[dict[str, Any]]:
+        """Events `start` to `stop` (exclusive, <= count) from events.jsonl; safe from
+        another thread, since written lines never change."""
+        if start >= stop:
+            return []
+        with open(self.directory / "events.jsonl", "rb") as f:
+            f.seek(self._offsets[start])
+            end = self._offsets[stop] if stop < len(self._offsets) else None
+            data = f.read() if end is None else f.read(end - self._offsets[start])
+        return [json.loads(line) for line in data.splitlines()[:stop - start]]
 
     def save_state(self) -> None:
         if self._log is not None:
@@ -130,16 +170,20 @@ def _load(directory: Path) -> StoredJob | None:
     job = StoredJob(state, directory, config)
     events = directory / "events.jsonl"
     if events.exists():
-        for line in events.read_text(encoding="utf-8").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                break  # a line cut by a crash: the last one, never delivered whole
-            if event.get("seq") != len(job.events):
-                break
-            job.events.append(event)
-        # rewrite what was read whole, so appends continue after it
-        _write_atomic(events, "".join(json.dumps(e) + "\n" for e in job.events))
+        offset = 0
+        with open(events, "rb") as f:
+            for line in f:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    break  # a line cut by a crash: the last one, never delivered whole
+                if not line.endswith(b"\n") or event.get("seq") != job.count:
+                    break
+                job._offsets.append(offset)
+                job._tail.append(event)
+                offset += len(line)
+        with open(events, "r+b") as f:  # drop what was not read whole: appends follow it
+            f.truncate(offset)
     return job
 
 

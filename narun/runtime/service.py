@@ -106,6 +106,7 @@ class JobService:
         self._running: dict[str, asyncio.subprocess.Process] = {}
         # job -> route -> [request id, next seq, when last sent to or asked (monotonic)]
         self._subscribers: dict[str, dict[bytes, list[Any]]] = {}
+        self._sending: set[tuple[str, bytes]] = set()  # (job, follower) a flush sends to now
         self._unfollowed_streams: deque[tuple[bytes, int]] = deque(maxlen=256)  # (route, id)
         self._changed = Broadcast()
         self._tasks = Background("job service", on_error=self._fail)
@@ -381,20 +382,30 @@ class JobService:
         self.metrics.observe(job.state.job, event)
         await self._flush(job)
 
-    async def _flush(self, job: StoredJob) -> None:
-        """Send each follower of `job` what it has not had; the final empty batch once the
-        job is over. A follower that cannot take a message now is dropped: it resumes from
-        its last sequence number by asking again."""
+    async def _flush(self, job: StoredJob, only: bytes | None = None) -> None:
+        """Send each follower of `job` (or the one at `only`) what it has not had; the final
+        empty batch once the job is over. A follower that cannot take a message now is
+        dropped: it resumes from its last sequence number by asking again. A follower being
+        sent to already is left to that flush, which goes on to the newest event: two would
+        send the same batch twice (and a new follower's history, read from disk, once)."""
         subscribers = self._subscribers.get(job.state.job)
         if not subscribers:
             return
         assert self._server is not None
         final = job.state.state in FINAL
-        for route, sub in list(subscribers.items()):
-            msg_id, seq, _ = sub
+        chosen = subscribers.items() if only is None else (
+            [(only, subscribers[only])] if only in subscribers else [])
+        for route, sub in list(chosen):
+            msg_id, seq, _ = sub[:3]
+            busy = (job.state.job, route)
+            if busy in self._sending:
+                continue
+            self._sending.add(busy)
             try:
-                while seq < len(job.events):
-                    batch = job.events[seq:seq + BATCH]
+                while seq < job.count:
+                    batch = (job.read(seq, BATCH) if job.in_memory(seq) else
+                             await asyncio.to_thread(job.read_disk, seq,
+                                                     min(job.count, seq + BATCH)))
                     await self._server.send(message("events", msg_id, job=job.state.job,
                                                     since=seq, events=batch),
                                             to=route, timeout=0.0)
@@ -407,6 +418,8 @@ class JobService:
                     subscribers.pop(route, None)
             except (ActorDiedError, WaitTimeout):
                 subscribers.pop(route, None)
+            finally:
+                self._sending.discard(busy)
         # a send that waited may have let the sweep, or another flush, replace the table
         if not subscribers and self._subscribers.get(job.state.job) is subscribers:
             del self._subscribers[job.state.job]
@@ -442,8 +455,8 @@ class JobService:
         if msg.type == "events" and msg.get("events") is None:
             job = self._job(msg["job"])
             self._subscribers.setdefault(job.state.job, {})[route] = [
-                msg.id, max(0, min(msg["since"], len(job.events))), time.monotonic()]
-            await self._flush(job)
+                msg.id, max(0, min(msg["since"], job.count)), time.monotonic()]
+            await self._flush(job, only=route)
             return None
         raise ReplyError("unsupported", f"the job service does not handle {msg.type!r} "
                                         f"in this form")
