@@ -84,7 +84,7 @@ class Engine:
         for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"Engine: {name} must be an int >= 1, got {value!r}")
-        self.model = model
+        self.model = model.eval()  # serving is inference: dropout off, for good
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         cfg = model.config
@@ -178,8 +178,8 @@ class Engine:
         if not sampled and not plan.chunks:
             return outputs
         logits = self._forward(plan, ids, sampled)
-        for seq, row in zip(sampled, logits, strict=True):
-            outputs.append(self._emit(seq, row))
+        for seq, token, logprob in zip(sampled, *self._choose(sampled, logits), strict=True):
+            outputs.append(self._emit(seq, token, logprob))
         return outputs
 
     def _admit(self) -> None:
@@ -223,31 +223,38 @@ class Engine:
             if id(self._slots[slot]) in finishing:
                 rows.append(at - 1)  # the prompt's last token predicts the first new one
         model = self.model
-        was_training = model.training
-        model.eval()
-        try:
-            with narun.no_grad():
-                idx = narun.tensor(np.asarray(ids, dtype=np.int64)[None],
-                                   device=model.wte.weight.device)
-                logits = model.forward_at(idx, plan.positions(), self._cache.layers(plan),
-                                          rows)
-        finally:
-            model.train(was_training)
+        if model.training:  # someone switched it back; a walk over the modules, only then
+            model.eval()
+        with narun.no_grad():
+            idx = narun.tensor(np.asarray(ids, dtype=np.int64)[None],
+                               device=model.wte.weight.device)
+            logits = model.forward_at(idx, plan.positions(), self._cache.layers(plan), rows)
         for slot, pos in zip(plan.decode_slots, plan.decode_positions, strict=True):
             self._slots[slot].fed = pos + 1
         for slot, start, n in plan.chunks:
             self._slots[slot].fed = start + n
         return logits.numpy()[0].astype(np.float64)
 
-    def _emit(self, seq: _Sequence, logits: np.ndarray) -> Output:
-        if seq.temperature <= 0:
-            token = int(logits.argmax())
-            top = logits.max()
-            logprob = float(logits[token] - top - np.log(np.exp(logits - top).sum()))
-        else:
-            p = sampling_probs(logits[None], seq.temperature, seq.top_k)
-            token = int(draw_tokens(p, seq.rng)[0])
-            logprob = float(np.log(p[0, token]))
+    @staticmethod
+    def _choose(sampled: list[_Sequence], logits: np.ndarray) -> tuple[list[int], list[float]]:
+        """Each sequence's next token and its logprob; greedy rows all at once."""
+        tokens, logprobs = [0] * len(sampled), [0.0] * len(sampled)
+        greedy = [i for i, s in enumerate(sampled) if s.temperature <= 0]
+        if greedy:
+            g = logits[greedy]
+            best = g.argmax(axis=-1)
+            top = g[np.arange(len(greedy)), best]
+            lp = -np.log(np.exp(g - top[:, None]).sum(axis=-1))  # log softmax at the argmax
+            for j, i in enumerate(greedy):
+                tokens[i], logprobs[i] = int(best[j]), float(lp[j])
+        for i, seq in enumerate(sampled):
+            if seq.temperature > 0:
+                p = sampling_probs(logits[i:i + 1], seq.temperature, seq.top_k)
+                tokens[i] = int(draw_tokens(p, seq.rng)[0])
+                logprobs[i] = float(np.log(p[0, tokens[i]]))
+        return tokens, logprobs
+
+    def _emit(self, seq: _Sequence, token: int, logprob: float) -> Output:
         seq.generated.append(token)
         finished = None
         if any(tuple(seq.generated[-len(s):]) == s for s in seq.stop):

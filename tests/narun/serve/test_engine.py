@@ -62,7 +62,6 @@ def test_greedy_tokens_in_a_busy_batch_equal_generate_of_each_prompt_alone(case)
     # 3 slots for 6 requests: later ones wait, then reuse slots whose stale keys are longer
     engine = Engine(model, max_batch=3, prefill_chunk=4)
     outs, _ = run(engine, staggered(ps, 12, lambda i: {}))
-    assert model.training, "the engine restores the model's training mode"
     for i, p in enumerate(ps):
         alone = model.generate(p[None], 12, temperature=0.0)[0]
         assert tokens(outs[i]) == alone[len(p):].tolist(), i
@@ -74,6 +73,19 @@ def test_greedy_tokens_in_a_busy_batch_equal_generate_of_each_prompt_alone(case)
         np.testing.assert_allclose([o.logprob for o in outs[i]], expected, rtol=1e-9,
                                    atol=1e-12)
     assert len({tuple(tokens(o)) for o in outs.values()}) == len(ps), "distinct streams"
+
+
+def test_the_engine_serves_in_eval_mode_even_when_the_model_is_switched_back():
+    preset, overrides = CASES["gpt2"]
+    model = small_gpt(preset, block_size=BLOCK, dropout=0.5, **overrides)
+    p = prompts()[3]
+    alone = model.generate(p[None], 8, temperature=0.0)[0, len(p):].tolist()
+    assert model.training
+    engine = Engine(model, max_batch=2)
+    assert not model.training
+    model.train()  # dropout on: a step must not sample with it
+    outs, _ = run(engine, {0: [("r", p, dict(max_new_tokens=8))]})
+    assert tokens(outs["r"]) == alone and not model.training
 
 
 def sampling_of(i):
