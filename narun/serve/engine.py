@@ -133,10 +133,13 @@ class Engine:
                 f"add: prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} = "
                 f"{len(prompt) + max_new_tokens} exceeds the model's block_size "
                 f"{cfg.block_size}; shorten the prompt or ask for fewer tokens")
-        if not (temperature >= 0.0 and math.isfinite(temperature)):  # also refuses NaN
+        if not (isinstance(temperature, (int, float, np.integer, np.floating))
+                and not isinstance(temperature, bool)
+                and temperature >= 0.0 and math.isfinite(temperature)):  # also refuses NaN
             raise ConfigError(f"add: temperature must be a finite number >= 0 (0 = greedy), "
                               f"got {temperature}")
-        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+        if top_k is not None and (isinstance(top_k, bool)
+                                  or not isinstance(top_k, (int, np.integer)) or top_k < 1):
             raise ConfigError(f"add: top_k must be an int >= 1 (or None for no limit), "
                               f"got {top_k!r}")
         if isinstance(stop, (str, bytes)) or not isinstance(stop, Sequence):
@@ -169,17 +172,20 @@ class Engine:
 
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[Output]:
-        """Run one iteration; returns the tokens and endings it produced, in slot order."""
+        """Run one iteration; returns what it produced: the cancellations since the last
+        step, then one Output per sequence that got a token (decoding ones by slot, then
+        those whose prompt was completed). If the forward raises, no sequence has advanced
+        and the cancellations are reported by the next step."""
         outputs = [Output(s.request_id, None, None, len(s.generated), "cancelled")
                    for s in self._cancelled]
-        self._cancelled.clear()
         self._admit()
         plan, ids, sampled = self._plan()
-        if not sampled and not plan.chunks:
-            return outputs
-        logits = self._forward(plan, ids, sampled)
-        for seq, token, logprob in zip(sampled, *self._choose(sampled, logits), strict=True):
-            outputs.append(self._emit(seq, token, logprob))
+        if sampled or plan.chunks:
+            logits = self._forward(plan, ids, sampled)
+            for seq, token, logprob in zip(sampled, *self._choose(sampled, logits),
+                                           strict=True):
+                outputs.append(self._emit(seq, token, logprob))
+        self._cancelled.clear()
         return outputs
 
     def _admit(self) -> None:

@@ -226,7 +226,9 @@ def test_cancel_frees_the_slot_for_a_queued_request_and_leaves_the_others_alone(
     (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1, got 0"),
     (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
     (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature="hot"), "temperature must be a finite number >= 0"),
     (dict(top_k=0), "top_k must be an int >= 1"),
+    (dict(top_k=2.5), "top_k must be an int >= 1"),
     (dict(stop=[[]]), r"stop\[0\] is empty"),
     (dict(stop=[[3], [999]]), r"stop\[1\] holds token id 999"),
     (dict(stop=[7]), r"stop\[0\] must be a 1-D sequence"),
@@ -245,6 +247,27 @@ def test_a_prompt_that_fills_the_context_exactly_is_served():
     p = np.arange(BLOCK - 2) % 256
     outs, _ = run(engine, {0: [("r", p, dict(max_new_tokens=2))]})
     assert tokens(outs["r"]) == model.generate(p[None], 2, temperature=0.0)[0, -2:].tolist()
+
+
+def test_a_failing_forward_advances_nothing_and_loses_no_cancellation():
+    model = make_model("gpt2")
+    engine = Engine(model, max_batch=2, prefill_chunk=4)
+    p = prompts()[2]
+    engine.add("a", p, max_new_tokens=6)
+    engine.add("b", p, max_new_tokens=6)
+    first = engine.step()
+    engine.cancel("b")
+    forward_at = model.forward_at
+    model.forward_at = lambda *a, **k: (_ for _ in ()).throw(MemoryError("out of memory"))
+    with pytest.raises(MemoryError):
+        engine.step()
+    model.forward_at = forward_at
+    outs = first + engine.step()
+    assert [(o.request_id, o.finished) for o in outs] == [("b", "cancelled")]
+    while not engine.idle:
+        outs += engine.step()
+    alone = model.generate(p[None], 6, temperature=0.0)[0, len(p):].tolist()
+    assert [o.token for o in outs if o.request_id == "a"] == alone
 
 
 def test_duplicate_ids_and_bad_engine_settings_are_config_errors():
