@@ -119,6 +119,28 @@ class KVCache:
         self.length = end
         return Tensor._wrap(self.k[:, :, :end]), Tensor._wrap(self.v[:, :, :end])
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Attention of the new queries over every cached position plus their own keys.
+
+        Attention layers call this on whatever cache they are given, so a cache with another
+        layout (the serving engine's one slot per sequence) decides what each query sees.
+        """
+        past = self.length
+        k, v = self.append(k, v)
+        return attend_after(q, k, v, past)
+
+
+def attend_after(q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
+    """Causal attention of T queries at positions past .. past + T - 1 over keys and values
+    (..., past + T, D) that hold positions 0 .. past + T - 1."""
+    T = q.shape[2]
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+    mask = None
+    if T > 1:
+        mask = narun.tensor(np.tril(np.ones((T, past + T), dtype=bool), k=past))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
@@ -129,7 +151,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: Any = None) -> Tensor:
         B, T, C = x.shape
         H = self.n_head
         qkv = self.qkv(x).reshape(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
@@ -138,14 +160,7 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope
             q, k = F.apply_rotary_emb(q, cos, sin), F.apply_rotary_emb(k, cos, sin)
         if cache is not None:
-            past = cache.length
-            k, v = cache.append(k, v)
-            # The new queries see every cached position plus the causal part of their own.
-            causal = past == 0 and T > 1
-            mask = None
-            if past > 0 and T > 1:
-                mask = narun.tensor(np.tril(np.ones((T, past + T), dtype=bool), k=past))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            y = cache.attend(q, k, v)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
@@ -183,7 +198,7 @@ class Block(nn.Module):
         self.mlp = MLPBlock(cfg)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: Any = None) -> Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -220,7 +235,7 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: Any, caches: list[KVCache] | None = None) -> Tensor:
+    def forward(self, idx: Any, caches: list[Any] | None = None) -> Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T)."""
         idx = idx if isinstance(idx, Tensor) else narun.tensor(np.asarray(idx, dtype=np.int64))
         if idx.ndim != 2:
@@ -239,11 +254,38 @@ class GPT(nn.Module):
         else:
             rope = F.rotary_cos_sin(T, cfg.n_embd // cfg.n_head, base=cfg.rope_base,
                                     offset=offset, dtype=x.dtype, device=x.device)
-        x = self.drop(x)
+        return self._blocks_and_head(self.drop(x), rope, caches)
+
+    def forward_at(self, idx: Tensor, positions: Any, caches: list[Any],
+                   rows: Any = None) -> Tensor:
+        """Logits (B, len(rows), vocab_size) for token ids `idx` (B, T) whose column t sits
+        at position `positions[t]`: the ragged batch of an inference engine, where the
+        columns belong to different sequences. `caches` (one per layer) have an
+        `attend(q, k, v)` that decides which keys each column's query sees, as
+        `KVCache.attend` does for one sequence. `rows` picks the columns whose logits are
+        wanted (default all), so a prefill chunk pays the head for its last token only.
+        Inference only: no positions are checked against block_size here.
+        """
+        cfg = self.config
+        pos = narun.tensor(np.asarray(positions, dtype=np.int64), device=idx.device)
+        x = self.wte(idx)
+        rope = None
+        if cfg.position == "learned":
+            x = x + self.wpe(pos)
+        else:
+            cos, sin = F.rotary_cos_sin(int(pos.data.max()) + 1, cfg.n_embd // cfg.n_head,
+                                        base=cfg.rope_base, dtype=x.dtype, device=x.device)
+            rope = (Tensor._wrap(cos.data[pos.data]), Tensor._wrap(sin.data[pos.data]))
+        return self._blocks_and_head(self.drop(x), rope, caches, rows)
+
+    def _blocks_and_head(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
+                         caches: list[Any] | None, rows: Any = None) -> Tensor:
         for i, block in enumerate(self.h):
             x = block(x, rope, caches[i] if caches else None)
+        if rows is not None:
+            x = x[:, rows]
         x = self.ln_f(x)
-        weight = self.wte.weight if cfg.tie_weights else self.lm_head.weight
+        weight = self.wte.weight if self.config.tie_weights else self.lm_head.weight
         return F.linear(x, weight)
 
     def loss(self, idx: Any, targets: Any) -> Tensor:
@@ -333,14 +375,26 @@ def _sample(logits: np.ndarray, temperature: float, top_k: int | None,
             rng: np.random.Generator) -> np.ndarray:
     if temperature <= 0:
         return logits.argmax(axis=-1)
+    return draw_tokens(sampling_probs(logits, temperature, top_k), rng)
+
+
+def sampling_probs(logits: np.ndarray, temperature: float, top_k: int | None) -> np.ndarray:
+    """The distribution (B, V) that `generate` samples from at temperature > 0:
+    softmax(logits / temperature), restricted to the top_k logits of each row."""
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
         logits = np.where(logits < kth, -np.inf, logits)
     p = np.exp(logits - logits.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
-    u = rng.random((logits.shape[0], 1))
-    return np.minimum((p.cumsum(axis=-1) < u).sum(axis=-1), logits.shape[-1] - 1)
+    return p
+
+
+def draw_tokens(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One token per row of the distributions `p` (B, V), by inverse CDF of one uniform
+    draw per row: a generator seeded alike gives the same tokens wherever it runs."""
+    u = rng.random((p.shape[0], 1))
+    return np.minimum((p.cumsum(axis=-1) < u).sum(axis=-1), p.shape[-1] - 1)
 
 
 @register_model("gpt", GPTConfig, presets=sorted(PRESETS))

@@ -202,6 +202,22 @@ def test_cached_forward_in_chunks_equals_the_full_forward(preset):
         model(idx[:, :5], caches)  # 12 cached + 5 > 16
 
 
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "gpt-modern-tiny"])
+def test_forward_at_explicit_positions_equals_the_forward(preset):
+    model = small_gpt(preset)
+    cfg = model.config
+    model.eval()
+    idx = np.random.default_rng(5).integers(0, 256, (1, 12))
+    full = model(idx).numpy()
+    caches = [KVCache(1, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head,
+                      model.wte.weight) for _ in model.h]
+    first = model.forward_at(narun.tensor(idx[:, :7]), np.arange(7), caches)
+    # the rest at positions 7.., asking for two columns' logits only
+    rest = model.forward_at(narun.tensor(idx[:, 7:]), np.arange(7, 12), caches, rows=[4, 1])
+    np.testing.assert_allclose(first.numpy(), full[:, :7], rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(rest.numpy(), full[:, [11, 8]], rtol=1e-9, atol=1e-10)
+
+
 def test_forward_longer_than_block_size_is_a_shape_error():
     model = small_gpt("gpt2-tiny")
     with pytest.raises(ShapeError, match="17 positions exceed block_size 16"):
