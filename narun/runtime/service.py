@@ -113,6 +113,7 @@ class JobService:
         self._failure: BaseException | None = None
         self._stop = asyncio.Event()
         self._draining = False
+        self._dirty = False  # a change came since the scheduler last looked at the queue
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> int:
@@ -238,8 +239,15 @@ class JobService:
             self.metrics.add_refused(refused - self.refused)
             self.refused = refused
 
+    def _reschedule(self) -> None:
+        """Something the queue depends on changed (a submit, a job's end, a cancel). The
+        flag keeps the wake-up if the scheduler is busy starting a job and not waiting."""
+        self._dirty = True
+        self._changed.notify()
+
     async def _schedule(self) -> None:
         while True:
+            self._dirty = False
             self._count_states()
             now = time.time()
             for job in self.store.ordered():
@@ -251,7 +259,8 @@ class JobService:
                     break
                 await self._start(job)
             # woken by a change (a submit, a job's end), else each TICK (retry back-offs)
-            await self._changed.wait(TICK)
+            if not self._dirty:
+                await self._changed.wait(TICK)
 
     async def _start(self, job: StoredJob) -> None:
         st = job.state
@@ -302,7 +311,7 @@ class JobService:
         self._ended(job, code, last_error)
         job.save_state()
         await self._flush(job)
-        self._changed.notify()
+        self._reschedule()
 
     def _ended(self, job: StoredJob, code: int, last_error: str) -> None:
         st = job.state
@@ -482,7 +491,7 @@ class JobService:
             raise ReplyError("protocol", f"submit.config: {err}") from None
         job = await asyncio.to_thread(self.store.add, msg["name"], to_dict(cfg), time.time())
         log.info("service.submitted", job=job.state.job, name=msg["name"])
-        self._changed.notify()
+        self._reschedule()
         return reply(msg, "status", **job.state.status())
 
     def _cancel(self, job: StoredJob, msg: Message, reason: str) -> Message:
@@ -498,7 +507,7 @@ class JobService:
             if proc is not None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)  # drain: a checkpoint, then exit
-        self._changed.notify()
+        self._reschedule()
         return reply(msg, "status", **st.status())
 
 

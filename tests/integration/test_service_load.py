@@ -319,16 +319,21 @@ def test_a_submit_wakes_the_scheduler(make_config, tmp_path, monkeypatch):
     import narun.runtime.service
 
     monkeypatch.setattr(narun.runtime.service, "TICK", 3600.0)  # only a wake-up starts it
-    config = to_dict(make_config("local", 0, steps=3))
-    with service_thread(tmp_path / "state", 1) as svc:
+    config = to_dict(make_config("local", 0, steps=1500))
+    config["training"]["out_dir"] = "run"  # relative: each job's own, in its directory
+    with service_thread(tmp_path / "state", 3) as svc:
 
         async def main():
             async with Client(svc.endpoint) as client:
-                job = await client.submit(config)
-                async with asyncio.timeout(30):
-                    return await client.wait(job)
+                # at once: some arrive while the scheduler is busy starting another, and
+                # each must still start now, not when a job ends
+                jobs = await asyncio.gather(*(client.submit(config) for _ in range(3)))
+                async with asyncio.timeout(120):
+                    return [await client.wait(job) for job in jobs]
 
-        assert uvloop.run(main()).state == "done"
+        assert [s.state for s in uvloop.run(main())] == ["done"] * 3
+        states = [j.state for j in svc.store.ordered()]
+    assert max(s.started for s in states) < min(s.ended for s in states)  # all ran at once
 
 
 def test_a_quiet_job_forgets_followers_that_left(make_config, tmp_path):
