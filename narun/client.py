@@ -24,12 +24,12 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import zmq.asyncio
 
 import narun
 from narun.errors import ActorDiedError, NarunError, Refused, WaitTimeout
+from narun.runtime.hosts import host_port
 from narun.runtime.mailbox import Mailbox, new_id
 from protocol import message, open_channel
 from protocol.curve import CurveClient
@@ -89,8 +89,8 @@ class Client:
             from protocol.keys import load_node_keys
 
             node = load_node_keys(self.keys)
-            curve = CurveClient(node.keypair, node.public_key_of(urlsplit(self.address).hostname
-                                                                 or ""))
+            host = host_port(self.address, 7700, "coordinator address")[0]
+            curve = CurveClient(node.keypair, node.public_key_of(host))
         self._context = zmq.asyncio.Context()
         channel = open_channel(self._context, "dealer", connect=self.address, curve=curve)
         # queue nothing for a coordinator that is not there: a request sent while it is down
@@ -202,17 +202,11 @@ class Client:
             await events.aclose()
 
     async def _fetch(self, job: str, path: str, target: Path) -> Path:
-        from narun.runtime.jobfiles import CHUNK
+        from narun.runtime.jobfiles import CHUNK, fetch_file
 
-        with open(target, "wb") as f:
-            offset, eof = 0, False
-            while not eof:
-                answer = await self._call(message("file_get", new_id(), job=job, path=path,
-                                                  offset=offset, size=CHUNK), path)
-                f.write(memoryview(answer["data"]))
-                offset += answer["data"].size
-                eof = answer["eof"]
-        return target
+        return await fetch_file(
+            lambda offset: self._call(message("file_get", new_id(), job=job, path=path,
+                                              offset=offset, size=CHUNK), path), target)
 
     async def wait(self, job: str) -> JobStatus:
         """Follow the job to its end; its final status."""

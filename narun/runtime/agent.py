@@ -30,14 +30,13 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import structlog
 import zmq.asyncio
 
 import narun
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
-from narun.runtime.hosts import is_loopback
+from narun.runtime.hosts import host_port, is_loopback
 from narun.runtime.jobfiles import DATA_DIR, get_chunk, put_chunk
 from narun.runtime.launcher import Child, spawn
 from narun.runtime.mailbox import Mailbox, ReplyError, new_id
@@ -81,7 +80,7 @@ class Agent:
                  state_dir: Path, grace: float = 10.0, notifier: Notifier | None = None) -> None:
         if slots < 1:
             raise ConfigError(f"--slots: expected >= 1, got {slots}")
-        if keys is None and not is_loopback(_host_port(listen)[0]):
+        if keys is None and not is_loopback(host_port(listen, DEFAULT_PORT, "--listen")[0]):
             raise ConfigError(f"--listen {listen}: an agent reachable from other hosts needs "
                               f"CURVE keys; make them with `narun keys generate DIR --name "
                               f"HOST` and pass --keys DIR (or listen on 127.0.0.1)")
@@ -245,7 +244,7 @@ class Agent:
         address = msg["address"]
         free = self.slots - self.busy
         try:
-            host, port = _host_port(address)
+            host, port = host_port(address, DEFAULT_PORT, "probe.address")
             async with asyncio.timeout(_PROBE_TIMEOUT):
                 _, writer = await asyncio.open_connection(host, port)
             writer.close()
@@ -323,13 +322,6 @@ class Agent:
                     for child in job.children.values():
                         child.kill()
                     job.seen = now  # once; the exits are reported as they are reaped
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    parts = urlsplit(address)
-    if parts.scheme != "tcp" or parts.hostname is None or parts.port is None:
-        raise ValueError(f"expected tcp://HOST:PORT, got {address!r}")
-    return parts.hostname, parts.port
 
 
 def _write_private(path: Path, text: str) -> Path:

@@ -30,9 +30,9 @@ import zmq.asyncio
 import narun
 from narun.errors import ActorDiedError, ConfigError, NarunError, Refused, WaitTimeout
 from narun.runtime.hosts import Host, is_loopback, place, route_to
-from narun.runtime.jobfiles import CHUNK, DATA_DIR
+from narun.runtime.jobfiles import CHUNK, DATA_DIR, fetch_file
 from narun.runtime.jobkeys import JobKeys
-from narun.runtime.launcher import Worker
+from narun.runtime.launcher import Worker, endpoint_of
 from narun.runtime.mailbox import Mailbox, ReplyError, new_id
 from narun.runtime.spec import WorkerSpec
 from narun.runtime.tasks import Background
@@ -79,16 +79,10 @@ class RemoteChild(Worker):
                                  signal=int(sig))
 
     async def read_endpoint(self, timeout: float) -> str:
-        done, _ = await asyncio.wait([self.endpoint, self.exit], timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([self.endpoint, self.exit], timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
         if self.endpoint.done():
-            import json
-
-            try:
-                return str(json.loads(self.endpoint.result())["endpoint"])
-            except (ValueError, KeyError, TypeError):
-                raise ActorDiedError(f"{self.name} wrote {self.endpoint.result()[:200]!r} "
-                                     f"instead of its endpoint") from None
+            return endpoint_of(self.name, self.endpoint.result())
         if self.exit.done():
             raise ActorDiedError(self.died_message(self.exit.result()))
         raise WaitTimeout(f"{self.name} on {self.host} did not report its endpoint within "
@@ -280,19 +274,26 @@ class AgentProcesses:
                    roles: Sequence[tuple[str, int]], rt: Any) -> None:
         """Connect to every agent, check each reaches the coordinator's `endpoint` (bound
         already), and place `roles`: all before any process starts."""
+        await self.connect(context, endpoint, rt.heartbeat_interval, rt.heartbeat_timeout)
+        self.placement = place(roles, {h: link.slots for h, link in self.links.items()})
+        self._report("placement", hosts=[str(h) for h in self.hosts], processes=[
+            {"role": role, "rank": rank, "host": str(host)}
+            for (role, rank), host in sorted(self.placement.items())])
+
+    async def connect(self, context: zmq.asyncio.Context, endpoint: str,
+                      heartbeat_interval: float, heartbeat_timeout: float) -> dict[Host, int]:
+        """Say hello to every agent and check each reaches `endpoint` (this machine's, bound
+        already); each host's free slots. ConfigError names a host that fails."""
         self._port = int(endpoint.rsplit(":", 1)[1])
         for host in self.hosts:
             curve = None
             if self.keys is not None:
                 curve = CurveClient(self.keys.keypair, self.keys.public_key_of(host.host))
-            self.links[host] = AgentLink(host, self.job, context, curve, rt.heartbeat_interval,
-                                         rt.heartbeat_timeout, self._lost)
+            self.links[host] = AgentLink(host, self.job, context, curve, heartbeat_interval,
+                                         heartbeat_timeout, self._lost)
         await asyncio.gather(*(link.hello(self.coordinator_for(host))
                                for host, link in self.links.items()))
-        self.placement = place(roles, {h: link.slots for h, link in self.links.items()})
-        self._report("placement", hosts=[str(h) for h in self.hosts], processes=[
-            {"role": role, "rank": rank, "host": str(host)}
-            for (role, rank), host in sorted(self.placement.items())])
+        return {h: link.slots for h, link in self.links.items()}
 
     def coordinator_for(self, host: Host) -> str:
         """The coordinator's address as a process on `host` reaches it: runtime.host when
@@ -339,19 +340,11 @@ class AgentProcesses:
     async def collect(self, child: Worker, path: str, staging: Path) -> Path:
         """Bring the slice a shard wrote at `path` (on its host) into `staging` here."""
         assert isinstance(child, RemoteChild)
-        target = staging / Path(path).name
         await asyncio.to_thread(staging.mkdir, parents=True, exist_ok=True)
-        with open(target, "wb") as f:
-            offset, eof = 0, False
-            while not eof:
-                answer = await child.link.call("file_get", f"{child.name}'s slice {path}",
-                                               path=path, offset=offset, size=CHUNK,
-                                               remove=True)
-                data = answer["data"]
-                await asyncio.to_thread(f.write, memoryview(data))
-                offset += data.size
-                eof = answer["eof"]
-        return target
+        return await fetch_file(
+            lambda offset: child.link.call("file_get", f"{child.name}'s slice {path}",
+                                           path=path, offset=offset, size=CHUNK, remove=True),
+            staging / Path(path).name)
 
     async def _ship(self, link: AgentLink, source: Path, path: str) -> str:
         key = (link.host, str(source.resolve()))

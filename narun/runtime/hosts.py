@@ -32,7 +32,7 @@ class Host:
 def tcp_address(text: str, default_port: int, what: str) -> str:
     """`tcp://HOST:PORT` from `HOST`, `HOST:PORT` or a tcp:// address; ConfigError names
     `what` (the flag or key) otherwise."""
-    host, port = _split(text, default_port, what)
+    host, port = host_port(text, default_port, what)
     return f"tcp://{_bracketed(host)}:{port}"
 
 
@@ -40,7 +40,7 @@ def parse_hosts(items: Sequence[str] | str, what: str = "--hosts") -> list[Host]
     """`H1,H2:7601,...` (or a list of them) -> Hosts, in order; duplicates are refused."""
     if isinstance(items, str):
         items = [part for part in items.split(",")]
-    hosts = [Host(*_split(item.strip(), AGENT_PORT, what)) for item in items]
+    hosts = [Host(*host_port(item.strip(), AGENT_PORT, what)) for item in items]
     if not hosts:
         raise ConfigError(f"{what}: no hosts given; list agents as HOST[:PORT],...")
     seen: set[Host] = set()
@@ -101,7 +101,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _split(text: str, default_port: int, what: str) -> tuple[str, int]:
+def host_port(text: str, default_port: int, what: str) -> tuple[str, int]:
+    """(host, port) of `HOST`, `HOST:PORT` or `tcp://HOST:PORT`; ConfigError names `what`."""
     raw = text if "://" in text else f"tcp://{text}"
     try:
         parts = urlsplit(raw)

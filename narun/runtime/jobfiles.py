@@ -7,9 +7,12 @@ there and its checkpoint slices back, and nothing else on the host.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +58,20 @@ def put_chunk(directory: Path, path: str, offset: int, data: np.ndarray | None,
     if last:
         os.replace(partial, target)
     return size
+
+
+async def fetch_file(ask: Callable[[int], Awaitable[Any]], target: Path) -> Path:
+    """Write a file fetched with `file_get` into `target`: `ask(offset)` sends the request
+    for the piece at `offset` and returns its answer."""
+    with open(target, "wb") as f:
+        offset, eof = 0, False
+        while not eof:
+            answer = await ask(offset)
+            data = answer["data"]
+            await asyncio.to_thread(f.write, memoryview(data))
+            offset += data.size
+            eof = answer["eof"]
+    return target
 
 
 def get_chunk(directory: Path, path: str, offset: int, size: int,

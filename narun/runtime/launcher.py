@@ -13,6 +13,7 @@ import abc
 import asyncio
 import atexit
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -97,6 +98,15 @@ def read_tail(path: Path, lines: int) -> str:
     return "\n".join(text[-lines:])
 
 
+def endpoint_of(name: str, line: str | bytes) -> str:
+    """The endpoint in a shard's first stdout line, `{"endpoint": ...}`; ActorDiedError
+    quoting the line when it is something else."""
+    try:
+        return str(json.loads(line)["endpoint"])
+    except (ValueError, KeyError, TypeError):
+        raise ActorDiedError(f"{name} wrote {line[:200]!r} instead of its endpoint") from None
+
+
 class Child(Worker):
     """One worker process started here."""
 
@@ -118,8 +128,6 @@ class Child(Worker):
 
     async def read_endpoint(self, timeout: float) -> str:
         """The endpoint a shard prints as its first stdout line (JSON {"endpoint": ...})."""
-        import json
-
         assert self.proc.stdout is not None
         try:
             line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
@@ -129,11 +137,7 @@ class Child(Worker):
         if not line:
             code = await self.proc.wait()
             raise ActorDiedError(self.died_message(code))
-        try:
-            return str(json.loads(line)["endpoint"])
-        except (ValueError, KeyError, TypeError):
-            raise ActorDiedError(f"{self.name} wrote {line[:200]!r} instead of its endpoint") \
-                from None
+        return endpoint_of(self.name, line)
 
     async def forward_stdout(self) -> None:
         """Copy what the child writes to stdout after its endpoint line into its log, until

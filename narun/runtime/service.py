@@ -44,7 +44,7 @@ from narun._process import die_with_parent, rss_bytes
 from narun.config import config_from_dict, to_dict
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
 from narun.metrics import Metrics, serve_metrics
-from narun.runtime.hosts import Host, is_loopback
+from narun.runtime.hosts import Host, host_port, is_loopback
 from narun.runtime.jobfiles import get_chunk
 from narun.runtime.jobstore import FINAL, JobStore, StoredJob
 from narun.runtime.mailbox import Mailbox, ReplyError
@@ -77,7 +77,8 @@ class JobService:
                  keys_dir: str | None = None, grace: float = 120.0,
                  notifier: Notifier | None = None, metrics_port: int | None = None,
                  follower_ttl: float = 60.0) -> None:
-        if keys is None and not is_loopback(listen.split("//")[-1].rsplit(":", 1)[0]):
+        self.listen_host = host_port(listen, DEFAULT_PORT, "--listen")[0]
+        if keys is None and not is_loopback(self.listen_host):
             raise ConfigError(f"--listen {listen}: a job service reachable from other hosts "
                               f"needs CURVE keys: `narun keys generate DIR --name "
                               f"coordinator`, authorize each client's key in it, and pass "
@@ -139,10 +140,10 @@ class JobService:
                     job.save_state()
             metrics_server = None
             if self.metrics_port is not None:
-                host = self.listen.split("//")[-1].rsplit(":", 1)[0].strip("[]")
-                metrics_server = await serve_metrics(self.metrics, host, self.metrics_port)
+                metrics_server = await serve_metrics(self.metrics, self.listen_host,
+                                                     self.metrics_port)
                 port = metrics_server.sockets[0].getsockname()[1]
-                self.metrics_address = f"http://{host}:{port}/metrics"
+                self.metrics_address = f"http://{self.listen_host}:{port}/metrics"
             if not self.slots:
                 self.slots = await self._agents_slots(context)
             self._count_states()
@@ -209,25 +210,14 @@ class JobService:
     async def _agents_slots(self, context: zmq.asyncio.Context) -> int:
         """The agents' free slots, asked as `narun launch` asks them (each must answer and
         reach this service); ConfigError naming a host that does not."""
-        from narun.runtime.agents import AgentLink
-        from narun.runtime.hosts import route_to
-        from protocol.curve import CurveClient
+        from narun.runtime.agents import AgentProcesses
 
         assert self.hosts is not None
-        port = self.endpoint.rsplit(":", 1)[1]
-        links = []
+        agents = AgentProcesses(self.hosts, self.keys, "service", lambda *_, **__: None)
         try:
-            for host in self.hosts:
-                curve = None if self.keys is None else CurveClient(
-                    self.keys.keypair, self.keys.public_key_of(host.host))
-                links.append(AgentLink(host, "service", context, curve, 1.0, 10.0,
-                                       lambda *_: None))
-            await asyncio.gather(*(link.hello(f"tcp://{route_to(link.host.host, link.host.port)}"
-                                              f":{port}") for link in links))
-            return sum(link.slots for link in links)
+            return sum((await agents.connect(context, self.endpoint, 1.0, 10.0)).values())
         finally:
-            for link in links:
-                link.close()
+            await agents.close()
 
     def _count_states(self) -> None:
         counts = dict.fromkeys(("queued", "running", *FINAL), 0)
