@@ -89,22 +89,17 @@ class StoredJob:
         self._offsets.append(offset)  # last: a reader counts only lines written whole
         return numbered
 
-    def in_memory(self, start: int) -> bool:
-        """Whether events from seq `start` on are read without touching the disk."""
-        return start >= self.count - len(self._tail)
-
     def read(self, start: int, limit: int) -> list[dict[str, Any]]:
-        """Up to `limit` events from seq `start` (call it where events are appended: the
-        in-memory tail moves with each append)."""
+        """Up to `limit` events from seq `start`: the newest from memory, older ones from
+        events.jsonl."""
         stop = min(self.count, start + limit)
         first_kept = self.count - len(self._tail)
         if start >= first_kept:
             return [self._tail[i - first_kept] for i in range(start, stop)]
-        return self.read_disk(start, stop)
+        return self._read_disk(start, stop)
 
-    def read_disk(self, start: int, stop: int) -> list[dict[str, Any]]:
-        """Events `start` to `stop` (exclusive, <= count) from events.jsonl; safe from
-        another thread, since written lines never change."""
+    def _read_disk(self, start: int, stop: int) -> list[dict[str, Any]]:
+        """Events `start` to `stop` (exclusive, <= count) from events.jsonl."""
         if start >= stop:
             return []
         with open(self.directory / "events.jsonl", "rb") as f:

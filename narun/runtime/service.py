@@ -402,9 +402,9 @@ class JobService:
             self._sending.add(busy)
             try:
                 while seq < job.count:
-                    batch = (job.read(seq, BATCH) if job.in_memory(seq) else
-                             await asyncio.to_thread(job.read_disk, seq,
-                                                     min(job.count, seq + BATCH)))
+                    # in the loop, not a thread: a batch from disk is ~40 KB of page
+                    # cache and a parse, and pool threads each grow a malloc arena
+                    batch = job.read(seq, BATCH)
                     await self._server.send(message("events", msg_id, job=job.state.job,
                                                     since=seq, events=batch),
                                             to=route, timeout=0.0)

@@ -18,11 +18,11 @@ def test_events_are_read_back_in_order_from_memory_and_from_disk(tmp_path, monke
     events = [job.append({"event": "step", "step": i, "loss": 1.0 / (i + 1)})
               for i in range(50)]
     assert [e["seq"] for e in events] == list(range(50))
-    assert job.in_memory(42) and not job.in_memory(41)
+    assert [e["seq"] for e in job._tail] == list(range(42, 50))
     assert job.read(45, 100) == events[45:]  # the tail, in memory
     assert job.read(0, 20) == events[:20]  # from events.jsonl
     assert job.read(40, 5) == events[40:45]  # across the boundary
-    assert job.read_disk(10, 50) == events[10:]
+    assert job._read_disk(10, 50) == events[10:]
     assert len(job._tail) == 8  # what is held in memory is bounded
     job.close()
     again = JobStore(tmp_path).jobs[job.state.job]
