@@ -8,12 +8,15 @@ an unprivileged user to see it refuse.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import pwd
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -129,10 +132,26 @@ def test_the_install_script_fills_in_every_placeholder_the_units_use():
     assert all(f"s|{token}|" in script for token in used)
 
 
+@functools.cache
+def script_root() -> Path:
+    """The checkout install-systemd runs from. Dropped to nobody, it must be able to read
+    it, which a clone in a mode-0700 directory (mktemp -d, as CI makes) does not allow:
+    then a world-readable copy of what the script reads (itself and systemd/) stands in."""
+    if os.getuid() != 0:
+        return ROOT
+    stage = Path(tempfile.mkdtemp(prefix="narun-install-systemd-"))
+    stage.chmod(0o755)
+    shutil.copytree(UNITS, stage / "systemd")
+    (stage / "scripts").mkdir(mode=0o755)
+    shutil.copy2(SCRIPT, stage / "scripts" / SCRIPT.name)
+    atexit.register(shutil.rmtree, stage, True)
+    return stage
+
+
 def script(*args: str) -> subprocess.CompletedProcess[str]:
     """Run install-systemd as an unprivileged user even when the tests run as root, so that
     a broken --dry-run or root check cannot install anything on this machine."""
-    command = [str(SCRIPT), *args]
+    command = [str(script_root() / "scripts" / SCRIPT.name), *args]
     if os.getuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
@@ -161,7 +180,7 @@ def test_install_dry_run_prints_each_unit_and_its_exec_start(tmp_path: Path):
     assert f"ExecStart={narun} serve /var/lib/narun/models/%i " in out
     assert "@NARUN@" not in out
     assert f"would: python3 -m venv {tmp_path / 'opt' / 'venv'}" in out
-    assert f"-m pip install --quiet --upgrade {ROOT}" in out
+    assert f"-m pip install --quiet --upgrade {script_root()}" in out
     try:
         pwd.getpwnam("trainer")
         assert "would: user trainer exists, keeping it\n" in out
