@@ -26,7 +26,7 @@ MAX_ID = (1 << 64) - 1
 
 ROLES = ("coordinator", "agent", "ps", "trainer", "stage", "inference", "client")
 ERROR_CODES = ("protocol", "version", "unsupported", "stale", "not_found", "busy",
-               "cancelled", "timeout", "internal")
+               "cancelled", "timeout", "internal", "invalid")
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 DONE_REASONS = ("length", "stop", "cancelled")
 WORKER_ROLES = ("ps", "trainer", "stage", "inference")  # what an agent may spawn
@@ -116,13 +116,18 @@ _SPECS = (
         _f("reason: str"), _f("drain: bool"))),
     MessageSpec("error", "any -> the sender of a refused or failed message", (
         _f("code: str", ERROR_CODES), _f("message: str"), _f("traceback: str"))),
-    MessageSpec("generate", "client -> inference server", (
-        _f("prompt: tensor"), _f("max_tokens: int"), _f("temperature: float"),
-        _f("top_k: int"), _f("seed: int"))),
+    MessageSpec("generate", "client -> inference server, and server -> inference worker", (
+        _f("prompt?: tensor"), _f("max_tokens: int"), _f("temperature: float"),
+        _f("top_k: int"), _f("seed: int"), _f("text?: str"), _f("stop?: list[str]"))),
     MessageSpec("token", "inference server -> client", (
-        _f("index: int"), _f("token: int"), _f("logprob: float"))),
+        _f("index: int"), _f("token: int"), _f("logprob: float"), _f("text?: str"))),
     MessageSpec("done", "inference server -> client, after the last token", (
         _f("reason: str", DONE_REASONS), _f("tokens: int"), _f("seconds: float"))),
+    MessageSpec("abort", "client -> inference server, and server -> inference worker", (
+        _f("reason: str"),)),
+    MessageSpec("tokens", "inference worker -> inference server, once per decode step", (
+        _f("ids: list[int]"), _f("tokens: list[int]"), _f("logprobs: tensor"),
+        _f("finished: list[str]"))),
     MessageSpec("submit", "client -> coordinator", (
         _f("name: str"), _f("config: map"))),
     MessageSpec("status", "client -> coordinator (job alone), coordinator -> client", (

@@ -144,6 +144,13 @@ VECTORS: dict[str, dict[str, Any]] = {
     "plain_forms": _v("submit", 27, name="forms", config=_FORMS),
     "generate_greedy": _v("generate", 28, prompt=_t("int64", [2], [50256, 464]),
                           max_tokens=1000, temperature=0, top_k=0, seed=-1000),
+    "generate_text": _v("generate", 36, max_tokens=64, temperature=0.7, top_k=40, seed=7,
+                        text="Once upon a time", stop=["\n\n", "The end"]),
+    "token_text": _v("token", 36, index=3, token=195, logprob=-1.25, text=""),
+    "abort": _v("abort", 36, reason="client went away"),
+    "tokens": _v("tokens", 37, ids=[5, 9, 12], tokens=[104, 105, -1],
+                 logprobs=_t("float64", [3], [-0.5, -2.0, 0.0]),
+                 finished=["", "length", "cancelled"]),
 }
 
 
