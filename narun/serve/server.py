@@ -93,7 +93,7 @@ class InferenceServer:
                  prefill_chunk: int = 64, keys: NodeKeys | None = None, grace: float = 30.0,
                  blas_threads: int = 1, max_restarts: int = 3, device: str = "cpu",
                  notifier: Notifier | None = None,
-                 on_event: Callable[..., None] | None = None) -> None:
+                 on_event: Callable[..., None] | None = None, signals: bool = True) -> None:
         from narun.models import load_trained
 
         for name, value, low in (("--replicas", replicas, 1), ("--max-batch", max_batch, 1),
@@ -128,6 +128,7 @@ class InferenceServer:
         self.max_restarts, self.keys, self.grace = max_restarts, keys, grace
         self.notifier = notifier or Notifier()
         self.on_event = on_event or (lambda event, **fields: None)
+        self.signals = signals  # SIGTERM and SIGINT drain (off for a server inside a test)
         self.accepting = False
         self.endpoint = ""
         self.http_address = ""
@@ -192,7 +193,7 @@ class InferenceServer:
     async def run(self) -> int:
         context = zmq.asyncio.Context()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT) if self.signals else ():
             with contextlib.suppress(RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self._stop.set)
         sockets = tempfile.mkdtemp(prefix="narun-serve-")  # 0700: only we reach the workers
