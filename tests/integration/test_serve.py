@@ -184,3 +184,14 @@ def test_narun_generate_server_streams_the_text_to_the_terminal(run, tmp_path):
         server.terminate()
         assert server.wait(30) == 0
     assert json.loads(server.stdout.read().splitlines()[-1])["event"] == "stopped"
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "name a checkpoint (a run directory) or a server"),
+    (["runs/x", "hi", "--stop", "."], "--stop and --keys need --server"),
+    (["a", "b", "--server", "tcp://127.0.0.1:9"], "takes the prompt alone"),
+])
+def test_narun_generate_says_what_is_wrong_with_its_arguments(args, words):
+    out = subprocess.run([sys.executable, "-m", "narun.cli", "generate", *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and words in out.stderr, out.stderr
