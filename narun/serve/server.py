@@ -143,7 +143,9 @@ class InferenceServer:
         self._tasks = Background("inference server", on_error=self._fail)
         self._failure: BaseException | None = None
         self._stop = asyncio.Event()
-        self._idle = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no stream is queued or running
+        self._idle.set()
+        self._dispatching = False
 
     # -- what front ends call ------------------------------------------------------------
     def submit(self, request: Request, sink: Sink, key: tuple[bytes, int] | None = None) -> int:
@@ -354,10 +356,17 @@ class InferenceServer:
     # -- streams -------------------------------------------------------------------------
     def _dispatch(self) -> None:
         """Hand queued streams to the least loaded ready replicas, as slots allow."""
-        if self.pool is None or self._internal is None:
-            return
+        if self.pool is None or self._internal is None or self._dispatching:
+            return  # a stream failed inside this loop ends through _forget, which calls here
+        self._dispatching = True
+        try:
+            self._hand_out(self.pool, self._internal)
+        finally:
+            self._dispatching = False
+
+    def _hand_out(self, pool: WorkerPool, internal: Channel) -> None:
         while self._queue:
-            free = [r for r in self.pool.replicas if r.ready and r.load < self.max_batch]
+            free = [r for r in pool.replicas if r.ready and r.load < self.max_batch]
             if not free:
                 return
             r = min(free, key=lambda x: x.load)
@@ -366,7 +375,7 @@ class InferenceServer:
             fields: dict[str, Any] = {"prompt": s.ids}
             if req.stop:
                 fields["stop"] = list(req.stop)
-            sent = self._internal.try_send(
+            sent = internal.try_send(
                 message("generate", s.handle, max_tokens=req.max_tokens,
                         temperature=req.temperature, top_k=req.top_k, seed=req.seed, **fields),
                 to=r.route)
