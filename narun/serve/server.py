@@ -41,7 +41,7 @@ import zmq
 import zmq.asyncio
 
 import narun
-from narun.errors import ConfigError
+from narun.errors import ConfigError, DeviceError
 from narun.runtime.hosts import host_port, is_loopback
 from narun.runtime.sdnotify import Notifier
 from narun.runtime.tasks import Background
@@ -107,6 +107,14 @@ class InferenceServer:
                               f"CURVE keys: `narun keys generate DIR --name serve`, authorize "
                               f"each client's key in it, and pass --keys DIR (or listen on "
                               f"127.0.0.1)")
+        from workers.executor import check_device_here
+
+        if device != "cpu" and not device.startswith("cuda"):
+            raise ConfigError(f"--device {device}: narun serve runs on cpu or cuda:N")
+        try:  # no CuPy, no such GPU: said here, as a usage error, not by a dying worker
+            check_device_here(device)
+        except DeviceError as exc:
+            raise ConfigError(f"--device {device}: {exc}") from None
         trained = load_trained(checkpoint)  # refuses a bad checkpoint before any worker runs
         model = trained.model
         if not hasattr(model, "generate_stream"):

@@ -195,3 +195,27 @@ def test_narun_generate_says_what_is_wrong_with_its_arguments(args, words):
     out = subprocess.run([sys.executable, "-m", "narun.cli", "generate", *args],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and words in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--device", "mps"], "--device mps: narun serve runs on cpu or cuda:N"),
+    (["--listen", "tcp://0.0.0.0:7899"], "needs CURVE keys"),
+    (["--max-tokens", "64"], "--max-tokens: expected 1 .. 63"),
+    (["--max-batch", "0"], "--max-batch: expected an int >= 1"),
+])
+def test_narun_serve_refuses_what_it_cannot_do_before_starting_workers(run, args, words):
+    out = subprocess.run([sys.executable, "-m", "narun.cli", "serve", str(run), *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and words in out.stderr, out.stderr
+    assert "worker" not in out.stderr
+
+
+def test_narun_serve_names_a_device_this_machine_lacks(run):
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy imports here: cuda:0 may exist")
+    except ImportError:
+        pass
+    out = subprocess.run([sys.executable, "-m", "narun.cli", "serve", str(run), "--device",
+                          "cuda:0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--device cuda:0" in out.stderr and "CuPy" in out.stderr
