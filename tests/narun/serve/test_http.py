@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import shutil
+import socket
 
 import h11
 import httpx
@@ -351,27 +352,67 @@ async def test_a_worker_failure_is_a_500_or_an_error_event(served):
 
 # ---- connections -------------------------------------------------------------------------
 
-async def test_a_client_that_leaves_mid_stream_cancels_it(served):
+def request_bytes(body):
+    data = json.dumps(body).encode()
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+
+
+async def until(condition):
+    while not condition():  # the test's timeout bounds this
+        await asyncio.sleep(0.01)
+
+
+def connection_tasks():
+    return [t for t in asyncio.all_tasks() if "serve_http" in t.get_coro().__qualname__]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_client_that_leaves_mid_stream_cancels_it(served, stream):
     server, base, port = served
     server.hold_after = 2  # the engine waits with the stream two tokens in
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     # logprobs: every token makes an event, even one that is half a character
-    body = json.dumps({"prompt": "a", "max_tokens": 40, "stream": True, "logprobs": 0}).encode()
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                 b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    head = await reader.readuntil(b"data: ")
-    assert head.startswith(b"HTTP/1.1 200 ")
-    assert server.cancelled == []
+    writer.write(request_bytes({"prompt": "a", "max_tokens": 40, "stream": stream,
+                                "logprobs": 0}))
+    if stream:
+        head = await reader.readuntil(b"data: ")
+        assert head.startswith(b"HTTP/1.1 200 ")
+    await until(lambda: server.sinks and server.sinks[1][2] == 2)
+    assert server.cancelled == [] and len(connection_tasks()) == 1
     writer.close()
     await writer.wait_closed()
-    while not server.cancelled:  # the test's timeout bounds this
-        await asyncio.sleep(0.01)
+    await until(lambda: server.cancelled)
     assert server.cancelled == [1]
     server.hold_after = None
     server.wake.set()
-    while 1 not in server.ended:
-        await asyncio.sleep(0.01)
+    await until(lambda: 1 in server.ended)
     assert server.ended == {1: "cancelled"} and server.sinks == {}
+    await until(lambda: not connection_tasks())  # nothing left of the connection
+
+
+async def test_a_client_that_stops_reading_has_its_stream_cancelled(model):
+    server = EngineServer(model)
+    # chunks of ~20 KB each, small socket buffers: the transport's own buffer fills soon
+    server.info = ModelInfo("m" * 20000, 256, CONTEXT, max_tokens=48)
+    http = await serve_http(server, "127.0.0.1", 0, max_buffered=4096)
+    http.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted inherit
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, http.sockets[0].getsockname())
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(request_bytes({"prompt": "a", "max_tokens": 48, "stream": True,
+                                    "logprobs": 0}))
+        await until(lambda: 1 in server.ended)  # and never read
+        assert server.cancelled == [1] and server.ended == {1: "cancelled"}
+        await until(lambda: not connection_tasks())  # dropped, not waiting on the client
+    finally:
+        writer.close()
+        http.close()
+        await http.wait_closed()
+        await server.close()
 
 
 async def test_keep_alive_and_pipelined_requests_share_one_connection(served):
