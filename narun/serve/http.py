@@ -82,6 +82,8 @@ class _HTTPError(Exception):
 
 @dataclass(frozen=True)
 class _Completion:
+    """What a /v1/completions body asks for: the server's Request, and how to reply."""
+
     request: Request
     stream: bool
     include_usage: bool
@@ -95,7 +97,7 @@ _KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "see
           "stream", "stream_options", "logprobs", "user", *_ONLY}
 
 
-def parse_completion(body: bytes, model: str) -> _Completion:
+def _parse_completion(body: bytes, model: str) -> _Completion:
     """The Request a `/v1/completions` body asks for, or _HTTPError(400 | 404) naming the
     field that is wrong and what would be right. Range checks against the model are
     check_request's, which the server runs on submit."""
@@ -185,14 +187,16 @@ def _flag(doc: dict[str, Any], key: str) -> bool:
 @dataclass(eq=False)
 class _Output:
     """The sink of one completion. Decodes each token with the tokenizer's incremental
-    decoder (a byte token may be half a character), releases text that cannot begin a stop
-    string, and calls `on_piece(text, token_index)` with each release (None: the token
-    released nothing); when `on_piece` returns False the stream is cancelled. `ended` is set
-    once the reply is complete: the server's done or error, or a stop string in the text."""
+    decoder (a byte token may be half a character), releases the text that cannot begin a
+    stop string, and calls `on_piece(text, token_index)` for each token, text "" when it
+    released none (a stream writes its event there; False: the client cannot take it, and
+    the server cancels the stream). `ended` is set once the reply's content is known: the
+    server's done or error, or a stop string in the text (then `tail` is what done released
+    last and `reason` the finish reason, or `failure` the server's error)."""
 
     tokenizer: Tokenizer
     stops: tuple[str, ...]
-    on_piece: Callable[[str, int | None], bool]
+    on_piece: Callable[[str, int], bool] = lambda text, index: True  # collect only
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     pieces: list[str] = field(default_factory=list)  # the text released by tokens
     tokens: list[int] = field(default_factory=list)
@@ -390,7 +394,7 @@ class _Connection:
                 {"id": name, "object": "model", "created": self.created, "owned_by": "narun",
                  "max_model_len": self.server.info.context}]}, 200)
         else:
-            await self._complete(parse_completion(body, name))
+            await self._complete(_parse_completion(body, name))
 
     # -- a completion ----------------------------------------------------------------------
     async def _complete(self, c: _Completion) -> None:
@@ -399,7 +403,7 @@ class _Connection:
                                   "retry on another replica", code="draining")
         reply = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
                  "created": int(time.time()), "model": self.server.info.name}
-        out = _Output(self.server.tokenizer, c.request.stop, lambda *a: True)
+        out = _Output(self.server.tokenizer, c.request.stop)
         if c.stream:
             out.on_piece = lambda text, i: self._chunk(reply, out, c, text, i)
         try:
@@ -407,9 +411,8 @@ class _Connection:
         except RequestError as e:
             raise _HTTPError(429 if e.code == "busy" else 400, e.message,
                              code="server_busy" if e.code == "busy" else None) from None
-        if c.stream:  # before any await, so before the first token can come
-            self._send(h11.Response(status_code=200, reason=b"OK", headers=[
-                (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]))
+        if c.stream:
+            self._start_stream()  # now: a client waiting for the first token sees the head
         watch = asyncio.create_task(self._watch())
         ended = asyncio.create_task(out.ended.wait())
         try:
@@ -453,19 +456,27 @@ class _Connection:
         await asyncio.Future()  # until the reply ends; the kernel's window holds the client
 
     def _chunk(self, reply: dict[str, Any], out: _Output, c: _Completion, text: str,
-               index: int | None) -> bool:
-        """One token's SSE event; False when the client cannot take it."""
+               index: int) -> bool:
+        """One token's SSE event (none for a token that released no text, unless logprobs
+        are asked for); False when the client cannot take it."""
         transport = self.writer.transport
         if transport.is_closing():
             return False
-        if text or (c.logprobs and index is not None):
-            at = slice(index, index + 1) if index is not None else slice(0, 0)
+        self._start_stream()  # a server may call the sink from inside submit
+        if text or c.logprobs:
+            at = slice(index, index + 1)
             self._event({**reply, "choices": [_choice(text, out, c, at, None)]})
         self.overflowed = transport.get_write_buffer_size() > self.max_buffered
         return not self.overflowed
 
+    def _start_stream(self) -> None:
+        if self.h11.our_state is h11.SEND_RESPONSE:
+            self._send(h11.Response(status_code=200, reason=b"OK", headers=[
+                (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]))
+
     async def _end_stream(self, reply: dict[str, Any], out: _Output, c: _Completion,
                           usage: dict[str, int]) -> None:
+        self._start_stream()
         if out.failure is not None:
             code, message = out.failure
             self._event(_HTTPError(500, f"the completion failed: {message}", code=code).body())
