@@ -177,6 +177,20 @@ async def test_greedy_text_equals_generate_and_streaming_gives_the_same(served, 
     np.testing.assert_allclose(streamed, lp["token_logprobs"], rtol=1e-12)
 
 
+async def test_concurrent_streams_each_get_their_own_text(served, model):
+    _, base, _ = served
+    prompts = ["Once", "upon a", "time", "there", "was", "a"]  # more than the engine's 4 slots
+
+    async def stream(client, prompt):
+        body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            return texts(sse_events("".join([t async for t in r.aiter_text()])))
+
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        got = await asyncio.gather(*(stream(client, p) for p in prompts))
+    assert got == [generate_text(model, p, 10)[0] for p in prompts]
+
+
 def _token_text(raw):
     try:
         return raw.decode()
@@ -483,6 +497,22 @@ async def test_bounds_on_head_body_and_time(served):
     # a client that sends half a request is closed after the timeout, without a reply
     assert await raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n") == b""
     assert server.submitted == []
+
+
+async def test_expect_100_continue(served):
+    _, _, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data = json.dumps({"prompt": "ab", "max_tokens": 2}).encode()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(data))
+    assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 \r\n\r\n"
+    writer.write(data)
+    assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200 ")
+    writer.close()
+    # too big: refused before the client sends it
+    reply = await raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: "
+                            b"100-continue\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1))
+    assert reply.startswith(b"HTTP/1.1 413 ") and b" 100 " not in reply
 
 
 # ---- real clients ------------------------------------------------------------------------
