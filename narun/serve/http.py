@@ -336,6 +336,13 @@ class _Connection:
                               allow=_ROUTES.get(_path(request)) if e.status == 405 else None)
         except TimeoutError:
             return False  # silent or slow client: close without a word, as uvicorn does
+        except Exception:
+            if self.h11.our_state is not h11.SEND_RESPONSE:
+                raise  # mid-reply: nothing to say; run() drops the connection
+            log.exception("http request failed", target=_path(request).decode(errors="replace"))
+            await self._reply(_HTTPError(500, "the server failed to answer this request (a bug: "
+                                              "its log has the traceback); retry, and report "
+                                              "it if it persists").body(), 500, close=True)
         return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
 
     async def _next_event(self) -> Any:

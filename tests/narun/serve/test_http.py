@@ -13,6 +13,7 @@ import h11
 import httpx
 import numpy as np
 import pytest
+import structlog
 
 from narun.data import ByteTokenizer
 from narun.serve import Engine
@@ -147,8 +148,10 @@ def texts(events):
 
 async def test_greedy_text_equals_generate_and_streaming_gives_the_same(served, model):
     server, base, _ = served
-    expected, ids = generate_text(model, PROMPT, 20)
-    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 20, "temperature": 0,
+    expected, ids = generate_text(model, PROMPT, 30)
+    # its last byte begins a character that never ends: decoding must flush it as U+FFFD
+    assert ids[-1] >= 0xc0 and expected.endswith("\ufffd")
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 30, "temperature": 0,
             "logprobs": 0}
     r = await post(base, body)
     assert r.status_code == 200, r.text
@@ -157,10 +160,10 @@ async def test_greedy_text_equals_generate_and_streaming_gives_the_same(served, 
     assert doc["id"].startswith("cmpl-")
     choice = doc["choices"][0]
     assert choice["text"] == expected and choice["finish_reason"] == "length"
-    assert doc["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 20,
-                            "total_tokens": len(PROMPT) + 20}
+    assert doc["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 30,
+                            "total_tokens": len(PROMPT) + 30}
     lp = choice["logprobs"]
-    assert len(lp["token_logprobs"]) == 20 and all(x <= 0 for x in lp["token_logprobs"])
+    assert len(lp["token_logprobs"]) == 30 and all(x <= 0 for x in lp["token_logprobs"])
     assert lp["tokens"][0] == _token_text(bytes([ids[0]]))
     assert lp["top_logprobs"] is None and lp["text_offset"][0] == 0
 
@@ -362,6 +365,19 @@ async def test_a_worker_failure_is_a_500_or_an_error_event(served):
         events = sse_events("".join([t async for t in r.aiter_text()]))
     assert json.loads(events[-1])["error"]["code"] == "worker_died"
     assert len(events) == 4 and "[DONE]" not in events  # 3 tokens, then the error
+
+
+async def test_a_bug_in_the_server_is_a_500_and_a_log_entry(served, monkeypatch):
+    server, base, _ = served
+
+    def broken(req, sink):
+        raise RuntimeError("bug")
+    monkeypatch.setattr(server, "submit", broken)
+    with structlog.testing.capture_logs() as logs:
+        r = await post(base, {"prompt": "a"})
+    assert r.status_code == 500 and "a bug" in r.json()["error"]["message"]
+    assert [(e["event"], e["target"], e["log_level"]) for e in logs] == [
+        ("http request failed", "/v1/completions", "error")]
 
 
 # ---- connections -------------------------------------------------------------------------
