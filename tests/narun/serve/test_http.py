@@ -445,8 +445,8 @@ async def test_a_client_that_stops_reading_has_its_stream_cancelled(model):
         await server.close()
 
 
-async def test_keep_alive_and_pipelined_requests_share_one_connection(served):
-    _, base, port = served
+async def test_keep_alive_and_pipelined_requests_share_one_connection(served, model):
+    server, base, port = served
     async with httpx.AsyncClient(base_url=base, timeout=10) as client:
         ports = set()
         for _ in range(2):
@@ -454,14 +454,20 @@ async def test_keep_alive_and_pipelined_requests_share_one_connection(served):
             assert r.status_code == 200
             ports.add(r.extensions["network_stream"].get_extra_info("client_addr")[1])
         assert len(ports) == 1
-    # two requests in one write: h11 answers them in order
+    # pipelined: a completion, and a second request sent while it runs (the connection
+    # reads it meanwhile, watching for the client leaving): answered in order
+    server.hold_after = 2
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/models HTTP/1.1\r\n"
-                 b"Host: x\r\n\r\n")
+    writer.write(request_bytes({"prompt": "ab", "max_tokens": 4, "temperature": 0}))
+    await until(lambda: server.sinks and next(iter(server.sinks.values()))[2] == 2)
+    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.sleep(0.05)  # not a check: lets the server read it before the reply
+    server.hold_after = None
+    server.wake.set()
     client = h11.Connection(h11.CLIENT)  # to read the replies
     bodies = []
-    for target in ("/health", "/v1/models"):
-        client.send(h11.Request(method="GET", target=target, headers=[("Host", "x")]))
+    for method, target in (("POST", "/v1/completions"), ("GET", "/health")):
+        client.send(h11.Request(method=method, target=target, headers=[("Host", "x")]))
         client.send(h11.EndOfMessage())
         body = b""
         while True:
@@ -474,15 +480,14 @@ async def test_keep_alive_and_pipelined_requests_share_one_connection(served):
                 break
         bodies.append(json.loads(body))
         client.start_next_cycle()
-    assert bodies[0] == {"status": "ok"} and bodies[1]["data"][0]["id"] == NAME
+    assert bodies[0]["choices"][0]["text"] == generate_text(model, "ab", 4)[0]
+    assert bodies[1] == {"status": "ok"}
     writer.close()
 
 
-async def raw(port, data, close_write=False):
+async def raw(port, data):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)
-    if close_write:
-        writer.write_eof()
     reply = await reader.read()  # to the server's close
     writer.close()
     return reply
