@@ -44,7 +44,7 @@ import structlog
 
 from narun.serve.streams import Request, RequestError, Tokenizer
 
-__all__ = ["serve_http"]
+__all__ = ["HTTPEndpoint", "serve_http"]
 
 log = structlog.get_logger("narun.serve")
 
@@ -273,17 +273,47 @@ def _token_text(raw: bytes) -> str:
 
 # -- connections ---------------------------------------------------------------------------
 
+class HTTPEndpoint:
+    """The listening socket and the connections of one `serve_http`. `close()` stops
+    taking connections; `await wait_closed()` then ends the connections still open (idle
+    keep-alive ones, by the time a drained server calls it) and waits for their tasks, so
+    none outlives the server's event loop."""
+
+    def __init__(self, server: asyncio.Server, connections: set[asyncio.Task[Any]]) -> None:
+        self.server, self.connections = server, connections
+
+    @property
+    def sockets(self) -> Any:
+        return self.server.sockets
+
+    def close(self) -> None:
+        self.server.close()
+
+    async def wait_closed(self) -> None:
+        self.server.close()
+        tasks = list(self.connections)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def serve_http(server: Any, host: str, port: int, *, timeout: float = TIMEOUT,
-                     max_buffered: int = MAX_BUFFERED) -> asyncio.Server:
+                     max_buffered: int = MAX_BUFFERED) -> HTTPEndpoint:
     """Serve `server` (see the module docstring) over HTTP/1.1 on host:port (0: any free
-    port; the bound one is `http.sockets[0].getsockname()[1]`). Close the returned
-    asyncio.Server to stop taking connections."""
+    port; the bound one is `http.sockets[0].getsockname()[1]`)."""
     created = int(time.time())
+    connections: set[asyncio.Task[Any]] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _Connection(server, reader, writer, created, timeout, max_buffered).run()
+        task = asyncio.current_task()
+        assert task is not None
+        connections.add(task)
+        try:
+            await _Connection(server, reader, writer, created, timeout, max_buffered).run()
+        finally:
+            connections.discard(task)
 
-    return await asyncio.start_server(handle, host, port)
+    return HTTPEndpoint(await asyncio.start_server(handle, host, port), connections)
 
 
 class _Gone(Exception):

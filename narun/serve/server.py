@@ -246,6 +246,8 @@ class InferenceServer:
             if self._failure is not None:
                 raise self._failure
             self.notifier.stopping(f"finishing {self.in_flight} stream(s)")
+            if http_server is not None:
+                http_server.close()  # no new connections; open ones finish their streams
             await self._drain()
             self.on_event("stopped", served=self.stats.served, failed=self.stats.failed,
                           refused=self.stats.refused, dropped=self.stats.dropped,
@@ -256,7 +258,7 @@ class InferenceServer:
             self.accepting = False
             self._tasks.cancel()
             if http_server is not None:
-                http_server.close()
+                await http_server.wait_closed()
             if self.pool is not None:
                 await self.pool.stop()
             for ch in (self._public, self._internal):

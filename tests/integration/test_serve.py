@@ -219,3 +219,39 @@ def test_narun_serve_names_a_device_this_machine_lacks(run):
     out = subprocess.run([sys.executable, "-m", "narun.cli", "serve", str(run), "--device",
                           "cuda:0"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--device cuda:0" in out.stderr and "CuPy" in out.stderr
+
+
+async def test_the_http_endpoint_serves_the_same_engine_as_the_socket(run):
+    import httpx
+    import openai
+
+    tok = ByteTokenizer()
+    want = reference_tokens(run, tok.encode("The ").tolist(), 20, temperature=0.0)
+    async with running_server(run, http="127.0.0.1:0") as server, \
+            InferenceClient(server.endpoint) as client:
+        zmq_text, _ = await client.complete("The ", max_tokens=20)
+        async with httpx.AsyncClient(base_url=server.http_address, timeout=30) as http:
+            health = await http.get("/health")
+            models = (await http.get("/v1/models")).json()
+            plain = (await http.post("/v1/completions", json={
+                "model": "gpt", "prompt": "The ", "max_tokens": 20,
+                "temperature": 0})).json()
+            chunks = []
+            async with http.stream("POST", "/v1/completions", json={
+                    "prompt": "The ", "max_tokens": 20, "temperature": 0,
+                    "stream": True}) as sse:
+                async for line in sse.aiter_lines():
+                    if line.startswith("data: "):
+                        chunks.append(line[6:])
+        oa = openai.AsyncOpenAI(base_url=server.http_address + "/v1", api_key="unused")
+        streamed = [c.choices[0].text async for c in await oa.completions.create(
+            model="gpt", prompt="The ", max_tokens=20, temperature=0, stream=True)]
+        await oa.close()
+    text = tok.decode_bytes(np.asarray(want)).decode("utf-8", errors="replace")
+    assert health.status_code == 200 and models["data"][0]["id"] == "gpt"
+    assert plain["choices"][0]["text"] == text and plain["usage"]["completion_tokens"] == 20
+    assert chunks[-1] == "[DONE]"
+    assert "".join(json.loads(c)["choices"][0]["text"] for c in chunks[:-1]
+                   if json.loads(c)["choices"]) == text
+    assert "".join(streamed) == text
+    assert text.startswith(zmq_text)
