@@ -381,6 +381,7 @@ def test_clients_that_leave_mid_stream_leave_nothing_behind(checkpoint):
             read += int(await _python(leave(1000, 2)))
             tasks0, rss0 = await measure()
             dropped0 = server.stats.dropped
+            cancelled0 = server.stats.by_reason.get("cancelled", 0)
             read += int(await _python(leave(1000, 3)))
             tasks1, rss1 = await measure()
             stale_after_churn = len(stale)
@@ -394,6 +395,7 @@ def test_clients_that_leave_mid_stream_leave_nothing_behind(checkpoint):
                 full = [[f, *(await _finish(s))] for f, s in zip(firsts, streams)]
             return dict(read=read, tasks=(tasks0, tasks1), rss=(rss0, rss1),
                         dropped=server.stats.dropped - dropped0, stats=server.stats,
+                        cancelled=server.stats.by_reason.get("cancelled", 0) - cancelled0,
                         by_client=dict(server._by_client), queue=len(server._queue),
                         loads=[r.load for r in server.pool.replicas], queued=queued,
                         full=full, stale=(stale_after_churn, len(stale)))
@@ -404,7 +406,7 @@ def test_clients_that_leave_mid_stream_leave_nothing_behind(checkpoint):
     assert r["by_client"] == {} and r["queue"] == 0 and r["loads"] == [0], r
     # each client left after a token or two of 50: the server noticed a send that failed
     # and cancelled the stream, rather than decoding it to the end for nobody
-    assert r["dropped"] >= 900, r["stats"]
+    assert r["dropped"] >= 900 and r["cancelled"] >= 900, r
     assert r["stats"].failed == 0
     assert r["stale"] == (0, 0)  # the worker decoded nothing the front had forgotten
     assert r["queued"] == 0
