@@ -260,11 +260,12 @@ def flood(endpoint: str, info_json: str, total: int, peers: int, seed: int) -> N
             socks.append(s)
         sent = 0
         while sent < total:
-            frames = _garbage(rng) if rng.random() < 0.8 else _well_formed_but_wrong(rng)
+            wrong = rng.random() < 0.2  # known to be wrong: not judged by the server's code
+            frames = _well_formed_but_wrong(rng) if wrong else _garbage(rng)
             msg = _decodes(frames)
             if msg is None:
                 counts["refused"] += 1
-            elif _admissible(msg, info):
+            elif not wrong and _admissible(msg, info):
                 continue  # rare: a mutation that is a request it would run
             elif msg.type == "generate":
                 counts["invalid_generate"] += 1
