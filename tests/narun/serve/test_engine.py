@@ -126,6 +126,11 @@ def test_float32_greedy_tokens_in_a_busy_batch_match_generate(case):
         alone = model.generate(p[None], 12, temperature=0.0)[0]
         assert tokens(outs[i]) == alone[len(p):].tolist(), i
         assert all(isinstance(o.logprob, float) and o.logprob <= 0 for o in outs[i])
+        # greedy logprobs come from float32 logits: float32's precision, not float64's
+        logits = model(alone[None, :-1]).numpy()[0, len(p) - 1:].astype(np.float64)
+        expected = log_softmax(logits)[np.arange(12), alone[len(p):]]
+        np.testing.assert_allclose([o.logprob for o in outs[i]], expected, rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_without_stalling_the_decoders():
