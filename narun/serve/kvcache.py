@@ -79,8 +79,9 @@ class _Decode:
 
     Slots are given out lowest first, so the decoding slots are mostly 0 .. n-1: then the
     batched call runs on views of slots 0 .. hi-1 of the cache (no copy), and a free slot
-    below hi only costs its row of work (its output is never read). When fewer than half of
-    slots 0 .. hi-1 decode, their caches are gathered instead (a copy of n rows)."""
+    below hi only costs its row of work (its output is never read). When fewer than a third
+    of slots 0 .. hi-1 decode, their caches are gathered instead: a copy reads and writes n
+    rows before the call reads them again, 3n rows of traffic against hi."""
 
     n: int
     slots: Any        # device index array (n,), ascending
@@ -93,7 +94,7 @@ class _Decode:
         slots = np.asarray(plan.decode_slots, dtype=np.int64)
         lengths = np.asarray(plan.decode_positions, dtype=np.int64) + 1
         n, hi, length = len(slots), int(slots[-1]) + 1, int(lengths.max())
-        padded = hi <= 2 * n
+        padded = hi <= 3 * n
         bias = None
         if (lengths != length).any():
             row_lengths = lengths

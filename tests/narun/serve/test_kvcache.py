@@ -8,7 +8,7 @@ import pytest
 import narun
 from narun.serve.kvcache import SlotKVCache, StepPlan, _Decode
 
-H, D, MAX_LEN, SLOTS = 2, 4, 16, 6
+H, D, MAX_LEN, SLOTS = 2, 4, 16, 8
 
 
 def reference(K, V, q, slot, pos):
@@ -27,7 +27,9 @@ def reference(K, V, q, slot, pos):
     ({0: 7, 2: 7, 3: 7}, [], 4, False),
     # one sequence left in a high slot: gathered, not 6 rows of work for 1
     ({5: 10}, [(0, 0, 1)], 0, False),
-    ({1: 3, 5: 12}, [], 0, True),
+    ({1: 3, 7: 12}, [], 0, True),
+    # two of six: still views, the free rows cost less than a copy
+    ({1: 3, 5: 12}, [], 6, True),
 ])
 def test_a_ragged_step_attends_as_each_sequence_alone(decode, chunks, hi, bias):
     rng = np.random.default_rng(0)
