@@ -4,8 +4,9 @@ The autograd ops check their arguments and wrap every result in a Tensor; at one
 sequence that bookkeeping, not arithmetic, was most of a decode step (2.2 ms of a 1-stream
 step for ~0.1 ms of matmuls, gpt2-tiny float32). Here the same forward kernels the ops use
 (`layer_norm_rows`, `gelu_tanh_forward`, `rotate_forward`, `softmax_scores_`) run on the
-arrays directly, with the step's tokens as rows (B * T, C), so the numbers are those of
-`GPT.forward`, computed in the same order. No graph is recorded and dropout is never applied.
+arrays directly, with the step's tokens as rows (B * T, C), so the numbers are `GPT.forward`'s
+up to the rounding of differently shaped matmuls. No graph is recorded and dropout is never
+applied.
 
 A cache given to `forward_rows` has `attend_arrays(q, k, v)`: q, k, v (B, T, H, D) arrays
 (views into the fused qkv projection) -> the attention output (B, T, H, D), C-contiguous.

@@ -84,17 +84,19 @@ class _Decode:
     rows before the call reads them again, 3n rows of traffic against hi."""
 
     n: int
-    slots: Any        # device index array (n,), ascending
+    slots: Any        # device index array (n,)
     hi: int           # padded: slots 0 .. hi-1 take part; gathered: 0
     length: int       # the longest decode row's length after this step's token
     bias: Any         # (rows, 1, 1, length) 0 / -inf past each row's length, or None
+    in_order: bool    # slots are 0 .. n-1 in order: the rows are the decode tokens as they are
 
     @staticmethod
     def of(plan: StepPlan, xp: Any, dtype: Any) -> _Decode:
         slots = np.asarray(plan.decode_slots, dtype=np.int64)
         lengths = np.asarray(plan.decode_positions, dtype=np.int64) + 1
-        n, hi, length = len(slots), int(slots[-1]) + 1, int(lengths.max())
+        n, hi, length = len(slots), int(slots.max()) + 1, int(lengths.max())
         padded = hi <= 3 * n
+        in_order = not padded or (hi == n and bool((slots == np.arange(n)).all()))
         bias = None
         if (lengths != length).any():
             row_lengths = lengths
@@ -103,7 +105,7 @@ class _Decode:
                 row_lengths[slots] = lengths
             visible = np.arange(length)[None, :] < row_lengths[:, None]
             bias = xp.asarray(np.where(visible, 0.0, -np.inf).astype(dtype)[:, None, None])
-        return _Decode(n, xp.asarray(slots), hi if padded else 0, length, bias)
+        return _Decode(n, xp.asarray(slots), hi if padded else 0, length, bias, in_order)
 
 
 class _LayerStep:
@@ -128,14 +130,14 @@ class _LayerStep:
                 Ks, Vs, Q = K[d.slots, :, :d.length], V[d.slots, :, :d.length], qd
             else:
                 Ks, Vs, Q = K[:d.hi, :, :d.length], V[:d.hi, :, :d.length], qd
-                if d.hi > n:
+                if not d.in_order:  # row r is slot r's query (zeros for a free slot)
                     Q = xp.zeros((d.hi, H, 1, D), dtype=q.dtype)
                     Q[d.slots] = qd
             s = xp.matmul(Q * (1.0 / math.sqrt(D)), Ks.swapaxes(-1, -2))  # (rows, H, 1, length)
             if d.bias is not None:
                 s += d.bias
             out = xp.matmul(softmax_scores_(xp, s, False), Vs)  # (rows, H, 1, D)
-            y[0, :n] = out[:, :, 0] if not d.hi or d.hi == n else out[d.slots, :, 0]
+            y[0, :n] = out[:, :, 0] if d.in_order else out[d.slots, :, 0]
         for slot, start, size in self.chunks:
             end = start + size
             out = attend_after_arrays(xp, q[0, n:n + size].swapaxes(0, 1), K[slot, :, :end],

@@ -30,6 +30,8 @@ def reference(K, V, q, slot, pos):
     ({1: 3, 7: 12}, [], 0, True),
     # two of six: still views, the free rows cost less than a copy
     ({1: 3, 5: 12}, [], 6, True),
+    # slots 0 .. 2 but not in slot order: each row still gets its own slot's keys
+    ({2: 4, 0: 6, 1: 4}, [(3, 0, 2)], 3, True),
 ])
 def test_a_ragged_step_attends_as_each_sequence_alone(decode, chunks, hi, bias):
     rng = np.random.default_rng(0)
