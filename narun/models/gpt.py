@@ -17,6 +17,7 @@ import numpy as np
 import narun
 from narun import nn
 from narun.errors import ConfigError, ShapeError
+from narun.models import _inference
 from narun.models._registry import register_model
 from narun.nn import functional as F
 from narun.tensor import Tensor
@@ -107,6 +108,7 @@ class KVCache:
 
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, like: Tensor):
         shape = (batch, n_head, max_len, head_dim)
+        self.xp, self.device = like.xp, like.device
         self.k = like.xp.zeros(shape, dtype=like.dtype)
         self.v = like.xp.zeros(shape, dtype=like.dtype)
         self.length = 0
@@ -123,11 +125,22 @@ class KVCache:
         """Attention of the new queries over every cached position plus their own keys.
 
         Attention layers call this on whatever cache they are given, so a cache with another
-        layout (the serving engine's one slot per sequence) decides what each query sees.
+        layout decides what each query sees (`GPT.forward_at` calls `attend_arrays`, which
+        the serving engine's one-slot-per-sequence cache implements).
         """
         past = self.length
         k, v = self.append(k, v)
         return attend_after(q, k, v, past)
+
+    def attend_arrays(self, q: Any, k: Any, v: Any) -> Any:
+        """`attend` for `GPT.forward_at`'s raw arrays, laid out (B, T, H, D)."""
+        end = self.length + q.shape[1]
+        self.k[:, :, self.length:end] = k.swapaxes(1, 2)
+        self.v[:, :, self.length:end] = v.swapaxes(1, 2)
+        self.length = end
+        y = _inference.attend_after_arrays(self.xp, q.swapaxes(1, 2), self.k[:, :, :end],
+                                           self.v[:, :, :end], self.device)
+        return self.xp.ascontiguousarray(y.swapaxes(1, 2))
 
 
 def attend_after(q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
@@ -261,29 +274,20 @@ class GPT(nn.Module):
         """Logits (B, len(rows), vocab_size) for token ids `idx` (B, T) whose column t sits
         at position `positions[t]`: the ragged batch of an inference engine, where the
         columns belong to different sequences. `caches` (one per layer) have an
-        `attend(q, k, v)` that decides which keys each column's query sees, as
-        `KVCache.attend` does for one sequence. `rows` picks the columns whose logits are
-        wanted (default all), so a prefill chunk pays the head for its last token only.
-        Inference only: no positions are checked against block_size here.
+        `attend_arrays(q, k, v)` that decides which keys each column's query sees, as
+        `KVCache.attend_arrays` does for one sequence. `rows` picks the columns whose logits
+        are wanted (default all), so a prefill chunk pays the head for its last token only.
+        Inference only: the forward's own kernels run on raw arrays (`_inference`), so the
+        logits are the forward's, but no graph is recorded, no dropout is applied and no
+        positions are checked against block_size.
         """
-        cfg = self.config
-        pos = narun.tensor(np.asarray(positions, dtype=np.int64), device=idx.device)
-        x = self.wte(idx)
-        rope = None
-        if cfg.position == "learned":
-            x = x + self.wpe(pos)
-        else:
-            cos, sin = F.rotary_cos_sin(int(pos.data.max()) + 1, cfg.n_embd // cfg.n_head,
-                                        base=cfg.rope_base, dtype=x.dtype, device=x.device)
-            rope = (Tensor._wrap(cos.data[pos.data]), Tensor._wrap(sin.data[pos.data]))
-        return self._blocks_and_head(self.drop(x), rope, caches, rows)
+        ids = idx.data if isinstance(idx, Tensor) else self.wte.weight.xp.asarray(idx)
+        return Tensor._wrap(_inference.forward_rows(self, ids, positions, caches, rows))
 
     def _blocks_and_head(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
-                         caches: list[Any] | None, rows: Any = None) -> Tensor:
+                         caches: list[Any] | None) -> Tensor:
         for i, block in enumerate(self.h):
             x = block(x, rope, caches[i] if caches else None)
-        if rows is not None:
-            x = x[:, rows]
         x = self.ln_f(x)
         weight = self.wte.weight if self.config.tie_weights else self.lm_head.weight
         return F.linear(x, weight)

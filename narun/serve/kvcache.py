@@ -6,23 +6,26 @@ decoding sequence (each at its own position, in its own slot), then the prompt c
 the sequences being prefilled. Every layer writes each token's key and value at
 (slot, position), then:
 
-- the decode tokens attend together, in one batched call over the slots' caches
-  (slots 0 .. hi-1, the first `length` positions of each), each masked to its own length;
+- the decode tokens attend together, in one batched call over the slots' caches (views
+  of slots 0 .. hi-1, or the running slots gathered when most of those are free; the first
+  `length` positions of each), each masked to its own length;
 - each prompt chunk attends causally over its own slot, as `KVCache` does for one sequence.
 
 A slot's stale keys past its length are never seen (the length mask hides them), so a slot
-is reused without clearing it.
+is reused without clearing it. Everything runs on raw arrays (`GPT.forward_at`'s
+`attend_arrays` protocol): no Tensor wrapping, no graph.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from narun.models.gpt import attend_after
-from narun.nn import functional as F
+from narun.models._inference import attend_after_arrays
+from narun.nn.functional._attention import softmax_scores_
 from narun.tensor import Tensor
 
 
@@ -57,67 +60,88 @@ class SlotKVCache:
                  head_dim: int, like: Tensor) -> None:
         shape = (max_batch, n_head, max_len, head_dim)
         xp = like.xp
-        self.xp = xp
+        self.xp, self.device = xp, like.device
         self.k = [xp.zeros(shape, dtype=like.dtype) for _ in range(n_layer)]
         self.v = [xp.zeros(shape, dtype=like.dtype) for _ in range(n_layer)]
 
     def layers(self, plan: StepPlan) -> list[_LayerStep]:
         """One cache per layer for `GPT.forward_at`, each running `plan`'s attention."""
         xp = self.xp
-        slots, positions = plan.slots(), plan.positions()
-        where = (xp.asarray(slots), slice(None), xp.asarray(positions))
-        decode = None
-        if plan.decode_slots:
-            hi = max(plan.decode_slots) + 1
-            length = max(plan.decode_positions) + 1
-            # Slots below hi that are not decoding keep length 0: fully masked, their rows
-            # come out as zeros and are never read.
-            lengths = np.zeros(hi, dtype=np.int64)
-            lengths[plan.decode_slots] = np.asarray(plan.decode_positions) + 1
-            mask = np.arange(length)[None, :] < lengths[:, None]
-            decode = _Decode(xp.asarray(np.asarray(plan.decode_slots)), hi, length,
-                             Tensor._wrap(xp.asarray(mask[:, None, None, :])))
-        return [_LayerStep(self.k[i], self.v[i], where, decode, plan.chunks)
+        where = (xp.asarray(plan.slots()), slice(None), xp.asarray(plan.positions()))
+        decode = _Decode.of(plan, xp, self.k[0].dtype) if plan.decode_slots else None
+        return [_LayerStep(xp, self.device, self.k[i], self.v[i], where, decode, plan.chunks)
                 for i in range(len(self.k))]
 
 
 @dataclass
 class _Decode:
-    slots: Any      # device index array (n,)
-    hi: int         # slots 0 .. hi-1 take part in the batched call
-    length: int     # the longest decode row's length after this step's token
-    mask: Tensor    # (hi, 1, 1, length): True where a row may attend
+    """How the step's n decode tokens attend, shared by every layer.
+
+    Slots are given out lowest first, so the decoding slots are mostly 0 .. n-1: then the
+    batched call runs on views of slots 0 .. hi-1 of the cache (no copy), and a free slot
+    below hi only costs its row of work (its output is never read). When fewer than a third
+    of slots 0 .. hi-1 decode, their caches are gathered instead: a copy reads and writes n
+    rows before the call reads them again, 3n rows of traffic against hi."""
+
+    n: int
+    slots: Any        # device index array (n,)
+    hi: int           # padded: slots 0 .. hi-1 take part; gathered: 0
+    length: int       # the longest decode row's length after this step's token
+    bias: Any         # (rows, 1, 1, length) 0 / -inf past each row's length, or None
+    in_order: bool    # slots are 0 .. n-1 in order: the rows are the decode tokens as they are
+
+    @staticmethod
+    def of(plan: StepPlan, xp: Any, dtype: Any) -> _Decode:
+        slots = np.asarray(plan.decode_slots, dtype=np.int64)
+        lengths = np.asarray(plan.decode_positions, dtype=np.int64) + 1
+        n, hi, length = len(slots), int(slots.max()) + 1, int(lengths.max())
+        padded = hi <= 3 * n
+        in_order = not padded or (hi == n and bool((slots == np.arange(n)).all()))
+        bias = None
+        if (lengths != length).any():
+            row_lengths = lengths
+            if padded:  # a free slot's row sees every position: finite, and never read
+                row_lengths = np.full(hi, length, dtype=np.int64)
+                row_lengths[slots] = lengths
+            visible = np.arange(length)[None, :] < row_lengths[:, None]
+            bias = xp.asarray(np.where(visible, 0.0, -np.inf).astype(dtype)[:, None, None])
+        return _Decode(n, xp.asarray(slots), hi if padded else 0, length, bias, in_order)
 
 
 class _LayerStep:
-    def __init__(self, k: Any, v: Any, where: tuple[Any, slice, Any], decode: _Decode | None,
-                 chunks: list[tuple[int, int, int]]) -> None:
+    def __init__(self, xp: Any, device: str, k: Any, v: Any, where: tuple[Any, slice, Any],
+                 decode: _Decode | None, chunks: list[tuple[int, int, int]]) -> None:
+        self.xp, self.device = xp, device
         self.k, self.v, self.where, self.decode, self.chunks = k, v, where, decode, chunks
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q, k, v (1, H, N, D) for the step's N tokens -> attention output (1, H, N, D)."""
-        K, V = self.k, self.v
-        xp = q.xp
-        K[self.where] = k.data[0].swapaxes(0, 1)  # (N, H, D) at (slot, position)
-        V[self.where] = v.data[0].swapaxes(0, 1)
-        qd = q.data[0]  # (H, N, D)
-        _, H, N, D = q.shape
-        y = xp.empty((1, H, N, D), dtype=q.dtype)
+    def attend_arrays(self, q: Any, k: Any, v: Any) -> Any:
+        """q, k, v (1, N, H, D) for the step's N tokens -> attention output (1, N, H, D)."""
+        K, V, xp = self.k, self.v, self.xp
+        K[self.where] = k[0]  # (N, H, D) at (slot, position)
+        V[self.where] = v[0]
+        _, N, H, D = q.shape
+        y = xp.empty((1, N, H, D), dtype=q.dtype)
         n = 0
         if self.decode is not None:
             d = self.decode
-            n = len(d.slots)
-            Q = xp.zeros((d.hi, H, 1, D), dtype=q.dtype)
-            Q[d.slots, :, 0] = qd[:, :n].swapaxes(0, 1)
-            out = F.scaled_dot_product_attention(
-                Tensor._wrap(Q), Tensor._wrap(K[:d.hi, :, :d.length]),
-                Tensor._wrap(V[:d.hi, :, :d.length]), attn_mask=d.mask)
-            y[0, :, :n] = out.data[d.slots, :, 0].swapaxes(0, 1)
+            n = d.n
+            qd = q[0, :n, :, None]  # (n, H, 1, D)
+            if not d.hi:
+                Ks, Vs, Q = K[d.slots, :, :d.length], V[d.slots, :, :d.length], qd
+            else:
+                Ks, Vs, Q = K[:d.hi, :, :d.length], V[:d.hi, :, :d.length], qd
+                if not d.in_order:  # row r is slot r's query (zeros for a free slot)
+                    Q = xp.zeros((d.hi, H, 1, D), dtype=q.dtype)
+                    Q[d.slots] = qd
+            s = xp.matmul(Q * (1.0 / math.sqrt(D)), Ks.swapaxes(-1, -2))  # (rows, H, 1, length)
+            if d.bias is not None:
+                s += d.bias
+            out = xp.matmul(softmax_scores_(xp, s, False), Vs)  # (rows, H, 1, D)
+            y[0, :n] = out[:, :, 0] if d.in_order else out[d.slots, :, 0]
         for slot, start, size in self.chunks:
             end = start + size
-            out = attend_after(Tensor._wrap(q.data[:, :, n:n + size]),
-                               Tensor._wrap(K[slot:slot + 1, :, :end]),
-                               Tensor._wrap(V[slot:slot + 1, :, :end]), start)
-            y[:, :, n:n + size] = out.data
+            out = attend_after_arrays(xp, q[0, n:n + size].swapaxes(0, 1), K[slot, :, :end],
+                                      V[slot, :, :end], self.device)  # (H, size, D)
+            y[0, n:n + size] = out.swapaxes(0, 1)
             n += size
-        return Tensor._wrap(y)
+        return y

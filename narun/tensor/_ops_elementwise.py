@@ -258,6 +258,21 @@ _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+def gelu_tanh_forward(xp: Any, x: Any) -> tuple[Any, Any]:
+    """The tanh GELU of array x (a new array) and the tanh its backward reuses; inference
+    calls it on raw arrays."""
+    inner = x * x
+    inner *= 0.044715
+    inner += 1
+    inner *= x
+    inner *= _SQRT_2_OVER_PI
+    t = xp.tanh(inner, out=inner)
+    out = t + 1
+    out *= x
+    out *= 0.5
+    return out, t
+
+
 def gelu(a: Tensor, approximate: str = "none") -> Tensor:
     """GELU, exact (`approximate="none"`, via erf) or the tanh form GPT-2 uses ("tanh").
 
@@ -265,15 +280,7 @@ def gelu(a: Tensor, approximate: str = "none") -> Tensor:
     """
     xp, x = a.xp, a.data
     if approximate == "tanh":
-        inner = x * x
-        inner *= 0.044715
-        inner += 1
-        inner *= x
-        inner *= _SQRT_2_OVER_PI
-        t = xp.tanh(inner, out=inner)
-        out = t + 1
-        out *= x
-        out *= 0.5
+        out, t = gelu_tanh_forward(xp, x)
 
         def backward(g: Any) -> tuple[Any]:
             # 0.5(1+t) + 0.5 x (1-t^2) k (1 + 3*0.044715 x^2)

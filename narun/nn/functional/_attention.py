@@ -99,16 +99,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Any
     elif mask is not None:
         s += mask
 
-    m = s.max(axis=-1, keepdims=True)
-    if masked:
-        # A fully masked row has max -inf; give it zeros (torch's safe softmax), not NaN.
-        m[m == -xp.inf] = 0.0
-    s -= m
-    p = xp.exp(s, out=s)
-    den = sum_last(xp, p)[..., None]
-    if masked:
-        den[den == 0] = 1.0
-    p *= xp.reciprocal(den, out=den)
+    p = softmax_scores_(xp, s, masked)
 
     keep = None
     pd = p
@@ -141,6 +132,21 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Any
         return grads if mask_t is None else grads + (dp,)
 
     return make(out, parents, backward, "scaled_dot_product_attention")
+
+
+def softmax_scores_(xp: Any, s: Any, masked: bool) -> Any:
+    """Softmax over the last axis of the scores `s`, in place; returns s. With `masked`, a
+    row of all -inf gets zeros (torch's safe softmax), not NaN. Inference calls it too."""
+    m = s.max(axis=-1, keepdims=True)
+    if masked:
+        m[m == -xp.inf] = 0.0
+    s -= m
+    p = xp.exp(s, out=s)
+    den = sum_last(xp, p)[..., None]
+    if masked:
+        den[den == 0] = 1.0
+    p *= xp.reciprocal(den, out=den)
+    return p
 
 
 def _rowdot_last(xp: Any, a: Any, b: Any) -> Any:

@@ -77,6 +77,43 @@ def _backward_rows(xp: Any, g2: Any, xhat: Any, rstd: Any, w: Any, x_shape: tupl
     return gx, gw
 
 
+def layer_norm_rows(xp: Any, x2: Any, w: Any, b: Any, eps: float) -> tuple[Any, Any, Any]:
+    """layer_norm's forward on rows x2 (M, D) with weight and bias (D,) or None: the output
+    (a new array), xhat and rstd (what backward keeps). Inference calls it on raw arrays."""
+    M, D = x2.shape
+    xhat = xp.empty((M, D), dtype=x2.dtype)
+    mean = sum_last(xp, x2)
+    mean *= 1.0 / D
+    xp.subtract(x2, mean[:, None], out=xhat)
+    var = _rowdot(xhat, xhat)
+    var *= 1.0 / D
+    var += eps
+    rstd = xp.sqrt(var, out=var)
+    xp.reciprocal(rstd, out=rstd)
+    xhat *= rstd[:, None]
+    if w is not None:
+        y = xhat * w
+        if b is not None:
+            y += b
+    else:
+        y = xhat if b is None else xhat + b
+    return y, xhat, rstd
+
+
+def rms_norm_rows(xp: Any, x2: Any, w: Any, eps: float) -> tuple[Any, Any, Any]:
+    """rms_norm's forward on rows x2 (M, D) with weight (D,) or None: output, xhat, rstd."""
+    M, D = x2.shape
+    ms = _rowdot(x2, x2)
+    ms *= 1.0 / D
+    ms += eps
+    rstd = xp.sqrt(ms, out=ms)
+    xp.reciprocal(rstd, out=rstd)
+    xhat = xp.empty((M, D), dtype=x2.dtype)
+    xp.multiply(x2, rstd[:, None], out=xhat)
+    y = xhat if w is None else xhat * w
+    return y, xhat, rstd
+
+
 def layer_norm(x: Tensor, normalized_shape: int | tuple[int, ...], weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """(x - mean) / sqrt(var + eps) * weight + bias over the trailing `normalized_shape` dims.
@@ -89,23 +126,9 @@ def layer_norm(x: Tensor, normalized_shape: int | tuple[int, ...], weight: Tenso
     xp = x.xp
     x2 = x.data.reshape(-1, D)
     M = x2.shape[0]
-    xhat = xp.empty((M, D), dtype=x.dtype)
-    mean = sum_last(xp, x2)
-    mean *= 1.0 / D
-    xp.subtract(x2, mean[:, None], out=xhat)
-    var = _rowdot(xhat, xhat)
-    var *= 1.0 / D
-    var += eps
-    rstd = xp.sqrt(var, out=var)
-    xp.reciprocal(rstd, out=rstd)
-    xhat *= rstd[:, None]
     w = None if weight is None else weight.data.reshape(D)
-    if w is not None:
-        y = xhat * w
-        if bias is not None:
-            y += bias.data.reshape(D)
-    else:
-        y = xhat if bias is None else xhat + bias.data.reshape(D)
+    y, xhat, rstd = layer_norm_rows(xp, x2, w, None if bias is None else bias.data.reshape(D),
+                                    eps)
     parents = tuple(p for p in (x, weight, bias) if p is not None)
 
     def backward(g: Any) -> tuple[Any, ...]:
@@ -136,15 +159,8 @@ def rms_norm(x: Tensor, normalized_shape: int | tuple[int, ...], weight: Tensor 
         eps = float(xp.finfo(x.dtype).eps)
     x2 = x.data.reshape(-1, D)
     M = x2.shape[0]
-    ms = _rowdot(x2, x2)
-    ms *= 1.0 / D
-    ms += eps
-    rstd = xp.sqrt(ms, out=ms)
-    xp.reciprocal(rstd, out=rstd)
-    xhat = xp.empty((M, D), dtype=x.dtype)
-    xp.multiply(x2, rstd[:, None], out=xhat)
     w = None if weight is None else weight.data.reshape(D)
-    y = xhat if w is None else xhat * w
+    y, xhat, rstd = rms_norm_rows(xp, x2, w, eps)
     parents = (x,) if weight is None else (x, weight)
 
     def backward(g: Any) -> tuple[Any, ...]:

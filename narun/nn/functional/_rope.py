@@ -62,6 +62,22 @@ def _halves(a: Any, h: int) -> tuple[Any, Any]:
     return a[..., :h], a[..., h:]
 
 
+def rotate_forward(xp: Any, X: Any, c: Any, s: Any, shape: tuple[int, ...]) -> Any:
+    """apply_rotary_emb's forward on arrays: X * c + rotate_half(X) * s, a new C-contiguous
+    array of the broadcast `shape`; inference calls it on raw arrays."""
+    h = X.shape[-1] // 2
+    x1, x2 = _halves(X, h)
+    s1, s2 = _halves(s, h)
+    out = xp.empty(shape, dtype=X.dtype)  # C-contiguous, whatever view X is
+    xp.multiply(X, c, out=out)
+    t = xp.empty(shape, dtype=X.dtype)
+    xp.multiply(x2, s1, out=t[..., :h])
+    xp.multiply(x1, s2, out=t[..., h:])
+    out[..., :h] -= t[..., :h]
+    out[..., h:] += t[..., h:]
+    return out
+
+
 def apply_rotary_emb(x: Tensor, cos: Any, sin: Any) -> Tensor:
     """x * cos + rotate_half(x) * sin for x (..., T, D) and cos, sin broadcastable to it.
 
@@ -85,16 +101,8 @@ def apply_rotary_emb(x: Tensor, cos: Any, sin: Any) -> Tensor:
     xp, h = x.xp, D // 2
     X = x.data
     x1, x2 = _halves(X, h)
-    c1, c2 = _halves(c, h)
     s1, s2 = _halves(s, h)
-    out = xp.empty(shape, dtype=x.dtype)  # C-contiguous, whatever view x is
-    xp.multiply(X, c, out=out)
-    t = xp.empty(shape, dtype=x.dtype)
-    xp.multiply(x2, s1, out=t[..., :h])
-    xp.multiply(x1, s2, out=t[..., h:])
-    out[..., :h] -= t[..., :h]
-    out[..., h:] += t[..., h:]
-    del t
+    out = rotate_forward(xp, X, c, s, shape)
     tensors = [(v, isinstance(v, Tensor) and v.requires_grad) for v in (cos, sin)]
     parents = (x,) + tuple(v for v, needs in tensors if needs)
     check_same_device(op, *parents)

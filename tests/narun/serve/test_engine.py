@@ -126,6 +126,11 @@ def test_float32_greedy_tokens_in_a_busy_batch_match_generate(case):
         alone = model.generate(p[None], 12, temperature=0.0)[0]
         assert tokens(outs[i]) == alone[len(p):].tolist(), i
         assert all(isinstance(o.logprob, float) and o.logprob <= 0 for o in outs[i])
+        # greedy logprobs come from float32 logits: float32's precision, not float64's
+        logits = model(alone[None, :-1]).numpy()[0, len(p) - 1:].astype(np.float64)
+        expected = log_softmax(logits)[np.arange(12), alone[len(p):]]
+        np.testing.assert_allclose([o.logprob for o in outs[i]], expected, rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_without_stalling_the_decoders():
@@ -279,3 +284,19 @@ def test_duplicate_ids_and_bad_engine_settings_are_config_errors():
     for kwargs in (dict(max_batch=0), dict(prefill_chunk=0), dict(max_batch=2.5)):
         with pytest.raises(ConfigError, match=next(iter(kwargs))):
             Engine(model, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["gpt2", "modern"])
+def test_the_last_request_in_a_high_slot_decodes_as_it_would_alone(case):
+    # Slots 0 .. 2 finish early; slot 3's request goes on alone, its step gathered from the
+    # cache (1 of 4 slots running), then "e" joins in slot 0 (a free slot between them).
+    model = make_model(case)
+    ps = prompts(6)
+    engine = Engine(model, max_batch=4, prefill_chunk=16)
+    news = (2, 3, 2, 14)
+    for i, (p, n) in enumerate(zip(ps[:4], news, strict=True)):
+        engine.add(i, p, max_new_tokens=n)
+    outs, _ = run(engine, {6: [("e", ps[4], dict(max_new_tokens=5))]})
+    for rid, p, n in [(i, ps[i], n) for i, n in enumerate(news)] + [("e", ps[4], 5)]:
+        alone = model.generate(p[None], n, temperature=0.0)[0, len(p):].tolist()
+        assert tokens(outs[rid]) == alone, rid
