@@ -146,7 +146,7 @@ class TorchGPT(nn.Module):
         each as soon as it is chosen. The prompt and the tokens fed back must fit the
         context: len(prompt) + n_new - 1 <= block_size."""
         cache = self.new_cache()
-        idx = torch.from_numpy(np.asarray(prompt, dtype=np.int64))[None]
+        idx = torch.from_numpy(np.array(prompt, dtype=np.int64))[None]  # a writable copy
         past = 0
         for _ in range(n_new):
             logits = self(idx, cache, past)[0]

@@ -1,0 +1,373 @@
+#!/usr/bin/env python3
+"""Streaming inference end to end: `narun serve` (continuous batching), the same server with
+batching off (`--max-batch 1`), and a PyTorch server of the same model that runs one
+request at a time (scripts/serve_torch.py, what a user would stand up without narun), all
+driven over narun's wire protocol by the same load generator.
+
+Model: the quickstart GPT (configs/quickstart.yaml: gpt2-tiny, block 128, bytes as
+tokens), from runs/quickstart when scripts/quickstart has trained it, else trained for 60
+steps into a cache directory once (--checkpoint names another). Load: load-generator
+processes (scripts/serve_loadgen.py; the streams split over --clients of them), each
+stream its own DEALER connection; every request a 64-byte prompt of the quickstart text,
+64 new tokens, greedy. Closed loop with 1, 8, 32 and 128 concurrent streams (each mode
+sends max(2 x streams, 16) requests), then open loop: Poisson arrivals at --rate
+requests/s. Per mode: requests/s and generated tokens/s over the mode's span (first send
+to last `done`), time to first token (TTFT) p50/p99, inter-token latency (ITL, the gap
+between consecutive tokens of one stream) p50/p99. Each server runs alone, started as a
+subprocess, warmed with a few requests, stopped with SIGTERM. The load generator shares
+the machine's cores with the server: on a 2-core machine that is part of every figure.
+
+The bar (from the issue): at 32 streams narun's tokens/s >= 6x its own single-stream
+tokens/s and >= 3x the torch server's, with ITL p99 <= 100 ms; TTFT p99 at 128 reported.
+
+    python scripts/bench_serve.py                     # table, the bar, then a JSON line
+    python scripts/bench_serve.py --quick             # 1, 8, 32 streams, fewer requests
+    python scripts/bench_serve.py --servers torch     # only the baseline
+    python scripts/bench_serve.py --threads 2 --replicas 2 --streams 1 32 --rate 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVERS = ("narun", "narun-mb1", "torch")
+LABELS = {"narun": "narun", "narun-mb1": "narun --max-batch 1",
+          "torch": "torch, one at a time"}
+TRAIN_STEPS = 60
+
+
+def env(threads: int) -> dict[str, str]:
+    """The environment of every child: this checkout first on the path, BLAS threads set."""
+    out = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        out[var] = str(threads)
+    return out
+
+
+def checkpoint(given: str | None) -> Path:
+    """The model to serve: --checkpoint, else runs/quickstart, else a short run, trained
+    once into a cache directory with `narun train` and reused."""
+    if given:
+        return Path(given)
+    if (ROOT / "runs/quickstart/checkpoints").is_dir():
+        return ROOT / "runs/quickstart"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    run = cache / "narun-bench" / f"quickstart-{TRAIN_STEPS}"
+    if not (run / "checkpoints").is_dir():
+        print(f"no runs/quickstart: training the quickstart GPT for {TRAIN_STEPS} steps "
+              f"into {run}", file=sys.stderr)
+        cmd = [sys.executable, "-m", "narun.cli", "train", str(ROOT / "configs/quickstart.yaml"),
+               "--set", f"training.steps={TRAIN_STEPS}", "--set", f"training.out_dir={run}",
+               "--set", "training.eval_every=0", "--set", f"training.checkpoint_every="
+               f"{TRAIN_STEPS}", "--json"]
+        done = subprocess.run(cmd, env=env(2), capture_output=True, text=True, timeout=900,
+                              cwd=ROOT)
+        if done.returncode != 0:
+            raise SystemExit(f"bench_serve: training failed ({' '.join(cmd)}):\n"
+                             f"{done.stderr[-3000:]}")
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One server under test, a subprocess: started, waited for until it says it listens,
+    stopped with SIGTERM."""
+
+    def __init__(self, name: str, ckpt: Path, args: argparse.Namespace, logs: Path) -> None:
+        self.name = name
+        listen = f"tcp://127.0.0.1:{free_port()}"
+        if name == "torch":
+            self.cmd = [sys.executable, str(ROOT / "scripts/serve_torch.py"), str(ckpt),
+                        "--listen", listen, "--threads", str(args.threads)]
+        else:
+            batch = 1 if name == "narun-mb1" else args.max_batch
+            self.cmd = [sys.executable, "-m", "narun.cli", "serve", str(ckpt), "--listen",
+                        listen, "--replicas", str(args.replicas), "--max-queue",
+                        str(args.max_queue), "--json"]
+            if batch is not None:
+                self.cmd[-1:-1] = ["--max-batch", str(batch)]
+        self.log = logs / f"{name}.stderr"
+        self.stderr = open(self.log, "w")  # noqa: SIM115  (closed in stop)
+        start = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     stdin=subprocess.DEVNULL, text=True, env=env(args.threads),
+                                     cwd=ROOT)
+        self.info = self._wait_listening(args.start_timeout)
+        self.endpoint = self.info["endpoint"]
+        self.ready_s = time.monotonic() - start
+
+    def _wait_listening(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while (left := deadline - time.monotonic()) > 0:
+                if not sel.select(left):
+                    break
+                line = self.proc.stdout.readline()
+                if not line:  # it exited
+                    self.stop()
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before "
+                                       f"listening: {' '.join(self.cmd)}\n{self.tail()}")
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and event.get("event") == "listening":
+                    return event
+        self.stop()
+        raise RuntimeError(f"{self.name} did not print a listening event within {timeout} s: "
+                           f"{' '.join(self.cmd)}\n{self.tail()}")
+
+    def tail(self, n: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 30 s; the exit status (None if it had to be killed)."""
+        code = self.proc.poll()
+        if code is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                code = None
+        self.proc.stdout.close()
+        self.stderr.close()
+        return code
+
+
+def load(endpoint: str, streams: int, requests: int, args: argparse.Namespace,
+         rate: float = 0.0, seed: int = 0) -> dict[str, Any]:
+    """Run the load generator in min(--clients, streams) processes; their raw records."""
+    procs = max(1, min(args.clients, streams))
+    split = [requests // procs + (i < requests % procs) for i in range(procs)]
+    children = []
+    for i in range(procs):
+        cmd = [sys.executable, str(ROOT / "scripts/serve_loadgen.py"), "--endpoint", endpoint,
+               "--streams", str(streams // procs + (i < streams % procs)),
+               "--requests", str(split[i]), "--rate", str(rate / procs),
+               "--prompt-bytes", str(args.prompt_bytes), "--new", str(args.new),
+               "--seed", str(1000 * seed + i), "--timeout", str(args.request_timeout)]
+        children.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, env=env(1),
+                                         cwd=ROOT))
+    try:
+        for child in children:  # every process connected before any starts
+            ready = child.stdout.readline()
+            if not ready.startswith('{"ready"'):
+                raise RuntimeError(f"load generator failed to start:\n{child.stderr.read()}")
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        records: list[dict[str, Any]] = []
+        for child in children:
+            out, err = child.communicate(timeout=args.mode_timeout)
+            if child.returncode != 0:
+                raise RuntimeError(f"load generator exited {child.returncode}:\n{err[-3000:]}")
+            records.append(json.loads(out.splitlines()[-1]))
+        return {"processes": records}
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait(10)
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    """requests/s, tokens/s, TTFT and ITL percentiles (ms) of one mode's records."""
+    reqs = [r for p in raw["processes"] for r in p["requests"]]
+    ok = [r for r in reqs if "error" not in r]
+    errors = sorted({r["error"] for r in reqs if "error" in r})
+    first = min(r["sent"] for r in reqs)
+    last = max(r["end"] for r in reqs)
+    span = last - first
+    tokens = sum(len(r["tokens"]) for r in reqs)
+    ttft = [r["times"][0] - r["sent"] for r in ok if r["times"]]
+    itl = np.concatenate([np.diff(r["times"]) for r in ok if len(r["times"]) > 1] or
+                         [np.zeros(0)])
+
+    def pct(xs: Any, q: float) -> float | None:
+        return round(float(np.percentile(xs, q)) * 1e3, 2) if len(xs) else None
+
+    return {"requests": len(reqs), "completed": len(ok), "errors": errors,
+            "seconds": round(span, 3), "req_s": round(len(ok) / span, 2),
+            "tok_s": round(tokens / span, 1), "tokens": tokens,
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+            "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99)}
+
+
+def outputs(raw: dict[str, Any]) -> dict[tuple[int, int, int], list[int]]:
+    """(process, request id, prompt offset) -> tokens: the same key in two servers' runs of
+    one mode is the same prompt (the load generator's seeds are the same)."""
+    return {(i, r["id"], r["at"]): r["tokens"] for i, p in enumerate(raw["processes"])
+            for r in p["requests"] if "error" not in r}
+
+
+def bench_server(name: str, ckpt: Path, args: argparse.Namespace, logs: Path,
+                 modes: list[tuple[str, int, int, float]]) -> dict[str, Any]:
+    print(f"[{LABELS[name]}] starting: ", end="", file=sys.stderr, flush=True)
+    server = Server(name, ckpt, args, logs)
+    result: dict[str, Any] = {"command": " ".join(server.cmd), "ready_s": round(server.ready_s, 2),
+                              "modes": {}, "outputs": {}}
+    try:
+        print(f"listening after {server.ready_s:.1f} s; warm-up", end="", file=sys.stderr,
+              flush=True)
+        load(server.endpoint, 2, 4, args, seed=99)
+        for seed, (key, streams, requests, rate) in enumerate(modes, 1):
+            print(f", {key}", end="", file=sys.stderr, flush=True)
+            raw = load(server.endpoint, streams, requests, args, rate=rate, seed=seed)
+            result["modes"][key] = {"streams": streams, "rate": rate, **summarize(raw)}
+            result["outputs"][key] = outputs(raw)
+    finally:
+        code = server.stop()
+        print(f"; stopped ({'exit ' + str(code) if code is not None else 'killed'})",
+              file=sys.stderr, flush=True)
+    result["exit"] = code
+    return result
+
+
+def agreement(a: dict[str, Any], b: dict[str, Any]) -> dict[str, int]:
+    """How many requests both servers answered got the same tokens from each."""
+    same = total = 0
+    for key, outs in a["outputs"].items():
+        other = b["outputs"].get(key, {})
+        for req, tokens in outs.items():
+            if req in other:
+                total += 1
+                same += tokens == other[req]
+    return {"same": same, "compared": total}
+
+
+def ratio(x: float | None, y: float | None) -> float | None:
+    return round(x / y, 2) if x is not None and y else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="run or step directory (default: runs/quickstart, "
+                                         "else a 60-step run trained once into a cache dir)")
+    ap.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 128])
+    ap.add_argument("--rate", type=float, default=8.0,
+                    help="open loop: Poisson arrivals per second (0: skip the mode)")
+    ap.add_argument("--poisson-requests", type=int, default=64)
+    ap.add_argument("--min-requests", type=int, default=16,
+                    help="closed loop: each mode sends max(2 x streams, this) requests")
+    ap.add_argument("--prompt-bytes", type=int, default=64)
+    ap.add_argument("--new", type=int, default=64, help="tokens generated per request")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="BLAS / torch threads per serving process")
+    ap.add_argument("--replicas", type=int, default=1, help="narun serve --replicas")
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="narun serve --max-batch for the batched server (default: narun's)")
+    ap.add_argument("--max-queue", type=int, default=256, help="narun serve --max-queue")
+    ap.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    ap.add_argument("--quick", action="store_true",
+                    help="1, 8, 32 streams, max(streams, 8) requests, 24 Poisson requests")
+    ap.add_argument("--start-timeout", type=float, default=180.0)
+    ap.add_argument("--request-timeout", type=float, default=300.0)
+    ap.add_argument("--mode-timeout", type=float, default=900.0)
+    args = ap.parse_args()
+    per_stream, minimum = 2, args.min_requests
+    if args.quick:
+        if args.streams == ap.get_default("streams"):
+            args.streams = [1, 8, 32]
+        per_stream, minimum = 1, 8
+        args.poisson_requests = min(args.poisson_requests, 24)
+    modes = [(str(n), n, max(per_stream * n, minimum), 0.0) for n in args.streams]
+    if args.rate > 0:
+        modes.append(("poisson", args.clients, args.poisson_requests, args.rate))
+
+    ckpt = checkpoint(args.checkpoint)
+    results: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        for name in args.servers:
+            try:
+                results[name] = bench_server(name, ckpt, args, Path(tmp), modes)
+            except RuntimeError as exc:
+                skipped[name] = str(exc).splitlines()[0]
+                print(f"\n[{LABELS[name]}] skipped: {exc}", file=sys.stderr, flush=True)
+
+    print(f"quickstart GPT ({ckpt}), CPU, {args.threads} thread(s) per server process, "
+          f"narun --replicas {args.replicas}; prompt {args.prompt_bytes} bytes, "
+          f"{args.new} new tokens, greedy; load from {args.clients} processes")
+    print(f"{'server':<22}{'mode':>12}{'reqs':>6}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}"
+          f"{'p99':>9}{'ITL p50':>9}{'p99':>8}  (ms)")
+
+    def cell(v: float | None, width: int, fmt: str = ".1f") -> str:
+        return f"{'-' if v is None else format(v, fmt):>{width}}"
+
+    for name, res in results.items():
+        for key, m in res["modes"].items():
+            mode = f"{key} streams" if key != "poisson" else f"{m['rate']:g}/s Poisson"
+            errs = f"  {m['requests'] - m['completed']} failed: {m['errors'][0]}" \
+                if m["errors"] else ""
+            print(f"{LABELS[name]:<22}{mode:>12}{m['requests']:>6}{cell(m['req_s'], 8)}"
+                  f"{cell(m['tok_s'], 8, '.0f')}{cell(m['ttft_p50_ms'], 10)}"
+                  f"{cell(m['ttft_p99_ms'], 9)}{cell(m['itl_p50_ms'], 9)}"
+                  f"{cell(m['itl_p99_ms'], 8)}{errs}")
+    for name, why in skipped.items():
+        print(f"{LABELS[name]:<22} skipped: {why}")
+
+    def get(name: str, key: str, field: str) -> float | None:
+        return results.get(name, {}).get("modes", {}).get(key, {}).get(field)
+
+    bars = {
+        "narun_32_over_narun_1": ratio(get("narun", "32", "tok_s"), get("narun", "1", "tok_s")),
+        "narun_32_over_torch_32": ratio(get("narun", "32", "tok_s"), get("torch", "32", "tok_s")),
+        "narun_itl_p99_ms_at_32": get("narun", "32", "itl_p99_ms"),
+        "narun_ttft_p99_ms_at_128": get("narun", "128", "ttft_p99_ms"),
+    }
+    checks = {"narun_32_over_narun_1": (">=", 6.0), "narun_32_over_torch_32": (">=", 3.0),
+              "narun_itl_p99_ms_at_32": ("<=", 100.0)}
+    passed = {}
+    print()
+    for key, value in bars.items():
+        if key in checks:
+            op, bound = checks[key]
+            ok = None if value is None else (value >= bound if op == ">=" else value <= bound)
+            passed[key] = ok
+            verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
+            print(f"{key:<28}{cell(value, 10, '.2f')}   bar {op} {bound:g}: {verdict}")
+        else:
+            print(f"{key:<28}{cell(value, 10, '.2f')}   (reported)")
+    agree = {f"{n}_vs_torch": agreement(results[n], results["torch"])
+             for n in ("narun", "narun-mb1") if n in results and "torch" in results}
+    for key, a in agree.items():
+        print(f"same greedy tokens, {key:<18}{a['same']:>5} of {a['compared']} requests")
+    sys.stdout.flush()
+
+    for res in results.values():
+        del res["outputs"]
+    print(json.dumps({"bench": "serve", "checkpoint": str(ckpt), "threads": args.threads,
+                      "replicas": args.replicas, "max_batch": args.max_batch,
+                      "clients": args.clients, "prompt_bytes": args.prompt_bytes,
+                      "new_tokens": args.new, "servers": results, "skipped": skipped,
+                      "bars": bars, "passed": passed, "tokens_agree": agree}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
