@@ -112,6 +112,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.top_k < 0:
         raise ConfigError(f"--top-k: must be 0 (no limit) or a number of most likely tokens "
                           f"to sample from, such as --top-k 40; got {args.top_k}")
+    from narun.cli_serve import check_generate_args, generate_from_server
+
+    check_generate_args(args)
+    if args.server is not None:
+        return generate_from_server(args)
     try:
         _generate_to_stdout(args)
     except KeyboardInterrupt:  # Ctrl-C: end the line printed so far, no traceback
@@ -288,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a trained checkpoint",
                        description="Continue PROMPT with text sampled from a trained language "
                        "model, printing each piece as soon as it is sampled (Ctrl-C stops).")
-    g.add_argument("checkpoint", help="a step directory, or a run directory (newest good one)")
+    g.add_argument("checkpoint", nargs="?",
+                   help="a step directory, or a run directory (newest good one); omitted "
+                        "with --server")
     g.add_argument("prompt", nargs="?", default="",
                    help="text to continue (default: empty, which starts a new line)")
     g.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
@@ -301,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0,
                    help="random seed: the same seed gives the same text (default: %(default)s)")
+    g.add_argument("--server", metavar="tcp://HOST:PORT",
+                   help="ask a running `narun serve` instead of loading a checkpoint: narun "
+                        "generate --server tcp://127.0.0.1:7800 \"PROMPT\"")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="with --server: stop once the text ends with TEXT (repeatable)")
+    g.add_argument("--keys", metavar="DIR",
+                   help="with --server: this client's key pair, and the server's public key "
+                        "filed under its host in DIR/authorized/")
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("evaluate", help="validation loss, and perplexity (language models) "
@@ -359,8 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=cmd_agent)
 
     from narun.cli_jobs import add_commands
+    from narun.cli_serve import add_commands as add_serve_commands
 
     add_commands(sub)
+    add_serve_commands(sub)
 
     d = sub.add_parser("data", help="make datasets")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")

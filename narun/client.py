@@ -12,6 +12,9 @@ coordinator: it asks again from the last sequence number it saw, so no event is 
 repeated. `SyncClient` offers the same calls without asyncio, for scripts and notebooks.
 Everything it does is protocol messages (protocol/SPEC.md): `submit`, `status`, `jobs`,
 `cancel`, `events`.
+
+The client of the inference server (`narun serve`) is here too: `InferenceClient`
+(narun.serve.client) streams generated tokens.
 """
 
 from __future__ import annotations
@@ -31,14 +34,15 @@ import narun
 from narun.errors import ActorDiedError, NarunError, Refused, WaitTimeout
 from narun.runtime.hosts import host_port
 from narun.runtime.mailbox import Mailbox, new_id
+from narun.serve.client import Done, GenerationError, InferenceClient, ServerUnavailable, Token
 from protocol import message, open_channel
 from protocol.curve import CurveClient
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:7700"
 FINAL = ("done", "failed", "cancelled")
 
-__all__ = ["Client", "CoordinatorUnavailable", "JobNotFound", "JobStatus", "Refused",
-           "SyncClient"]
+__all__ = ["Client", "CoordinatorUnavailable", "Done", "GenerationError", "InferenceClient",
+           "JobNotFound", "JobStatus", "Refused", "ServerUnavailable", "SyncClient", "Token"]
 
 
 class JobNotFound(NarunError):

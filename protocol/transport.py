@@ -147,6 +147,24 @@ class Channel:
                 raise _send_error(self, exc, to) from None
         await self._send_frames(frames, wait_sent, timeout, to)
 
+    def try_send(self, msg: Message, *, to: bytes | None = None) -> bool:
+        """Send ``msg`` now or not at all: False when the socket would block (the peer's
+        queue is at its high-water mark) or, on a ROUTER, the peer is gone; never waits.
+        For a server streaming to many peers, where one that does not read must not hold
+        up the rest: it drops that peer's stream instead."""
+        self._check_open()
+        if self._sends_waiting:  # parked sends go first, in order
+            return False
+        frames: list[Any] = encode(msg, self.limits)
+        if self.kind in _ROUTED:
+            frames.insert(0, to or b"")
+        try:
+            return self._try_send(frames)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
+
     async def recv(self, timeout: float | None = None) -> Incoming:
         """The next valid message. Invalid ones are counted in ``refused``, answered with an
         ``error`` on ROUTER and DEALER sockets, and skipped. WaitTimeout after ``timeout``."""

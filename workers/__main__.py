@@ -1,7 +1,8 @@
 """`python -m workers ROLE --rank R --spec JSON`: one process of a job, run by the coordinator.
 
-ROLE is `ps` (a parameter-server shard) or `trainer`. The spec is narun.runtime.spec's
-WorkerSpec as JSON. The process asks the kernel to kill it when its parent dies
+ROLE is `ps` (a parameter-server shard), `trainer`, or `inference` (a worker of `narun
+serve`). The spec is narun.runtime.spec's WorkerSpec as JSON (workers.inference's
+InferenceSpec for `inference`). The process asks the kernel to kill it when its parent dies
 (PR_SET_PDEATHSIG), so a coordinator killed with SIGKILL leaves no worker behind.
 """
 
@@ -12,7 +13,7 @@ import os
 import signal
 import sys
 
-ROLES = ("ps", "trainer")
+ROLES = ("ps", "trainer", "inference")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     if text.startswith("@"):
         with open(text[1:], encoding="utf-8") as f:
             text = f.read()
+    if args.role == "inference":
+        from workers.inference import main as run_inference
+
+        return run_inference(args.rank, text)
     spec = WorkerSpec.from_json(text)
     if args.role == "ps":
         from workers.parameter_server import ParameterServer
