@@ -13,9 +13,11 @@ stream its own DEALER connection; every request a 64-byte prompt of the quicksta
 sends max(2 x streams, 16) requests), then open loop: Poisson arrivals at --rate
 requests/s. Per mode: requests/s and generated tokens/s over the mode's span (first send
 to last `done`), time to first token (TTFT) p50/p99, inter-token latency (ITL, the gap
-between consecutive tokens of one stream) p50/p99. Each server runs alone, started as a
-subprocess, warmed with a few requests, stopped with SIGTERM. The load generator shares
-the machine's cores with the server: on a 2-core machine that is part of every figure.
+between consecutive tokens of one stream) p50/p99. The servers are subprocesses, all
+started first, warmed with a few requests and stopped with SIGTERM at the end; each mode
+runs on each server in turn while the others sit idle, so a change in the machine's load
+falls on every server's figures of a mode alike. The load generator shares the machine's
+cores with the server: on a 2-core machine that is part of every figure.
 
 The bar (from the issue): at 32 streams narun's tokens/s >= 6x its own single-stream
 tokens/s and >= 3x the torch server's, with ITL p99 <= 100 ms; TTFT p99 at 128 reported.
@@ -102,8 +104,8 @@ class Server:
         else:
             batch = 1 if name == "narun-mb1" else args.max_batch
             self.cmd = [sys.executable, "-m", "narun.cli", "serve", str(ckpt), "--listen",
-                        listen, "--replicas", str(args.replicas), "--max-queue",
-                        str(args.max_queue), "--json"]
+                        listen, "--replicas", str(args.replicas), "--threads",
+                        str(args.threads), "--max-queue", str(args.max_queue), "--json"]
             if batch is not None:
                 self.cmd[-1:-1] = ["--max-batch", str(batch)]
         self.log = logs / f"{name}.stderr"
@@ -159,39 +161,48 @@ class Server:
 
 def load(endpoint: str, streams: int, requests: int, args: argparse.Namespace,
          rate: float = 0.0, seed: int = 0) -> dict[str, Any]:
-    """Run the load generator in min(--clients, streams) processes; their raw records."""
+    """Run the load generator in min(--clients, streams) processes; their raw records.
+    Each writes its JSON result to a file: read from a pipe with communicate(), a result
+    over 64 KiB came back cut at 64 KiB now and then (cause not found)."""
     procs = max(1, min(args.clients, streams))
     split = [requests // procs + (i < requests % procs) for i in range(procs)]
-    children = []
-    for i in range(procs):
-        cmd = [sys.executable, str(ROOT / "scripts/serve_loadgen.py"), "--endpoint", endpoint,
-               "--streams", str(streams // procs + (i < streams % procs)),
-               "--requests", str(split[i]), "--rate", str(rate / procs),
-               "--prompt-bytes", str(args.prompt_bytes), "--new", str(args.new),
-               "--seed", str(1000 * seed + i), "--timeout", str(args.request_timeout)]
-        children.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True, env=env(1),
-                                         cwd=ROOT))
-    try:
-        for child in children:  # every process connected before any starts
-            ready = child.stdout.readline()
-            if not ready.startswith('{"ready"'):
-                raise RuntimeError(f"load generator failed to start:\n{child.stderr.read()}")
-        for child in children:
-            child.stdin.write("go\n")
-            child.stdin.flush()
-        records: list[dict[str, Any]] = []
-        for child in children:
-            out, err = child.communicate(timeout=args.mode_timeout)
-            if child.returncode != 0:
-                raise RuntimeError(f"load generator exited {child.returncode}:\n{err[-3000:]}")
-            records.append(json.loads(out.splitlines()[-1]))
-        return {"processes": records}
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.wait(10)
+    children, files = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-serve-load-") as tmp:
+        try:
+            for i in range(procs):
+                files.append((Path(tmp) / f"{i}.json", Path(tmp) / f"{i}.stderr"))
+                cmd = [sys.executable, str(ROOT / "scripts/serve_loadgen.py"), "--endpoint",
+                       endpoint, "--streams", str(streams // procs + (i < streams % procs)),
+                       "--requests", str(split[i]), "--rate", str(rate / procs),
+                       "--prompt-bytes", str(args.prompt_bytes), "--new", str(args.new),
+                       "--seed", str(1000 * seed + i), "--timeout", str(args.request_timeout),
+                       "--out", str(files[i][0])]
+                with open(files[i][1], "w") as err:
+                    children.append(subprocess.Popen(
+                        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                        text=True, env=env(1), cwd=ROOT))
+            for child, (_, err) in zip(children, files):  # all connected before any starts
+                if not child.stdout.readline().startswith('{"ready"'):
+                    raise RuntimeError(f"load generator failed to start:\n"
+                                       f"{err.read_text()[-3000:]}")
+            for child in children:
+                child.stdin.write("go\n")
+                child.stdin.close()
+            deadline = time.monotonic() + args.mode_timeout
+            records = []
+            for child, (out, err) in zip(children, files):
+                code = child.wait(max(1.0, deadline - time.monotonic()))
+                if code != 0:
+                    raise RuntimeError(f"load generator exited {code}:\n"
+                                       f"{err.read_text()[-3000:]}")
+                records.append(json.loads(out.read_text()))
+            return {"processes": records}
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait(10)
+                child.stdout.close()
 
 
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
@@ -224,27 +235,35 @@ def outputs(raw: dict[str, Any]) -> dict[tuple[int, int, int], list[int]]:
             for r in p["requests"] if "error" not in r}
 
 
-def bench_server(name: str, ckpt: Path, args: argparse.Namespace, logs: Path,
-                 modes: list[tuple[str, int, int, float]]) -> dict[str, Any]:
-    print(f"[{LABELS[name]}] starting: ", end="", file=sys.stderr, flush=True)
-    server = Server(name, ckpt, args, logs)
-    result: dict[str, Any] = {"command": " ".join(server.cmd), "ready_s": round(server.ready_s, 2),
-                              "modes": {}, "outputs": {}}
-    try:
-        print(f"listening after {server.ready_s:.1f} s; warm-up", end="", file=sys.stderr,
-              flush=True)
-        load(server.endpoint, 2, 4, args, seed=99)
-        for seed, (key, streams, requests, rate) in enumerate(modes, 1):
-            print(f", {key}", end="", file=sys.stderr, flush=True)
-            raw = load(server.endpoint, streams, requests, args, rate=rate, seed=seed)
-            result["modes"][key] = {"streams": streams, "rate": rate, **summarize(raw)}
-            result["outputs"][key] = outputs(raw)
-    finally:
-        code = server.stop()
-        print(f"; stopped ({'exit ' + str(code) if code is not None else 'killed'})",
-              file=sys.stderr, flush=True)
-    result["exit"] = code
-    return result
+def run_modes(servers: dict[str, Server], args: argparse.Namespace,
+              modes: list[tuple[str, int, int, float]],
+              skipped: dict[str, str]) -> dict[str, Any]:
+    """Each mode on each server in turn (servers not under load sit idle), so a change in
+    the machine's load (it is shared) falls on every server's figures for a mode alike."""
+    results: dict[str, Any] = {name: {"command": " ".join(s.cmd), "ready_s": round(s.ready_s, 2),
+                                      "modes": {}, "outputs": {}}
+                               for name, s in servers.items()}
+    for name, server in servers.items():
+        try:
+            load(server.endpoint, 2, 4, args, seed=99)  # warm-up, not measured
+        except RuntimeError as exc:
+            skipped[name] = f"warm-up failed: {str(exc).splitlines()[0]}"
+    for seed, (key, streams, requests, rate) in enumerate(modes, 1):
+        print(f"mode {key}:", end="", file=sys.stderr, flush=True)
+        for name, server in servers.items():
+            if name in skipped:
+                continue
+            print(f" {name}", end="", file=sys.stderr, flush=True)
+            try:
+                raw = load(server.endpoint, streams, requests, args, rate=rate, seed=seed)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                skipped[name] = f"mode {key} failed: {str(exc).splitlines()[0]}"
+                print(f"\n[{LABELS[name]}] {skipped[name]}\n{server.tail()}", file=sys.stderr)
+                continue
+            results[name]["modes"][key] = {"streams": streams, "rate": rate, **summarize(raw)}
+            results[name]["outputs"][key] = outputs(raw)
+        print(file=sys.stderr, flush=True)
+    return results
 
 
 def agreement(a: dict[str, Any], b: dict[str, Any]) -> dict[str, int]:
@@ -280,7 +299,7 @@ def main() -> int:
                     help="BLAS / torch threads per serving process")
     ap.add_argument("--replicas", type=int, default=1, help="narun serve --replicas")
     ap.add_argument("--max-batch", type=int, default=None,
-                    help="narun serve --max-batch for the batched server (default: narun's)")
+                    help="narun serve --max-batch for the batched server (default: narun's, 32)")
     ap.add_argument("--max-queue", type=int, default=256, help="narun serve --max-queue")
     ap.add_argument("--clients", type=int, default=2, help="load-generator processes")
     ap.add_argument("--quick", action="store_true",
@@ -300,15 +319,25 @@ def main() -> int:
         modes.append(("poisson", args.clients, args.poisson_requests, args.rate))
 
     ckpt = checkpoint(args.checkpoint)
-    results: dict[str, Any] = {}
     skipped: dict[str, str] = {}
+    servers: dict[str, Server] = {}
+    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        for name in args.servers:
-            try:
-                results[name] = bench_server(name, ckpt, args, Path(tmp), modes)
-            except RuntimeError as exc:
-                skipped[name] = str(exc).splitlines()[0]
-                print(f"\n[{LABELS[name]}] skipped: {exc}", file=sys.stderr, flush=True)
+        try:
+            for name in args.servers:
+                try:
+                    servers[name] = Server(name, ckpt, args, Path(tmp))
+                    print(f"[{LABELS[name]}] listening after {servers[name].ready_s:.1f} s",
+                          file=sys.stderr, flush=True)
+                except RuntimeError as exc:
+                    skipped[name] = str(exc).splitlines()[0]
+                    print(f"[{LABELS[name]}] skipped: {exc}", file=sys.stderr, flush=True)
+            results = run_modes(servers, args, modes, skipped)
+        finally:
+            for name, server in servers.items():
+                code = server.stop()  # None: killed, it did not stop within 30 s
+                if name in results:
+                    results[name]["exit"] = code
 
     print(f"quickstart GPT ({ckpt}), CPU, {args.threads} thread(s) per server process, "
           f"narun --replicas {args.replicas}; prompt {args.prompt_bytes} bytes, "

@@ -12,8 +12,9 @@ Each prompt is `--prompt-bytes` bytes of the quickstart text (CPython's document
 narun.data.default_corpus) from a random offset, one token per byte; `--new` tokens,
 greedy. The process prints `{"ready": ...}` once its connections are open, starts when it
 reads a line on stdin (so several processes start together), and ends by printing one
-JSON object: per request its prompt offset, send time, each token's arrival time and id,
-and how it ended. Times are time.monotonic() seconds, one clock for every process.
+JSON object (or writing it to `--out`): per request its prompt offset, send time, each
+token's arrival time and id, and how it ended. Times are time.monotonic() seconds, one
+clock for every process.
 
     python scripts/serve_loadgen.py --endpoint tcp://127.0.0.1:5555 --streams 16 \\
         --requests 32 [--rate 8] < <(echo go)
@@ -153,11 +154,15 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="prompt offsets and arrival gaps")
     ap.add_argument("--timeout", type=float, default=300.0,
                     help="seconds a request may wait for its next message")
+    ap.add_argument("--out", help="write the result here instead of stdout")
     args = ap.parse_args()
     if args.streams < 1 or args.requests < 0 or args.rate < 0:
         ap.error("--streams must be >= 1, --requests and --rate >= 0")
-    result = uvloop.run(run(args))
-    print(json.dumps(result, separators=(",", ":")), flush=True)
+    result = json.dumps(uvloop.run(run(args)), separators=(",", ":"))
+    if args.out:
+        Path(args.out).write_text(result + "\n")
+    else:
+        print(result, flush=True)
     return 0
 
 
