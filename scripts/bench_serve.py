@@ -16,14 +16,17 @@ to last `done`), time to first token (TTFT) p50/p99, inter-token latency (ITL, t
 between consecutive tokens of one stream) p50/p99. The servers are subprocesses, all
 started first, warmed with a few requests and stopped with SIGTERM at the end; each mode
 runs on each server in turn while the others sit idle, so a change in the machine's load
-falls on every server's figures of a mode alike. The load generator shares the machine's
-cores with the server: on a 2-core machine that is part of every figure.
+falls on every server's figures of a mode alike; with --rounds N each mode runs N times on
+each server and the run with the most tokens/s is kept (all N figures are in the JSON). The
+load generator shares the machine's cores with the server: on a 2-core machine that is part
+of every figure.
 
 The bar (from the issue): at 32 streams narun's tokens/s >= 6x its own single-stream
 tokens/s and >= 3x the torch server's, with ITL p99 <= 100 ms; TTFT p99 at 128 reported.
 
     python scripts/bench_serve.py                     # table, the bar, then a JSON line
     python scripts/bench_serve.py --quick             # 1, 8, 32 streams, fewer requests
+    python scripts/bench_serve.py --rounds 3          # best of 3 interleaved runs a mode
     python scripts/bench_serve.py --servers torch     # only the baseline
     python scripts/bench_serve.py --threads 2 --replicas 2 --streams 1 32 --rate 16
 """
@@ -250,18 +253,25 @@ def run_modes(servers: dict[str, Server], args: argparse.Namespace,
             skipped[name] = f"warm-up failed: {str(exc).splitlines()[0]}"
     for seed, (key, streams, requests, rate) in enumerate(modes, 1):
         print(f"mode {key}:", end="", file=sys.stderr, flush=True)
-        for name, server in servers.items():
-            if name in skipped:
-                continue
-            print(f" {name}", end="", file=sys.stderr, flush=True)
-            try:
-                raw = load(server.endpoint, streams, requests, args, rate=rate, seed=seed)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                skipped[name] = f"mode {key} failed: {str(exc).splitlines()[0]}"
-                print(f"\n[{LABELS[name]}] {skipped[name]}\n{server.tail()}", file=sys.stderr)
-                continue
-            results[name]["modes"][key] = {"streams": streams, "rate": rate, **summarize(raw)}
-            results[name]["outputs"][key] = outputs(raw)
+        for _ in range(args.rounds):
+            for name, server in servers.items():
+                if name in skipped:
+                    continue
+                print(f" {name}", end="", file=sys.stderr, flush=True)
+                try:
+                    raw = load(server.endpoint, streams, requests, args, rate=rate, seed=seed)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    skipped[name] = f"mode {key} failed: {str(exc).splitlines()[0]}"
+                    print(f"\n[{LABELS[name]}] {skipped[name]}\n{server.tail()}",
+                          file=sys.stderr)
+                    continue
+                got = {"streams": streams, "rate": rate, **summarize(raw)}
+                kept = results[name]["modes"].get(key)
+                rounds = (kept["tok_s_rounds"] if kept else []) + [got["tok_s"]]
+                if kept is None or got["tok_s"] > kept["tok_s"]:  # the best round is kept
+                    results[name]["modes"][key] = kept = got
+                    results[name]["outputs"][key] = outputs(raw)
+                kept["tok_s_rounds"] = rounds
         print(file=sys.stderr, flush=True)
     return results
 
@@ -302,12 +312,17 @@ def main() -> int:
                     help="narun serve --max-batch for the batched server (default: narun's, 32)")
     ap.add_argument("--max-queue", type=int, default=256, help="narun serve --max-queue")
     ap.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of each mode on each server, interleaved; the one with the "
+                         "most tokens/s is kept (noise on a shared machine only slows)")
     ap.add_argument("--quick", action="store_true",
                     help="1, 8, 32 streams, max(streams, 8) requests, 24 Poisson requests")
     ap.add_argument("--start-timeout", type=float, default=180.0)
     ap.add_argument("--request-timeout", type=float, default=300.0)
     ap.add_argument("--mode-timeout", type=float, default=900.0)
     args = ap.parse_args()
+    if args.rounds < 1 or args.clients < 1 or min(args.streams) < 1:
+        ap.error("--rounds, --clients and every --streams must be >= 1")
     per_stream, minimum = 2, args.min_requests
     if args.quick:
         if args.streams == ap.get_default("streams"):
@@ -341,7 +356,8 @@ def main() -> int:
 
     print(f"quickstart GPT ({ckpt}), CPU, {args.threads} thread(s) per server process, "
           f"narun --replicas {args.replicas}; prompt {args.prompt_bytes} bytes, "
-          f"{args.new} new tokens, greedy; load from {args.clients} processes")
+          f"{args.new} new tokens, greedy; load from {args.clients} processes; best of "
+          f"{args.rounds} round(s)")
     print(f"{'server':<22}{'mode':>12}{'reqs':>6}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}"
           f"{'p99':>9}{'ITL p50':>9}{'p99':>8}  (ms)")
 
@@ -392,9 +408,10 @@ def main() -> int:
         del res["outputs"]
     print(json.dumps({"bench": "serve", "checkpoint": str(ckpt), "threads": args.threads,
                       "replicas": args.replicas, "max_batch": args.max_batch,
-                      "clients": args.clients, "prompt_bytes": args.prompt_bytes,
-                      "new_tokens": args.new, "servers": results, "skipped": skipped,
-                      "bars": bars, "passed": passed, "tokens_agree": agree}))
+                      "clients": args.clients, "rounds": args.rounds,
+                      "prompt_bytes": args.prompt_bytes, "new_tokens": args.new,
+                      "servers": results, "skipped": skipped, "bars": bars, "passed": passed,
+                      "tokens_agree": agree}))
     return 0
 
 
