@@ -23,6 +23,9 @@ of every figure.
 
 The bar (from the issue): at 32 streams narun's tokens/s >= 6x its own single-stream
 tokens/s and >= 3x the torch server's, with ITL p99 <= 100 ms; TTFT p99 at 128 reported.
+That the servers run the same model is checked too: the greedy tokens each narun server
+gave a prompt are compared with the torch server's for the same prompt ("same greedy
+tokens", counted over every request both answered).
 
     python scripts/bench_serve.py                     # table, the bar, then a JSON line
     python scripts/bench_serve.py --quick             # 1, 8, 32 streams, fewer requests

@@ -1,6 +1,7 @@
 """scripts/serve_torch.py, the PyTorch baseline of scripts/bench_serve.py: it is the same
 model as narun's GPT (its greedy tokens and their logprobs are narun's), and its server
-streams them over narun's protocol one request at a time, refusing what it cannot do."""
+streams them over narun's protocol one request at a time, refusing what it cannot do; and
+the bench's figures from the load generator's records."""
 
 import json
 import os
@@ -174,3 +175,33 @@ def test_server_refuses_what_the_baseline_does_not_do_and_keeps_serving(server):
     got = [recv(sock) for _ in range(BLOCK - 3)]
     assert [m["token"] for m in got[:-1]] == expected.tolist()
     assert got[-1].type == "done" and got[-1]["tokens"] == BLOCK - 4
+
+
+# ---- scripts/bench_serve.py's arithmetic ---------------------------------------------------
+
+def test_bench_figures_from_load_generator_records():
+    bench_serve = pytest.importorskip("bench_serve")
+    raw = {"processes": [
+        {"requests": [
+            {"id": 1, "at": 0, "sent": 10.0, "times": [10.1, 10.2, 10.4], "tokens": [1, 2, 3],
+             "end": 10.45, "reason": "length"},
+            {"id": 2, "at": 9, "sent": 10.45, "times": [10.5, 10.6], "tokens": [4, 5],
+             "end": 10.65, "reason": "length"}]},
+        {"requests": [
+            {"id": 1, "at": 5, "sent": 10.0, "times": [], "tokens": [], "end": 10.3,
+             "error": "busy: the queue is full"}]}]}
+    got = bench_serve.summarize(raw)
+    assert (got["requests"], got["completed"], got["tokens"]) == (3, 2, 5)
+    assert got["errors"] == ["busy: the queue is full"]
+    assert got["seconds"] == pytest.approx(0.65)  # first send to last end, all processes
+    assert got["req_s"] == pytest.approx(2 / 0.65, abs=0.01)
+    assert got["tok_s"] == pytest.approx(5 / 0.65, abs=0.1)
+    assert got["ttft_p50_ms"] == pytest.approx(75.0)  # 100 and 50 ms
+    assert got["itl_p50_ms"] == pytest.approx(100.0)  # gaps 100, 200, 100 ms
+    assert got["itl_p99_ms"] == pytest.approx(198.0)  # NumPy's linear interpolation
+    # the same prompt (process, id, offset) is compared across servers; errors are not
+    other = {"processes": [{"requests": [{**raw["processes"][0]["requests"][0],
+                                          "tokens": [1, 2, 9]},
+                                         raw["processes"][0]["requests"][1]]}]}
+    a, b = ({"outputs": {"8": bench_serve.outputs(r)}} for r in (raw, other))
+    assert bench_serve.agreement(a, b) == {"same": 1, "compared": 2}
