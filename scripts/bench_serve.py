@@ -152,6 +152,7 @@ class Server:
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after 30 s; the exit status (None if it had to be killed)."""
         code = self.proc.poll()
+        start = time.monotonic()
         if code is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -160,6 +161,7 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(10)
                 code = None
+        self.stop_s = time.monotonic() - start
         self.proc.stdout.close()
         self.stderr.close()
         return code
@@ -356,6 +358,7 @@ def main() -> int:
                 code = server.stop()  # None: killed, it did not stop within 30 s
                 if name in results:
                     results[name]["exit"] = code
+                    results[name]["stop_s"] = round(server.stop_s, 2)
 
     print(f"quickstart GPT ({ckpt}), CPU, {args.threads} thread(s) per server process, "
           f"narun --replicas {args.replicas}; prompt {args.prompt_bytes} bytes, "
