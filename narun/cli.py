@@ -310,12 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random seed: the same seed gives the same text (default: %(default)s)")
     g.add_argument("--server", metavar="tcp://HOST:PORT",
                    help="ask a running `narun serve` instead of loading a checkpoint: narun "
-                        "generate --server tcp://127.0.0.1:7800 \"PROMPT\"")
+                        "generate --server tcp://127.0.0.1:7800 \"PROMPT\" (default: none, "
+                        "load the checkpoint)")
     g.add_argument("--stop", action="append", metavar="TEXT",
-                   help="with --server: stop once the text ends with TEXT (repeatable)")
+                   help="with --server: stop once the text ends with TEXT (repeatable; "
+                        "default: none)")
     g.add_argument("--keys", metavar="DIR",
                    help="with --server: this client's key pair, and the server's public key "
-                        "filed under its host in DIR/authorized/")
+                        "filed under its host in DIR/authorized/ (default: none, plaintext, "
+                        "for a server on loopback)")
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("evaluate", help="validation loss, and perplexity (language models) "

@@ -41,7 +41,7 @@ import zmq
 import zmq.asyncio
 
 import narun
-from narun.errors import ConfigError
+from narun.errors import ConfigError, DeviceError
 from narun.runtime.hosts import host_port, is_loopback
 from narun.runtime.sdnotify import Notifier
 from narun.runtime.tasks import Background
@@ -107,6 +107,14 @@ class InferenceServer:
                               f"CURVE keys: `narun keys generate DIR --name serve`, authorize "
                               f"each client's key in it, and pass --keys DIR (or listen on "
                               f"127.0.0.1)")
+        from workers.executor import check_device_here
+
+        if device != "cpu" and not device.startswith("cuda"):
+            raise ConfigError(f"--device {device}: narun serve runs on cpu or cuda:N")
+        try:  # no CuPy, no such GPU: said here, as a usage error, not by a dying worker
+            check_device_here(device)
+        except DeviceError as exc:
+            raise ConfigError(f"--device {device}: {exc}") from None
         trained = load_trained(checkpoint)  # refuses a bad checkpoint before any worker runs
         model = trained.model
         if not hasattr(model, "generate_stream"):
@@ -143,7 +151,9 @@ class InferenceServer:
         self._tasks = Background("inference server", on_error=self._fail)
         self._failure: BaseException | None = None
         self._stop = asyncio.Event()
-        self._idle = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no stream is queued or running
+        self._idle.set()
+        self._dispatching = False
 
     # -- what front ends call ------------------------------------------------------------
     def submit(self, request: Request, sink: Sink, key: tuple[bytes, int] | None = None) -> int:
@@ -236,6 +246,8 @@ class InferenceServer:
             if self._failure is not None:
                 raise self._failure
             self.notifier.stopping(f"finishing {self.in_flight} stream(s)")
+            if http_server is not None:
+                http_server.close()  # no new connections; open ones finish their streams
             await self._drain()
             self.on_event("stopped", served=self.stats.served, failed=self.stats.failed,
                           refused=self.stats.refused, dropped=self.stats.dropped,
@@ -246,7 +258,7 @@ class InferenceServer:
             self.accepting = False
             self._tasks.cancel()
             if http_server is not None:
-                http_server.close()
+                await http_server.wait_closed()
             if self.pool is not None:
                 await self.pool.stop()
             for ch in (self._public, self._internal):
@@ -354,10 +366,17 @@ class InferenceServer:
     # -- streams -------------------------------------------------------------------------
     def _dispatch(self) -> None:
         """Hand queued streams to the least loaded ready replicas, as slots allow."""
-        if self.pool is None or self._internal is None:
-            return
+        if self.pool is None or self._internal is None or self._dispatching:
+            return  # a stream failed inside this loop ends through _forget, which calls here
+        self._dispatching = True
+        try:
+            self._hand_out(self.pool, self._internal)
+        finally:
+            self._dispatching = False
+
+    def _hand_out(self, pool: WorkerPool, internal: Channel) -> None:
         while self._queue:
-            free = [r for r in self.pool.replicas if r.ready and r.load < self.max_batch]
+            free = [r for r in pool.replicas if r.ready and r.load < self.max_batch]
             if not free:
                 return
             r = min(free, key=lambda x: x.load)
@@ -366,7 +385,7 @@ class InferenceServer:
             fields: dict[str, Any] = {"prompt": s.ids}
             if req.stop:
                 fields["stop"] = list(req.stop)
-            sent = self._internal.try_send(
+            sent = internal.try_send(
                 message("generate", s.handle, max_tokens=req.max_tokens,
                         temperature=req.temperature, top_k=req.top_k, seed=req.seed, **fields),
                 to=r.route)
