@@ -39,12 +39,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -120,28 +121,39 @@ class Server:
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=self.stderr,
                                      stdin=subprocess.DEVNULL, text=True, env=env(args.threads),
                                      cwd=ROOT)
+        # Its stdout is read to the end by a thread: the events it prints (JSON lines) come
+        # in order, and a server that prints more than a pipe holds never blocks on it.
+        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.reader = threading.Thread(target=self._read_events, daemon=True)
+        self.reader.start()
         self.info = self._wait_listening(args.start_timeout)
         self.endpoint = self.info["endpoint"]
         self.ready_s = time.monotonic() - start
+        self.stopped: dict[str, Any] | None = None  # its "stopped" event, if it prints one
+
+    def _read_events(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                self.events.put(event)
+        self.events.put(None)  # it closed its stdout: exited
 
     def _wait_listening(self, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            while (left := deadline - time.monotonic()) > 0:
-                if not sel.select(left):
-                    break
-                line = self.proc.stdout.readline()
-                if not line:  # it exited
-                    self.stop()
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before "
-                                       f"listening: {' '.join(self.cmd)}\n{self.tail()}")
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(event, dict) and event.get("event") == "listening":
-                    return event
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                event = self.events.get(timeout=left)
+            except queue.Empty:
+                break
+            if event is None:
+                self.stop()
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before "
+                                   f"listening: {' '.join(self.cmd)}\n{self.tail()}")
+            if event.get("event") == "listening":
+                return event
         self.stop()
         raise RuntimeError(f"{self.name} did not print a listening event within {timeout} s: "
                            f"{' '.join(self.cmd)}\n{self.tail()}")
@@ -162,7 +174,11 @@ class Server:
                 self.proc.wait(10)
                 code = None
         self.stop_s = time.monotonic() - start
-        self.proc.stdout.close()
+        self.reader.join(10)
+        while not self.events.empty():
+            event = self.events.get()
+            if event is not None and event.get("event") == "stopped":
+                self.stopped = event
         self.stderr.close()
         return code
 
@@ -359,6 +375,7 @@ def main() -> int:
                 if name in results:
                     results[name]["exit"] = code
                     results[name]["stop_s"] = round(server.stop_s, 2)
+                    results[name]["stopped"] = server.stopped
 
     print(f"quickstart GPT ({ckpt}), CPU, {args.threads} thread(s) per server process, "
           f"narun --replicas {args.replicas}; prompt {args.prompt_bytes} bytes, "
@@ -381,6 +398,13 @@ def main() -> int:
                   f"{cell(m['itl_p99_ms'], 8)}{errs}")
     for name, why in skipped.items():
         print(f"{LABELS[name]:<22} skipped: {why}")
+    for name, res in results.items():
+        counts = {k: v for k, v in (res.get("stopped") or {}).items() if k != "event"}
+        stop = "killed after 30 s" if res.get("exit") is None else \
+            f"exit {res['exit']} {res['stop_s']:.1f} s after SIGTERM"
+        print(f"{LABELS[name]:<22} {stop}" +
+              (f"; its count: {', '.join(f'{k} {v}' for k, v in counts.items())}"
+               if counts else ""))
 
     def get(name: str, key: str, field: str) -> float | None:
         return results.get(name, {}).get("modes", {}).get(key, {}).get(field)
