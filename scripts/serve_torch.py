@@ -6,11 +6,13 @@ while one generates wait in ZeroMQ's queue, first come first served.
 
 It speaks narun's wire protocol (protocol/SPEC.md 4-5) on a ROUTER socket, so one load
 generator drives both servers: `generate` (`prompt` ids, `temperature` 0) is answered with
-one `token` per token as soon as it exists, then `done`. What the baseline does not do
-(sampling, `text` prompts, `stop` strings) is refused with `error` code `unsupported`; a
-prompt or length the model's context cannot hold, or an id outside the vocabulary, with
-code `invalid`. It prints JSON lines on stdout, `{"event": "listening", "endpoint": ...}`
-once it serves, as `narun serve --json` does, and stops on SIGTERM.
+one `token` per token as soon as it exists, then `done` (its `seconds` count from when the
+server took the request off the socket: time queued behind others is not in it). What the
+baseline does not do (sampling, `text` prompts, `stop` strings) is refused with `error`
+code `unsupported`; a prompt or length the model's context cannot hold, or an id outside
+the vocabulary, with code `invalid`. It prints JSON lines on stdout, `{"event":
+"listening", "endpoint": ...}` once it serves, as `narun serve --json` does, and stops on
+SIGTERM.
 
     python scripts/serve_torch.py runs/quickstart --listen tcp://127.0.0.1:5555 --threads 1
 
