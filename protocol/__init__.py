@@ -30,6 +30,7 @@ from protocol.messages import (
     error_message,
     message,
     reply,
+    token_message,
 )
 from protocol.transport import DEFAULT_HWM, Channel, Incoming, open_channel
 
@@ -67,4 +68,5 @@ __all__ = [
     "open_channel",
     "refusal",
     "reply",
+    "token_message",
 ]

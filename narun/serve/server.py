@@ -47,7 +47,16 @@ from narun.runtime.sdnotify import Notifier
 from narun.runtime.tasks import Background
 from narun.serve.pool import Replica, WorkerPool
 from narun.serve.streams import ModelInfo, Request, RequestError, Sink, Tokenizer, check_request
-from protocol import Authenticator, Channel, CurveServer, Message, error_message, message, reply
+from protocol import (
+    Authenticator,
+    Channel,
+    CurveServer,
+    Message,
+    error_message,
+    message,
+    reply,
+    token_message,
+)
 from protocol.keys import NodeKeys
 from protocol.transport import open_channel
 from workers.inference import InferenceSpec
@@ -441,8 +450,8 @@ class _ZmqSink:
         self.channel, self.route, self.id = channel, route, id_
 
     def token(self, index: int, token: int, logprob: float, text: str) -> bool:
-        return self.channel.try_send(message("token", self.id, index=index, token=token,
-                                             logprob=logprob, text=text), to=self.route)
+        return self.channel.try_send(token_message(self.id, index, token, logprob, text),
+                                     to=self.route)
 
     def done(self, reason: str, tokens: int, seconds: float) -> None:
         self.channel.try_send(message("done", self.id, reason=reason, tokens=tokens,

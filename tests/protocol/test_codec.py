@@ -178,3 +178,15 @@ def test_reply_and_error_helpers_keep_the_request_id() -> None:
                                           "traceback": ""}
     with pytest.raises(KeyError, match="params message has no field 'grads'"):
         answer["grads"]
+
+
+@pytest.mark.parametrize("index, token, logprob, text", [
+    (0, 104, -0.5, "h"), (3, 195, -1.25, ""), (2**40, 0, float("-inf"), "é"),
+    (7, 50256, 0, "\n")])
+def test_token_message_encodes_as_message_does(index, token, logprob, text):
+    from protocol import token_message
+
+    fast = token_message(36, index, token, logprob, text)
+    checked = message("token", 36, index=index, token=token, logprob=logprob, text=text)
+    assert encode(fast) == encode(checked)
+    assert decode(encode(fast)).fields == checked.fields
