@@ -103,10 +103,11 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--max-tokens", type=int, metavar="N",
                    help="the most tokens one request may ask for (default: the model's "
                         "context - 1)")
-    s.add_argument("--prefill-chunk", type=int, default=64, metavar="N",
-                   help="prompt tokens a step prefills at most, so a long prompt delays the "
-                        "running streams' next token by a bounded amount (default "
-                        "%(default)s)")
+    s.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
+                   help="prompt tokens one decode step prefills at most, over all new "
+                        "requests: a long prompt delays the running streams' next token by a "
+                        "bounded amount, and a larger budget lets a burst of requests in "
+                        "sooner (default %(default)s)")
     s.add_argument("--threads", type=int, default=1, metavar="N",
                    help="BLAS threads of each replica (default %(default)s)")
     s.add_argument("--device", default="cpu", help="cpu or cuda:N (default %(default)s)")

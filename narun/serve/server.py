@@ -99,7 +99,7 @@ class InferenceServer:
     def __init__(self, checkpoint: str, listen: str = f"tcp://127.0.0.1:{DEFAULT_PORT}", *,
                  http: str | None = None, replicas: int = 1, max_batch: int = 32,
                  max_queue: int = 256, max_tokens: int | None = None,
-                 prefill_chunk: int = 64, keys: NodeKeys | None = None, grace: float = 30.0,
+                 prefill_chunk: int = 256, keys: NodeKeys | None = None, grace: float = 30.0,
                  blas_threads: int = 1, max_restarts: int = 3, device: str = "cpu",
                  notifier: Notifier | None = None,
                  on_event: Callable[..., None] | None = None, signals: bool = True) -> None:
