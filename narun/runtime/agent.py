@@ -41,7 +41,7 @@ from narun.runtime.jobfiles import DATA_DIR, get_chunk, put_chunk
 from narun.runtime.launcher import Child, spawn
 from narun.runtime.mailbox import Mailbox, ReplyError, new_id
 from narun.runtime.sdnotify import Notifier
-from narun.runtime.tasks import Background
+from narun.runtime.tasks import Background, Shutdown
 from protocol import Message, message, open_channel, reply
 from protocol.curve import Authenticator, CurveServer
 from protocol.keys import NodeKeys
@@ -98,17 +98,13 @@ class Agent:
         self.processed = 0  # messages that reached the handler (authorised peers only)
         self.endpoint = ""
         self._server: Mailbox | None = None
-        self._tasks = Background("agent", on_error=self._fail)
-        self._failure: BaseException | None = None
-        self._stop = asyncio.Event()
+        self._shutdown = Shutdown()
+        self._tasks = Background("agent", on_error=self._shutdown.fail)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> int:
         context = zmq.asyncio.Context()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(RuntimeError, ValueError):  # not the main thread
-                loop.add_signal_handler(sig, self._stop.set)
+        self._shutdown.on_signals(asyncio.get_running_loop())
         auth = None
         try:
             curve = None
@@ -118,15 +114,14 @@ class Agent:
                 curve = CurveServer(self.keys.keypair, auth)
             channel = open_channel(context, "router", bind=self.listen, curve=curve)
             self.endpoint = channel.endpoint
-            self._server = Mailbox(channel, "agent", self._handle, on_error=self._fail).start()
+            self._server = Mailbox(channel, "agent", self._handle,
+                                   on_error=self._shutdown.fail).start()
             self._tasks.spawn(self._watchdog(), "watchdog")
             self._tasks.spawn(self.notifier.run_watchdog(), "systemd watchdog")
             log.info("agent.listening", endpoint=self.endpoint, slots=self.slots,
                      curve=self.keys is not None, state_dir=str(self.state_dir))
             self.notifier.ready(f"serving on {self.endpoint}, {self.slots} slots")
-            await self._stop.wait()
-            if self._failure is not None:
-                raise self._failure
+            await self._shutdown.wait()
             self.notifier.stopping()
             log.info("agent.draining", jobs=len(self.jobs), processes=self.busy)
             await self._drain()
@@ -148,12 +143,7 @@ class Agent:
 
     def stop(self) -> None:
         """Drain and return from run (what SIGTERM does)."""
-        self._stop.set()
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._failure is None:
-            self._failure = exc
-        self._stop.set()
+        self._shutdown.stop()
 
     @property
     def busy(self) -> int:
@@ -260,7 +250,7 @@ class Agent:
 
     async def _spawn(self, msg: Message, route: bytes) -> Message:
         name = msg["job"]
-        if self._stop.is_set():
+        if self._shutdown.requested:
             raise ReplyError("busy", "this agent is draining (SIGTERM) and starts nothing "
                                      "more; place the process on another host")
         if self.busy >= self.slots:

@@ -49,7 +49,7 @@ from narun.runtime.jobfiles import get_chunk
 from narun.runtime.jobstore import FINAL, JobStore, StoredJob
 from narun.runtime.mailbox import Mailbox, ReplyError
 from narun.runtime.sdnotify import Notifier
-from narun.runtime.tasks import Background
+from narun.runtime.tasks import Background, Shutdown
 from narun.runtime.waiting import Broadcast
 from protocol import Message, message, open_channel, reply
 from protocol.curve import Authenticator, CurveServer
@@ -110,19 +110,15 @@ class JobService:
         self._sending: set[tuple[str, bytes]] = set()  # (job, follower) a flush sends to now
         self._unfollowed_streams: deque[tuple[bytes, int]] = deque(maxlen=256)  # (route, id)
         self._changed = Broadcast()
-        self._tasks = Background("job service", on_error=self._fail)
-        self._failure: BaseException | None = None
-        self._stop = asyncio.Event()
+        self._shutdown = Shutdown()
+        self._tasks = Background("job service", on_error=self._shutdown.fail)
         self._draining = False
         self._dirty = False  # a change came since the scheduler last looked at the queue
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> int:
         context = zmq.asyncio.Context()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(RuntimeError, ValueError):
-                loop.add_signal_handler(sig, self._stop.set)
+        self._shutdown.on_signals(asyncio.get_running_loop())
         auth = None
         try:
             curve = None
@@ -132,7 +128,8 @@ class JobService:
                 curve = CurveServer(self.keys.keypair, auth)
             channel = open_channel(context, "router", bind=self.listen, curve=curve)
             self.endpoint = channel.endpoint
-            self._server = Mailbox(channel, "job service", self._handle, on_error=self._fail,
+            self._server = Mailbox(channel, "job service", self._handle,
+                                   on_error=self._shutdown.fail,
                                    on_stray_error=self._unfollowed).start()
             for job in self.store.ordered():  # what a killed service left running
                 if job.state.state == "running":
@@ -154,9 +151,7 @@ class JobService:
                      jobs=len(self.store.jobs), hosts=[str(h) for h in self.hosts or []],
                      metrics=self.metrics_address or None)
             self.notifier.ready(f"serving on {self.endpoint}, {self.slots} slots")
-            await self._stop.wait()
-            if self._failure is not None:
-                raise self._failure
+            await self._shutdown.wait()
             self.notifier.stopping(f"draining {len(self._running)} running job(s)")
             await self._drain()
             if metrics_server is not None:
@@ -181,12 +176,7 @@ class JobService:
             self.notifier.close()
 
     def stop(self) -> None:
-        self._stop.set()
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._failure is None:
-            self._failure = exc
-        self._stop.set()
+        self._shutdown.stop()
 
     async def _drain(self) -> None:
         """Running jobs checkpoint and stop (SIGTERM to each job's coordinator), and are

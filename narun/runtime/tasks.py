@@ -16,6 +16,8 @@ and an exception it did not expect is logged with its traceback and handed to th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -62,3 +64,41 @@ class Background:
         log.error("runtime.task_failed", owner=self.owner, task=task.get_name(),
                   error=repr(exc), exc_info=exc)
         self.on_error(exc)
+
+
+class Shutdown:
+    """When a long-lived service's `run` stops waiting: `stop()` (SIGTERM, SIGINT, or a
+    caller) drains it, `fail(exc)` (a background task or receive loop died) makes `wait`
+    raise the first failure instead. The agent, the job service and the inference server
+    each hold one.
+
+        shutdown.on_signals(asyncio.get_running_loop())
+        tasks = Background("agent", on_error=shutdown.fail)
+        await shutdown.wait()   # then drain
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.failure: BaseException | None = None
+
+    def on_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(RuntimeError, ValueError):  # not the main thread
+                loop.add_signal_handler(sig, self._event.set)
+
+    def stop(self) -> None:
+        self._event.set()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        if self.failure is not None:
+            raise self.failure

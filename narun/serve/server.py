@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import itertools
 import shutil
-import signal
 import tempfile
 import time
 from collections import deque
@@ -44,7 +43,7 @@ import narun
 from narun.errors import ConfigError, DeviceError
 from narun.runtime.hosts import host_port, is_loopback
 from narun.runtime.sdnotify import Notifier
-from narun.runtime.tasks import Background
+from narun.runtime.tasks import Background, Shutdown
 from narun.serve.pool import Replica, WorkerPool
 from narun.serve.streams import ModelInfo, Request, RequestError, Sink, Tokenizer, check_request
 from protocol import (
@@ -157,9 +156,8 @@ class InferenceServer:
         self._handles = itertools.count(1)
         self._public: Channel | None = None
         self._internal: Channel | None = None
-        self._tasks = Background("inference server", on_error=self._fail)
-        self._failure: BaseException | None = None
-        self._stop = asyncio.Event()
+        self._shutdown = Shutdown()
+        self._tasks = Background("inference server", on_error=self._shutdown.fail)
         self._idle = asyncio.Event()  # set while no stream is queued or running
         self._idle.set()
         self._dispatching = False
@@ -211,10 +209,8 @@ class InferenceServer:
     # -- lifecycle -----------------------------------------------------------------------
     async def run(self) -> int:
         context = zmq.asyncio.Context()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT) if self.signals else ():
-            with contextlib.suppress(RuntimeError, ValueError):
-                loop.add_signal_handler(sig, self._stop.set)
+        if self.signals:
+            self._shutdown.on_signals(asyncio.get_running_loop())
         sockets = tempfile.mkdtemp(prefix="narun-serve-")  # 0700: only we reach the workers
         auth = http_server = None
         try:
@@ -251,9 +247,7 @@ class InferenceServer:
                           max_batch=self.max_batch, max_queue=self.max_queue,
                           context=self.info.context, max_tokens=self.info.max_tokens)
             self.notifier.ready(f"serving {self.info.name} on {self.endpoint}")
-            await self._stop.wait()
-            if self._failure is not None:
-                raise self._failure
+            await self._shutdown.wait()
             self.notifier.stopping(f"finishing {self.in_flight} stream(s)")
             if http_server is not None:
                 http_server.close()  # no new connections; open ones finish their streams
@@ -280,12 +274,7 @@ class InferenceServer:
             self.notifier.close()
 
     def stop(self) -> None:
-        self._stop.set()
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._failure is None:
-            self._failure = exc
-        self._stop.set()
+        self._shutdown.stop()
 
     async def _drain(self) -> None:
         self.accepting = False
