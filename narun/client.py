@@ -32,11 +32,10 @@ import zmq.asyncio
 
 import narun
 from narun.errors import ActorDiedError, NarunError, Refused, WaitTimeout
-from narun.runtime.hosts import host_port
+from narun.runtime.connect import service_channel
 from narun.runtime.mailbox import Mailbox, new_id
 from narun.serve.client import Done, GenerationError, InferenceClient, ServerUnavailable, Token
-from protocol import message, open_channel
-from protocol.curve import CurveClient
+from protocol import message
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:7700"
 FINAL = ("done", "failed", "cancelled")
@@ -88,18 +87,9 @@ class Client:
         self._mailbox: Mailbox | None = None
 
     async def __aenter__(self) -> Client:
-        curve = None
-        if self.keys is not None:
-            from protocol.keys import load_node_keys
-
-            node = load_node_keys(self.keys)
-            host = host_port(self.address, 7700, "coordinator address")[0]
-            curve = CurveClient(node.keypair, node.public_key_of(host))
         self._context = zmq.asyncio.Context()
-        channel = open_channel(self._context, "dealer", connect=self.address, curve=curve)
-        # queue nothing for a coordinator that is not there: a request sent while it is down
-        # must fail at its timeout, not arrive twice later (a submit would run twice)
-        channel.socket.immediate = 1
+        channel = service_channel(self._context, self.address, self.keys, 7700,
+                                  "coordinator address")
         self._mailbox = Mailbox(channel, f"the coordinator at {self.address}").start()
         await self._call(message("hello", new_id(), role="client", rank=0,
                                  software=narun.__version__), "a welcome")

@@ -26,9 +26,10 @@ import zmq.asyncio
 
 import narun
 from narun.errors import ActorDiedError, NarunError, Refused, RemoteError, WaitTimeout
-from narun.runtime.hosts import host_port, tcp_address
+from narun.runtime.connect import service_channel
+from narun.runtime.hosts import tcp_address
 from narun.runtime.mailbox import Mailbox, new_id
-from protocol import CurveClient, message, open_channel
+from protocol import message
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:7800"
 
@@ -79,16 +80,9 @@ class InferenceClient:
         self._mailbox: Mailbox | None = None
 
     async def __aenter__(self) -> InferenceClient:
-        curve = None
-        if self.keys is not None:
-            from protocol.keys import load_node_keys
-
-            node = load_node_keys(self.keys)
-            host = host_port(self.address, 7800, "server address")[0]
-            curve = CurveClient(node.keypair, node.public_key_of(host))
         self._context = zmq.asyncio.Context()
-        channel = open_channel(self._context, "dealer", connect=self.address, curve=curve)
-        channel.socket.immediate = 1  # nothing queued for a server that is not there
+        channel = service_channel(self._context, self.address, self.keys, 7800,
+                                  "server address")
         self._mailbox = Mailbox(channel, f"the inference server at {self.address}").start()
         try:
             await self._mailbox.call(message("hello", new_id(), role="client", rank=0,
