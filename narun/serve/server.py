@@ -169,7 +169,7 @@ class InferenceServer:
             if not self.accepting:
                 raise RequestError("busy", "this server is stopping; send the request to "
                                            "another server")
-            ids, _ = check_request(request, self.info, self.tokenizer)
+            ids = check_request(request, self.info, self.tokenizer)
             if len(self._queue) >= self.max_queue:
                 raise RequestError("busy", f"the queue is full ({self.max_queue} requests "
                                            f"wait for a slot); retry later, or start the "

@@ -96,10 +96,10 @@ class Tokenizer:
         return self._bytes[token]
 
 
-def check_request(req: Request, info: ModelInfo, tok: Tokenizer) -> tuple[np.ndarray,
-                                                                          list[list[int]]]:
-    """The prompt's ids and the stop sequences' ids of a request this model can run, or
-    RequestError(`invalid`) naming the field that is wrong and what would be right."""
+def check_request(req: Request, info: ModelInfo, tok: Tokenizer) -> np.ndarray:
+    """The prompt's ids of a request this model can run, or RequestError(`invalid`) naming
+    the field that is wrong and what would be right. Stop strings are only checked: the
+    worker that runs the request encodes them."""
     if (req.prompt is None) == (req.text is None):
         raise RequestError("invalid", "give the prompt as token ids or as text, not both "
                                       "and not neither")
@@ -144,9 +144,7 @@ def check_request(req: Request, info: ModelInfo, tok: Tokenizer) -> tuple[np.nda
         raise RequestError("invalid", f"top_k must be an int >= 0 (0: no limit), got {k!r}")
     if isinstance(req.seed, bool) or not isinstance(req.seed, int) or req.seed < 0:
         raise RequestError("invalid", f"seed must be an int >= 0, got {req.seed!r}")
-    stops = []
     for i, s in enumerate(req.stop):
         if not isinstance(s, str) or not s:
             raise RequestError("invalid", f"stop[{i}] must be a non-empty string, got {s!r}")
-        stops.append(tok.encode(s).tolist())
-    return ids, stops
+    return ids

@@ -48,7 +48,8 @@ class EngineServer:
         self.task = asyncio.create_task(self.run())
 
     def submit(self, req: Request, sink) -> int:
-        ids, stops = check_request(req, self.info, self.tokenizer)
+        ids = check_request(req, self.info, self.tokenizer)
+        stops = [self.tokenizer.encode(s) for s in req.stop]  # as the server's worker does
         if len(self.sinks) >= self.max_streams:
             raise RequestError("busy", f"{self.max_streams} streams run; retry later")
         handle = next(self.handles)
