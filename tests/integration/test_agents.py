@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -350,6 +351,19 @@ def test_an_agent_stopped_mid_run_hands_its_work_to_the_other_hosts(make_config,
     assert restart["host"] != hosts[2] and done["restarts"] == 0
 
 
+async def _until_it_catches(pid: int, sig: int, timeout: float = 30.0) -> None:
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        [caught] = [line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")]
+        if int(caught, 16) >> (sig - 1) & 1:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"process {pid} did not install a handler for signal {sig} in {timeout} s")
+
+
 def test_a_draining_agent_refuses_to_start_more(make_config, tmp_path):
     import asyncio
 
@@ -373,6 +387,10 @@ def test_a_draining_agent_refuses_to_start_more(make_config, tmp_path):
                 await link.mailbox.call(message("hello", 1, role="coordinator", rank=0,
                                                 software="x"), timeout=5, what="welcome")
                 child = await link.spawn("trainer", 0, spec, 0, 1)
+                # Stopped before its SIGTERM handler exists, the default action would kill
+                # it at once (a fatal signal ends even a stopped process) and the drain would
+                # not wait: stop it only once it catches SIGTERM.
+                await _until_it_catches(child.pid, signal.SIGTERM)
                 os.kill(child.pid, signal.SIGSTOP)  # it cannot leave: the drain waits
                 agent.stop_threadsafe()  # SIGTERM, as systemd sends it
                 await asyncio.sleep(0.3)
