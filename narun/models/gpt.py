@@ -269,8 +269,8 @@ class GPT(nn.Module):
                                     offset=offset, dtype=x.dtype, device=x.device)
         return self._blocks_and_head(self.drop(x), rope, caches)
 
-    def forward_at(self, idx: Tensor, positions: Any, caches: list[Any],
-                   rows: Any = None) -> Tensor:
+    def forward_at(self, idx: Tensor, positions: Any, caches: list[Any], rows: Any = None,
+                   weights: _inference.InferenceWeights | None = None) -> Tensor:
         """Logits (B, len(rows), vocab_size) for token ids `idx` (B, T) whose column t sits
         at position `positions[t]`: the ragged batch of an inference engine, where the
         columns belong to different sequences. `caches` (one per layer) have an
@@ -279,10 +279,13 @@ class GPT(nn.Module):
         are wanted (default all), so a prefill chunk pays the head for its last token only.
         Inference only: the forward's own kernels run on raw arrays (`_inference`), so the
         logits are the forward's, but no graph is recorded, no dropout is applied and no
-        positions are checked against block_size.
+        positions are checked against block_size. `weights`, from
+        `_inference.InferenceWeights.of(model)`, saves laying the weights out on every call
+        (an engine makes it once).
         """
         ids = idx.data if isinstance(idx, Tensor) else self.wte.weight.xp.asarray(idx)
-        return Tensor._wrap(_inference.forward_rows(self, ids, positions, caches, rows))
+        weights = weights or _inference.InferenceWeights.of(self)
+        return Tensor._wrap(_inference.forward_rows(weights, ids, positions, caches, rows))
 
     def _blocks_and_head(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
                          caches: list[Any] | None) -> Tensor:

@@ -31,6 +31,7 @@ import numpy as np
 
 import narun
 from narun.errors import ConfigError
+from narun.models._inference import InferenceWeights
 from narun.models.gpt import GPT, draw_tokens, sampling_probs
 from narun.serve.kvcache import SlotKVCache, StepPlan
 
@@ -71,7 +72,9 @@ class _Sequence:
 
 class Engine:
     """Continuous batching over one GPT: at most `max_batch` sequences run at once, each in
-    its own slot of a preallocated KV cache of the model's block_size.
+    its own slot of a preallocated KV cache of the model's block_size. It serves the weights
+    the model holds when the engine is made (laid out once for inference); a model whose
+    weights change afterwards needs a new engine.
 
         >>> engine = Engine(model, max_batch=8, prefill_chunk=64)
         >>> engine.add("a", tok.encode("Once"), max_new_tokens=20, temperature=0.8, seed=1)
@@ -88,6 +91,7 @@ class Engine:
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         cfg = model.config
+        self._weights = InferenceWeights.of(model)
         self._cache = SlotKVCache(cfg.n_layer, max_batch, cfg.n_head, cfg.block_size,
                                   cfg.n_embd // cfg.n_head, model.wte.weight)
         self._queue: deque[_Sequence] = deque()
@@ -230,7 +234,8 @@ class Engine:
         with narun.no_grad():
             idx = narun.tensor(np.asarray(ids, dtype=np.int64)[None],
                                device=model.wte.weight.device)
-            logits = model.forward_at(idx, plan.positions(), self._cache.layers(plan), rows)
+            logits = model.forward_at(idx, plan.positions(), self._cache.layers(plan), rows,
+                                     self._weights)
         for seq in sampled[:len(plan.decode_slots)]:  # the decoding ones, by slot
             seq.fed += 1
         for slot, start, n in plan.chunks:
