@@ -101,10 +101,17 @@ _SPECS = (
     MessageSpec("params", "ps shard -> trainer, reply to pull_params, push_grads and "
                           "apply_step", (
         _f("version: int"), _f("params: tensors"))),
-    MessageSpec("grad_norm", "ps shard -> trainer, reply to push_grads when clipping", (
+    MessageSpec("grad_norm", "ps shard -> trainer, reply to push_grads when clipping; "
+                             "stage -> coordinator", (
         _f("step: int"), _f("sq: float"))),
-    MessageSpec("apply_step", "trainer -> ps shard, when clipping", (
+    MessageSpec("apply_step", "trainer -> ps shard, when clipping; coordinator -> stage", (
         _f("step: int"), _f("rank: int"), _f("norm: float"))),
+    MessageSpec("activation", "stage -> the next stage", (
+        _f("step: int"), _f("micro_batch: int"), _f("data: tensor"))),
+    MessageSpec("activation_grad", "stage -> the previous stage", (
+        _f("step: int"), _f("micro_batch: int"), _f("data: tensor"))),
+    MessageSpec("tied_grads", "first stage -> last stage, and last -> first", (
+        _f("step: int"), _f("grads: tensors"))),
     MessageSpec("step_done", "trainer or stage -> coordinator", (
         _f("step: int"), _f("rank: int"), _f("loss: float"), _f("samples: int"),
         _f("timings: map"))),

@@ -74,6 +74,12 @@ VECTORS: dict[str, dict[str, Any]] = {
         "layer0.b": _t("float32", [3], [0.25, -0.5, 1.0])}),
     "grad_norm": _v("grad_norm", 24, step=12, sq=0.015625),
     "apply_step": _v("apply_step", 25, step=12, rank=1, norm=0.125),
+    "activation": _v("activation", 38, step=12, micro_batch=1, data=_t(
+        "float32", [2, 3], [[0.5, -1.25, 2.0], [0.0, 3.75, -0.0625]])),
+    "activation_grad": _v("activation_grad", 39, step=12, micro_batch=1, data=_t(
+        "float32", [2, 3], [[0.015625, -0.25, 0.0], [1.5, -2.0, 0.125]])),
+    "tied_grads": _v("tied_grads", 40, step=12, grads={
+        "wte.weight": _t("float32", [2, 3], [[0.25, -0.5, 0.0], [-1.0, 0.75, 2.5]])}),
     "params_all_dtypes": _v("params", 9, version=1, params=_ONE_OF_EACH),
     "tensor_0d": _v("params", 10, version=0, params={"scale": _t("float64", [], 2.5)}),
     "tensor_empty": _v("params", 11, version=0, params={
