@@ -259,15 +259,34 @@ class GPT(nn.Module):
         if offset + T > cfg.block_size:
             raise ShapeError(f"GPT: {offset + T} positions exceed block_size "
                              f"{cfg.block_size}; crop the context or build a bigger model")
+        x = self.embed(idx, offset)
+        rope = self.rope_for(T, x, offset)
+        for i, block in enumerate(self.h):
+            x = block(x, rope, caches[i] if caches else None)
+        return self.head(x)
+
+    # The forward's three parts, which a pipeline's first, middle and last stages run.
+    def embed(self, idx: Tensor, offset: int = 0) -> Tensor:
+        """Token (and learned position) embeddings (B, T, C) of ids `idx` (B, T) that sit
+        at positions offset .. offset + T - 1, after dropout."""
         x = self.wte(idx)
-        rope = None
+        if self.config.position == "learned":
+            x = x + self.wpe(narun.arange(offset, offset + idx.shape[1], device=idx.device))
+        return self.drop(x)
+
+    def rope_for(self, T: int, like: Tensor, offset: int = 0) -> tuple[Tensor, Tensor] | None:
+        """The rotary cos/sin tables the blocks take for T positions, or None (learned)."""
+        cfg = self.config
         if cfg.position == "learned":
-            pos = narun.arange(offset, offset + T, device=idx.device)
-            x = x + self.wpe(pos)
-        else:
-            rope = F.rotary_cos_sin(T, cfg.n_embd // cfg.n_head, base=cfg.rope_base,
-                                    offset=offset, dtype=x.dtype, device=x.device)
-        return self._blocks_and_head(self.drop(x), rope, caches)
+            return None
+        return F.rotary_cos_sin(T, cfg.n_embd // cfg.n_head, base=cfg.rope_base,
+                                offset=offset, dtype=like.dtype, device=like.device)
+
+    def head(self, x: Tensor) -> Tensor:
+        """Logits (B, T, vocab_size) of the last block's output."""
+        x = self.ln_f(x)
+        weight = self.wte.weight if self.config.tie_weights else self.lm_head.weight
+        return F.linear(x, weight)
 
     def forward_at(self, idx: Tensor, positions: Any, caches: list[Any], rows: Any = None,
                    weights: _inference.InferenceWeights | None = None) -> Tensor:
@@ -286,14 +305,6 @@ class GPT(nn.Module):
         ids = idx.data if isinstance(idx, Tensor) else self.wte.weight.xp.asarray(idx)
         weights = weights or _inference.InferenceWeights.of(self)
         return Tensor._wrap(_inference.forward_rows(weights, ids, positions, caches, rows))
-
-    def _blocks_and_head(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
-                         caches: list[Any] | None) -> Tensor:
-        for i, block in enumerate(self.h):
-            x = block(x, rope, caches[i] if caches else None)
-        x = self.ln_f(x)
-        weight = self.wte.weight if self.config.tie_weights else self.lm_head.weight
-        return F.linear(x, weight)
 
     def loss(self, idx: Any, targets: Any) -> Tensor:
         """Mean next-token cross-entropy in nats."""
