@@ -1,7 +1,8 @@
 """Pipeline parallelism: a model cut into stages (`plan_stages`, `StageModule`), schedules
 (gpipe, 1f1b) as lists of actions per stage, validated and timed before they run, one
 stage's compute for a step (`StageWork`) and the loop that runs its actions over any
-transport (`run_actions`), and the config checks a pipeline run needs."""
+transport (`run_actions`; over ZeroMQ: `StageLinks`), and the config checks a pipeline run
+needs."""
 
 from narun.pipeline.partition import StageModule, StagePlan, plan_stages, tied_names
 from narun.pipeline.runner import StageIO, run_actions

@@ -3,7 +3,8 @@
 The transport is the `StageIO` the caller gives: a stage process gives sockets to its
 neighbours, a test gives in-memory queues, and both run this same loop. A receive awaits
 the message (which may have arrived long before: activations are buffered as they come, so
-a stage receives micro-batch i + 1 while it computes i); a send never waits.
+a stage receives micro-batch i + 1 while it computes i); a send waits at most until ZeroMQ
+takes the message.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from narun.pipeline.stage import StageWork
 
 class StageIO(Protocol):
     async def recv_act(self, i: int) -> Any: ...
-    def send_act(self, i: int, data: Any) -> None: ...
+    async def send_act(self, i: int, data: Any) -> None: ...
     async def recv_grad(self, i: int) -> Any: ...
-    def send_grad(self, i: int, data: Any) -> None: ...
+    async def send_grad(self, i: int, data: Any) -> None: ...
     def micro_batch(self, i: int) -> tuple[Any, Any]:
         """Micro-batch i of this step: (inputs, targets), on the ends that use them."""
 
@@ -53,13 +54,13 @@ async def run_actions(work: StageWork, actions: Sequence[Any], io: StageIO,
             if out is not None:
                 arrived[i] = out  # held until its send_act
         elif kind == "send_act":
-            io.send_act(i, arrived.pop(i))
+            await io.send_act(i, arrived.pop(i))
         elif kind == "backward":
             grad_in = await compute(work.backward, i, grads.pop(i, None))
             if grad_in is not None:
                 grads[i] = grad_in  # held until its send_grad
         elif kind == "send_grad":
-            io.send_grad(i, grads.pop(i))
+            await io.send_grad(i, grads.pop(i))
         elif kind == "step":
             return
         else:

@@ -61,7 +61,7 @@ class Queues:
         assert got == i
         return data
 
-    def send_act(self, i, data):
+    async def send_act(self, i, data):
         self.acts[self.s].put_nowait((i, data))
 
     async def recv_grad(self, i):
@@ -69,7 +69,7 @@ class Queues:
         assert got == i
         return data
 
-    def send_grad(self, i, data):
+    async def send_grad(self, i, data):
         self.grads[self.s - 1].put_nowait((i, data))
 
     def micro_batch(self, i):
