@@ -62,8 +62,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         flags.append(f"runtime.workers={args.workers}")
     if args.ps_shards is not None:
         flags.append(f"runtime.ps_shards={args.ps_shards}")
+    if args.stages is not None:
+        flags.append(f"runtime.stages={args.stages}")
     if args.mode is not None:
         flags.append(f"runtime.mode={args.mode}")
+    elif args.stages:
+        flags.append("runtime.mode=pipeline")
     elif args.workers:  # `--workers N` alone means the default distributed mode
         flags.append("runtime.mode=ps-sync")
     cfg = _load_job_config(args.config, args.set, flags, here=args.command == "train")
@@ -98,6 +102,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from narun.runtime import train as distributed_train
 
         done = distributed_train(cfg, reporter, resume=args.resume, overwrite=args.overwrite)
+    elif cfg.runtime.mode == "pipeline":
+        from narun.runtime.pipeline import train as pipeline_train
+
+        done = pipeline_train(cfg, reporter, resume=args.resume, overwrite=args.overwrite)
     else:
         from narun.train import train
 
@@ -264,8 +272,11 @@ def _job_arguments(t: argparse.ArgumentParser) -> None:
                    help="trainer processes (runtime.workers); 0 trains in this process")
     t.add_argument("--ps-shards", type=int, metavar="K",
                    help="parameter-server processes (runtime.ps_shards)")
-    t.add_argument("--mode", choices=("local", "ps-sync", "ps-async"),
-                   help="runtime.mode; --workers N alone implies ps-sync")
+    t.add_argument("--stages", type=int, metavar="P",
+                   help="pipeline stage processes (runtime.stages); implies --mode pipeline")
+    t.add_argument("--mode", choices=("local", "ps-sync", "ps-async", "pipeline"),
+                   help="runtime.mode; --workers N alone implies ps-sync, --stages P "
+                        "pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,6 +111,11 @@ class RuntimeConfig(_Section):
     workers: int = _key(0, ge=0)
     ps_shards: int = _key(1, gt=0)
     max_staleness: int = _key(4, ge=0)
+    # pipeline: the model cut into `stages` stage processes, each step's batch into
+    # `micro_batches`, run by `schedule` (narun.pipeline.schedule)
+    stages: int = _key(0, ge=0)
+    micro_batches: int = _key(1, gt=0)
+    schedule: str = _key("1f1b", choices=("gpipe", "1f1b"))
     device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto
     heartbeat_interval: float = _key(1.0, gt=0)
     heartbeat_timeout: float = _key(10.0, gt=0)

@@ -127,12 +127,11 @@ def check_job(cfg: JobConfig, here: bool = True) -> None:
     this machine, so the device must be here too (CuPy imports, the GPU index exists);
     `narun launch` runs them on other hosts, whose agents start them."""
     rt, t, data = cfg.runtime, cfg.training, cfg.data
-    distributed = rt.mode in ("ps-sync", "ps-async")
-    if not distributed and (rt.mode != "local" or rt.workers):
-        raise ConfigError(f"runtime.mode: {rt.mode!r} with {rt.workers} workers is not "
-                          f"available; use mode local with workers 0, or ps-sync / ps-async "
-                          f"with workers >= 1")
-    if distributed and rt.workers < 1:
+    distributed = rt.mode in ("ps-sync", "ps-async", "pipeline")
+    if rt.mode == "local" and rt.workers:
+        raise ConfigError(f"runtime.workers: mode local runs one process, got {rt.workers} "
+                          f"workers; use mode ps-sync / ps-async with workers >= 1")
+    if rt.mode in ("ps-sync", "ps-async") and rt.workers < 1:
         raise ConfigError(f"runtime.workers: expected >= 1 in mode {rt.mode}, got {rt.workers}")
     check_trainable_device(rt.device, distributed)
     if distributed and here:
@@ -142,12 +141,14 @@ def check_job(cfg: JobConfig, here: bool = True) -> None:
             check_device_here(rt.device)
         except DeviceError as err:
             raise ConfigError(f"runtime.device: {err}") from None
-    if distributed and (t.batch_size // rt.workers) % t.grad_accum:
+    if rt.mode in ("ps-sync", "ps-async") and (t.batch_size // rt.workers) % t.grad_accum:
         raise ConfigError(f"training.grad_accum: {t.grad_accum} does not divide the "
                           f"per-trainer batch {t.batch_size // rt.workers} (batch_size "
                           f"{t.batch_size} / {rt.workers} workers)")
     if cfg.model.name not in model_names():
         raise ConfigError(_choice_message("model.name", cfg.model.name, model_names()))
+    if rt.mode == "pipeline":
+        _check_pipeline_job(cfg)
     if data.kind == "text" and cfg.model.name != "gpt":
         raise ConfigError(f"data.kind: text needs a language model (model.name: gpt), "
                           f"got model.name {cfg.model.name!r}")
@@ -167,6 +168,28 @@ def check_job(cfg: JobConfig, here: bool = True) -> None:
                               f"{block} (the longest context it is built for); set "
                               f"data.seq_len <= {block}, or model.block_size >= "
                               f"{data.seq_len}")
+
+
+def _check_pipeline_job(cfg: JobConfig) -> None:
+    """What mode pipeline needs beyond every job's checks: a schedule that can run for
+    runtime.stages and runtime.micro_batches on this model (narun.pipeline.check_pipeline)."""
+    from narun.pipeline import check_pipeline
+    from narun.pipeline.partition import units
+
+    rt, t = cfg.runtime, cfg.training
+    if rt.workers:
+        raise ConfigError(f"runtime.workers: {rt.workers} replicas of each stage (pipeline x "
+                          f"data parallel) are not available yet; use workers 0 with mode "
+                          f"pipeline")
+    if t.grad_accum != 1:
+        raise ConfigError(f"training.grad_accum: mode pipeline splits each batch into "
+                          f"runtime.micro_batches already; set grad_accum 1 (got "
+                          f"{t.grad_accum}) and micro_batches to what you want")
+    if cfg.model.name == "gpt":  # its config says it; building it could take a while
+        blocks = gpt_config(cfg.model.preset, **cfg.model.overrides).n_layer
+    else:
+        blocks = units(build_from_config(cfg.model))
+    check_pipeline(rt.stages, rt.micro_batches, rt.schedule, t.batch_size, blocks)
 
 
 def build_job(cfg: JobConfig) -> Job:

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-ROLES = ("ps", "trainer", "inference")
+ROLES = ("ps", "trainer", "stage", "inference")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "ps":
         from workers.parameter_server import ParameterServer
         actor: object = ParameterServer(args.rank, spec)
+    elif args.role == "stage":
+        from workers.stage import Stage
+        actor = Stage(args.rank, spec)
     else:
         from workers.trainer import Trainer
         actor = Trainer(args.rank, spec)

@@ -101,7 +101,7 @@ class Coordinator:
         # where the processes run: here (LocalProcesses) or through agents on other hosts
         # (narun.runtime.agents.AgentProcesses); the supervision below is the same
         self.processes = processes or LocalProcesses()
-        check_config(cfg, here=isinstance(self.processes, LocalProcesses))
+        self.check_config(cfg, here=isinstance(self.processes, LocalProcesses))
         self.cfg = cfg
         self.resume = resolve_resume(cfg, resume)
         claim_out_dir(cfg, self.resume, overwrite)
@@ -175,10 +175,7 @@ class Coordinator:
             self._endpoint = channel.endpoint
             self.control = Mailbox(channel, "coordinator", self._handle,
                                    on_error=self._fail).start()
-            await self.processes.open(
-                context, self._endpoint,
-                [("ps", k) for k in range(rt.ps_shards)] +
-                [("trainer", r) for r in range(rt.workers)], rt)
+            await self.processes.open(context, self._endpoint, self._roles(), rt)
             # Once per run, for every generation's shards: the layout, and a fresh start's
             # values, which a rollback before the first checkpoint starts from again.
             self.init_state = await asyncio.to_thread(
@@ -220,6 +217,25 @@ class Coordinator:
             # job's event log and TensorBoard writer must not outlive it (closed once; last,
             # so that what stopping the processes reports is recorded).
             self.reporter.close()
+
+    # -- what a subclass running another layout of processes changes ---------------------
+    stepping_role = "trainer"  # the processes whose step_done reports make a step
+
+    @staticmethod
+    def check_config(cfg: JobConfig, here: bool = True) -> None:
+        check_config(cfg, here)
+
+    def _roles(self) -> list[tuple[str, int]]:
+        rt = self.cfg.runtime
+        return ([("ps", k) for k in range(rt.ps_shards)] +
+                [("trainer", r) for r in range(rt.workers)])
+
+    def _summary(self, reports: list[Message], speed_key: str,
+                 per_sample: int) -> dict[str, Any]:
+        return _summary(reports, speed_key, per_sample)
+
+    def _assemble(self, files: list[Path]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return assemble(self.plan, files, self.job.model, self.job.optimizer)
 
     def _spec(self, **changes: Any) -> WorkerSpec:
         # Paths absolute: an agent starts processes in their job's directory on its host.
@@ -290,7 +306,7 @@ class Coordinator:
         return [c for c in self.children if self._alive(c)]
 
     def _trainers(self) -> list[Worker]:
-        return [c for c in self.children if c.role == "trainer"]
+        return [c for c in self.children if c.role == self.stepping_role]
 
     def _alive(self, c: Worker) -> bool:
         return c.pid in self._hello and c.pid not in self._exited
@@ -316,8 +332,8 @@ class Coordinator:
             if not text:
                 job.sampler.next_batch()  # keeps the checkpointed sampler position exact
             if reports:  # none when every trainer skipped it, catching up after a restart
-                self.reporter.emit("step", step=step, lr=lr, **_summary(reports, speed_key,
-                                                                         per_sample))
+                self.reporter.emit("step", step=step, lr=lr,
+                                   **self._summary(reports, speed_key, per_sample))
             is_eval = bool(t.eval_every and step % t.eval_every == 0 and step < t.steps)
             is_ckpt = bool(t.checkpoint_every and step % t.checkpoint_every == 0
                            and step < t.steps)
@@ -432,7 +448,7 @@ class Coordinator:
             self.control.peer_died(child.identity, f"{child.name} exited")
         if self._closing or self._ending:
             return
-        if code == 0 and child.role == "trainer":
+        if code == 0 and child.role == self.stepping_role:
             return  # finished its steps, or stopped by a drain
         joined = child.pid in self._hello
         if not joined and code > 0 and code != EXIT_LEFT:
@@ -451,10 +467,10 @@ class Coordinator:
             if not self.supervisor.record(failure):
                 self._fail(self.supervisor.exhausted(child.log_tail()))
                 return
-        if child.role == "ps":
-            self._roll_back_soon(child, reason, planned=False)
-        else:
+        if child.role == "trainer":
             self._tasks.spawn(self._replace(child, reason), f"replace {child.name}")
+        else:  # a shard or a pipeline stage takes state nobody else holds with it
+            self._roll_back_soon(child, reason, planned=False)
 
     def _current(self, identity: bytes) -> Worker | None:
         return next((c for c in self.children if c.identity == identity), None)
@@ -577,7 +593,7 @@ class Coordinator:
         elif msg.type == "shutdown" and child is not None:  # a worker's own SIGTERM
             log.warning("coordinator.leave_requested", role=child.role, rank=child.rank,
                         reason=msg["reason"])
-            if child.role == "ps" and self._draining is None:
+            if child.role != "trainer" and self._draining is None:
                 self._roll_back_soon(child, msg["reason"], planned=True)
         return None
 
@@ -657,7 +673,7 @@ class Coordinator:
 
     def _save(self, step: int, files: list[Path]) -> Path:
         job, cfg = self.job, self.cfg
-        model_state, opt_state = assemble(self.plan, files, job.model, job.optimizer)
+        model_state, opt_state = self._assemble(files)
         self._load(model_state)
         extra = {"config": to_dict(cfg), "rng": narun.get_rng_state(),
                  "scheduler": job.scheduler.state_dict()}

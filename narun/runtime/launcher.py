@@ -192,8 +192,11 @@ async def spawn(role: str, rank: int, spec_json: str, log_dir: Path,
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "workers", role, "--rank", str(rank), "--spec", spec_json,
             "--parent", str(os.getpid()),
-            stdin=asyncio.subprocess.PIPE if role == "trainer" else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE if role == "ps" else asyncio.subprocess.DEVNULL,
+            # a shard or stage prints its endpoint; a trainer or stage reads its peers'
+            stdin=asyncio.subprocess.PIPE if role in ("trainer", "stage")
+            else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE if role in ("ps", "stage")
+            else asyncio.subprocess.DEVNULL,
             stderr=log, env=env, cwd=cwd, start_new_session=False)
     _LIVE[proc.pid] = proc
     return Child(role, rank, proc, log_path)

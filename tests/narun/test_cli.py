@@ -90,7 +90,8 @@ def test_config_check_prints_the_resolved_config(tmp_path, blobs):
     # keys the file leaves out come back with their documented defaults
     assert resolved["training"]["grad_accum"] == 1
     assert resolved["runtime"] == {"mode": "local", "workers": 0, "ps_shards": 1,
-                                   "max_staleness": 4, "device": "cpu",
+                                   "max_staleness": 4, "stages": 0, "micro_batches": 1,
+                                   "schedule": "1f1b", "device": "cpu",
                                    "heartbeat_interval": 1.0, "heartbeat_timeout": 10.0,
                                    "max_restarts": 3, "rejoin_timeout": 30.0,
                                    "host": "127.0.0.1", "port": 0, "hosts": [],

@@ -1,0 +1,153 @@
+"""The coordinator of a pipeline-parallel job (runtime.mode pipeline): the model cut into
+runtime.stages stage processes (`python -m workers stage`, workers/stage.py), each step's
+batch into runtime.micro_batches, run by runtime.schedule.
+
+It is the parameter-server coordinator with another layout of processes: the same
+generations, heartbeats, restart budget, drain and events. What differs:
+- the stages start first, each prints the endpoint of its inbox, and every stage then
+  reads all of them (its neighbours' and, for tied weights, the other end's);
+- the stages step on their own; a step is done once every stage reported it, and its
+  loss is the last stage's;
+- with training.grad_clip every stage sends its squared gradient norm (`grad_norm`) and
+  waits; once all are in, each gets the global norm (`apply_step`);
+- a stage writes its slice (parameters and optimizer state) after each eval, checkpoint
+  and last step, before it reports the step; eval and checkpoints assemble the model from
+  those slices (narun.pipeline.slices), so a pipeline checkpoint is an ordinary one;
+- any stage that dies takes its slice of the model with it: the job rolls back to the last
+  checkpoint, every stage restarts from it (as a shard's death does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import uvloop
+import zmq.asyncio
+
+from narun.config import JobConfig
+from narun.errors import ActorDiedError, ConfigError
+from narun.events import Reporter
+from narun.pipeline import plan_stages
+from narun.pipeline.slices import assemble_slices, slice_path
+from narun.runtime.coordinator import Coordinator
+from narun.runtime.mailbox import ReplyError
+from narun.train import check_job
+from protocol import Message, reply
+
+log = structlog.get_logger("narun.runtime")
+
+
+class PipelineCoordinator(Coordinator):
+    """Runs one runtime.mode pipeline job to its end; see `train`."""
+
+    stepping_role = "stage"
+
+    @staticmethod
+    def check_config(cfg: JobConfig, here: bool = True) -> None:
+        if cfg.runtime.mode != "pipeline":
+            raise ConfigError(f"runtime.mode: the pipeline runtime runs mode pipeline, got "
+                              f"{cfg.runtime.mode!r}")
+        check_job(cfg, here)
+
+    def _reset_generation(self) -> None:
+        super()._reset_generation()
+        # step -> (stage -> squared norm, the global norm once every stage sent its own)
+        self._norms: dict[int, tuple[dict[int, float], asyncio.Future[float]]] = {}
+
+    def _roles(self) -> list[tuple[str, int]]:
+        return [("stage", s) for s in range(self.cfg.runtime.stages)]
+
+    async def _start_processes(self, context: zmq.asyncio.Context) -> None:
+        p = self.cfg.runtime.stages
+        plans = plan_stages(self.job.model, p)
+        log.info("pipeline.placement", stages=[plan.describe() for plan in plans])
+        self.reporter.emit("placement", stages=[
+            {"stage": plan.index, "blocks": [plan.first_unit, plan.end_unit - 1],
+             "parameters": len(plan.names)} for plan in plans])
+        spec = self._spec()
+        stages = [await self._spawn("stage", s, spec) for s in range(p)]
+        try:
+            endpoints = list(await asyncio.gather(
+                *(c.read_endpoint(self.wait_timeout) for c in stages)))
+        except ActorDiedError:
+            await self._started_dead(stages)
+            raise
+        for c in stages:
+            self._tasks.spawn(c.forward_stdout(), f"{c.name}'s stdout")
+        line = (json.dumps({"stage_endpoints": endpoints}) + "\n").encode()
+        for c in stages:
+            await c.write_line(line)
+        self._tasks.spawn(self._watchdog(), "watchdog")
+        await self._wait_until(lambda: all(c.pid in self._hello for c in self.children),
+                               lambda: "hello from " + ", ".join(
+                                   c.name for c in self.children if c.pid not in self._hello))
+
+    def _summary(self, reports: list[Message], speed_key: str,
+                 per_sample: int) -> dict[str, Any]:
+        """One step's fields: the last stage's loss; the speed of the slowest stage (a
+        pipeline runs at its pace)."""
+        last = max(reports, key=lambda r: r["rank"])
+        slowest = max(r["timings"].get("compute", 0.0) for r in reports)
+        samples = last["samples"]
+        return {"loss": float(last["loss"]),
+                speed_key: samples * per_sample / max(slowest, 1e-9),
+                "timings": {"compute": slowest}}
+
+    # -- the global gradient norm ------------------------------------------------------
+    async def _handle(self, msg: Message, route: bytes | None) -> Message | None:
+        if msg.type != "grad_norm":
+            return await super()._handle(msg, route)
+        assert route is not None
+        child = self._current(route)
+        if child is None or child.role != "stage":
+            raise ReplyError("unsupported", "grad_norm is for the job's pipeline stages")
+        step, p = msg["step"], self.cfg.runtime.stages
+        if step not in self._norms:
+            self._norms[step] = ({}, asyncio.get_running_loop().create_future())
+        sqs, norm = self._norms[step]
+        sqs[child.rank] = float(msg["sq"])
+        if len(sqs) == p and not norm.done():
+            norm.set_result(math.sqrt(sum(sqs[s] for s in range(p))))
+            for old in [s for s in self._norms if s < step]:
+                del self._norms[old]
+        value = await asyncio.wait_for(asyncio.shield(norm), self.wait_timeout)
+        return reply(msg, "apply_step", step=step, rank=child.rank, norm=value)
+
+    # -- the model of a step, from the stages' slices ----------------------------------
+    def _slices(self, step: int) -> list[Path]:
+        return [slice_path(self.cfg.training.out_dir, step, s)
+                for s in range(self.cfg.runtime.stages)]
+
+    def _assemble(self, files: list[Path]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return assemble_slices(files, self.job.model, self.job.optimizer)
+
+    async def _pull_model(self, step: int) -> None:
+        try:
+            state, _ = await asyncio.to_thread(self._assemble, self._slices(step))
+            self._load(state)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, self._staging(step), True)
+
+    async def _checkpoint(self, step: int) -> Path:
+        if step == self.start and self.resume is not None:
+            return self.resume  # rolled back to this step's checkpoint, with nothing left
+        try:
+            return await asyncio.to_thread(self._save, step, self._slices(step))
+        finally:
+            await asyncio.to_thread(shutil.rmtree, self._staging(step), True)
+
+
+def train(cfg: JobConfig, reporter: Reporter | None = None, resume: str | None = None,
+          **options: Any) -> dict[str, Any]:
+    """Run a pipeline job with local processes; returns the `done` fields."""
+    from narun.events import JsonLinesReporter
+
+    coordinator = PipelineCoordinator(cfg, reporter or JsonLinesReporter(), resume, **options)
+    return uvloop.run(coordinator.run())

@@ -1,0 +1,117 @@
+"""Pipeline-parallel jobs with real stage processes: what `narun train` local gives, for
+both schedules, with clipping across stages and the GPT's tied embedding split over the end
+stages; checkpoints that are ordinary ones; a stage killed with -9 rolls the job back and it
+completes; nothing is left running."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from narun.checkpoint import load_checkpoint
+from narun.config import config_from_dict
+from narun.errors import ConfigError
+from narun.models import load_trained
+from narun.runtime import launcher
+from narun.runtime.pipeline import PipelineCoordinator
+from narun.train import check_job
+from narun.train import train as local_train
+from tests.integration.conftest import Faults
+
+
+def gpt_config(out: Path, mode: str = "pipeline", stages: int = 2, micro_batches: int = 4,
+               schedule: str = "1f1b", **training):
+    t = {"steps": 10, "batch_size": 8, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.1,
+         "schedule": "cosine", "warmup_steps": 2, "grad_clip": 1.0, "eval_every": 5,
+         "checkpoint_every": 5, "out_dir": str(out), **training}
+    return config_from_dict({
+        "model": {"name": "gpt", "preset": "gpt2-tiny", "block_size": 32, "n_layer": 4},
+        "data": {"kind": "text", "seq_len": 32},
+        "training": t,
+        "runtime": {"mode": mode, "stages": stages if mode == "pipeline" else 0,
+                    "micro_batches": micro_batches, "schedule": schedule,
+                    "heartbeat_interval": 0.5, "heartbeat_timeout": 5.0}})
+
+
+def run_pipeline(cfg, reporter=None, **options):
+    reporter = reporter or Faults({})
+    coordinator = PipelineCoordinator(cfg, reporter, **options)
+    if isinstance(reporter, Faults):
+        reporter.coordinator = coordinator
+    import uvloop
+
+    return uvloop.run(coordinator.run()), reporter, coordinator
+
+
+def assert_close_models(a: str, b: str, rtol: float = 1e-5) -> None:
+    """Parameters norm-relative within rtol as a whole, and elementwise at the tolerances
+    torch.distributed.pipelining's tests use (rtol 1e-5, atol 4e-5): a near-zero bias's
+    Adam step divides by its tiny gradient's own scale, so float32 rounding of the summed
+    micro-batch gradients moves it by ~1e-6."""
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert ca.step == cb.step and set(ca.model) == set(cb.model)
+    diff = np.sqrt(sum(float(np.sum((ca.model[k] - cb.model[k]) ** 2)) for k in cb.model))
+    norm = np.sqrt(sum(float(np.sum(cb.model[k] ** 2)) for k in cb.model))
+    assert diff / norm <= rtol
+    for name in cb.model:
+        np.testing.assert_allclose(ca.model[name], cb.model[name], rtol=rtol, atol=4e-5,
+                                   err_msg=name)
+    assert ca.extra["scheduler"] == cb.extra["scheduler"]
+
+
+@pytest.mark.parametrize("schedule,stages", [("1f1b", 2), ("gpipe", 3)])
+def test_a_pipelined_gpt_trains_as_one_process(tmp_path, schedule, stages):
+    want = local_train(gpt_config(tmp_path / "local", mode="local"), Faults({}))
+    done, faults, _ = run_pipeline(gpt_config(tmp_path / "pipe", stages=stages,
+                                              schedule=schedule))
+    assert done["step"] == 10 and not done["interrupted"]
+    [placement] = faults.of("placement")
+    assert [s["stage"] for s in placement["stages"]] == list(range(stages))
+    assert done["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    for step in (5, 10):
+        assert_close_models(f"{tmp_path}/pipe/checkpoints/step-{step:06d}",
+                            f"{tmp_path}/local/checkpoints/step-{step:06d}")
+    # an ordinary checkpoint: it loads as a model, and the tied weight is one array
+    model, cfg, _, _ = load_trained(f"{tmp_path}/pipe/checkpoints/step-000010")
+    assert model.config.tie_weights and cfg.runtime.mode == "pipeline"
+    assert launcher.live_pids() == []
+
+
+def test_losses_per_step_are_one_process_losses(tmp_path):
+    local = Faults({})
+    local_train(gpt_config(tmp_path / "local", mode="local", grad_clip=None), local)
+    _, piped, _ = run_pipeline(gpt_config(tmp_path / "pipe", grad_clip=None, micro_batches=2))
+    want = [e["loss"] for e in local.of("step")]
+    got = [e["loss"] for e in piped.of("step")]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_a_stage_killed_with_sigkill_rolls_the_job_back_and_it_completes(tmp_path):
+    faults = Faults({7: ("stage", 1, signal.SIGKILL)})
+    # the stages wait 0.1 s before each step, so the kill lands while they still run
+    done, faults, coordinator = run_pipeline(gpt_config(tmp_path / "pipe"), faults,
+                                             delays={0: 0.1})
+    assert done["step"] == 10 and not done["interrupted"] and done["restarts"] == 1
+    [restart] = faults.of("restart")
+    assert (restart["role"], restart["rank"]) == ("stage", 1)
+    assert restart["rolled_back_to"] == 5  # the last checkpoint
+    want = local_train(gpt_config(tmp_path / "local", mode="local"), Faults({}))
+    assert done["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    assert_close_models(f"{tmp_path}/pipe/checkpoints/step-000010",
+                        f"{tmp_path}/local/checkpoints/step-000010")
+    assert launcher.live_pids() == []
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"stages": 1}, "at least 2"),
+    ({"stages": 5}, "at most 4"),
+    ({"stages": 4, "micro_batches": 2}, "micro_batches"),
+    ({"micro_batches": 3}, "batch_size"),
+])
+def test_configs_that_cannot_run_are_refused_before_anything_starts(tmp_path, change, match):
+    options = {"stages": 2, "micro_batches": 4, **change}
+    with pytest.raises(ConfigError, match=match):
+        check_job(gpt_config(tmp_path, **options))

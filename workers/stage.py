@@ -1,0 +1,182 @@
+"""A pipeline stage: one slice of the model's blocks, its parameters and their optimizer
+state, running its schedule's actions every step (narun.pipeline).
+
+Every stage builds the whole job from the config (the model seeded as every process's, the
+data sampler, the optimizer) and keeps its slice: the optimizer skips parameters without a
+gradient, so stepping the job's optimizer advances exactly this stage's parameters, and
+a checkpoint (or resume) is the ordinary one. Per step:
+
+1. run the schedule's actions: forwards and backwards of the m micro-batches on the
+   executor thread, activations and their gradients over StageLinks, which receives the
+   next micro-batch while this one computes;
+2. the end stages swap the tied embedding's gradients and each adds the other's, so both
+   copies take the same step;
+3. with training.grad_clip, the stage's squared norm goes to the coordinator (`grad_norm`),
+   which answers every stage with the global norm once all are in (`apply_step`);
+4. the optimizer and LR schedule step; `step_done` goes to the coordinator (the last
+   stage's carries the loss).
+
+After an eval or checkpoint step, the last step, and a drained step, the stage writes its
+parameters and optimizer state to the job's staging directory before reporting the step,
+so the coordinator, which runs behind, assembles the model of exactly that step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import structlog
+
+from narun.errors import ActorDiedError, ConfigError
+from narun.pipeline import StageModule, StageWork, make_schedule, plan_stages, run_actions
+from narun.pipeline.links import StageLinks, StepIO
+from narun.pipeline.partition import tied_names
+from narun.pipeline.slices import slice_path, write_slice
+from narun.runtime.mailbox import new_id
+from narun.runtime.spec import WorkerSpec
+from narun.train import build_job, restore
+from protocol import message
+from workers._job import JobActor
+from workers.executor import CpuExecutor
+
+log = structlog.get_logger("workers.stage")
+
+
+class Stage(JobActor):
+    role = "stage"
+
+    def __init__(self, rank: int, spec: WorkerSpec) -> None:
+        super().__init__(rank, spec)
+        rt = self.cfg.runtime
+        if rt.device not in ("cpu", "auto"):
+            raise ConfigError(f"runtime.device: pipeline stages run on the cpu, got "
+                              f"{rt.device!r}")
+        self.job = build_job(self.cfg)
+        self.start = restore(self.job, spec.resume) if spec.resume else 0
+        self.stages, self.micro_batches = rt.stages, rt.micro_batches
+        plan = plan_stages(self.job.model, self.stages)[rank]
+        self.module = StageModule(self.job.model, plan)
+        self.actions = make_schedule(rt.schedule, self.stages, self.micro_batches)[rank]
+        self.tied = tied_names(self.job.model) if (
+            self.stages > 1 and (plan.first or plan.last)) else ()
+        self.delay = float(spec.delays.get(str(rank), 0.0))  # fault tests: a slow stage
+        self.links: StageLinks | None = None
+        self.executor: CpuExecutor | None = None
+
+    async def setup(self) -> None:
+        assert self.context is not None
+        self.executor = CpuExecutor(blas_threads=self.spec.blas_threads)
+        self.links = StageLinks(self.context, self.rank, self.stages, self.fail,
+                                host=self.spec.host, curve_server=self.curve_server(),
+                                curve_client=self.curve_client())
+        sys.stdout.write(json.dumps({"endpoint": self.links.endpoint}) + "\n")
+        sys.stdout.flush()
+        self.links.connect(await _read_endpoints())
+
+    async def teardown(self) -> None:
+        if self.links is not None:
+            self.links.close()
+        if self.executor is not None:
+            await self.executor.aclose()
+
+    def on_leave(self) -> None:
+        # The others cannot finish a step without this stage: keep stepping, and ask the
+        # coordinator to drain the job, checkpoint it and restart it (it stops us when done).
+        assert self.control is not None
+        self.tasks.spawn(self.control.send(message(
+            "shutdown", new_id(), reason=f"{self.name} got SIGTERM", drain=True)),
+            "ask to leave")
+
+    # -- the loop ----------------------------------------------------------------------
+    async def main(self) -> None:
+        t = self.cfg.training
+        end = t.steps if self.spec.stop_at is None else min(t.steps, self.spec.stop_at)
+        step = self.start
+        while step < end and not self.stopping:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            t0 = time.perf_counter()
+            work = await self._step(step)
+            step += 1
+            self.step = step
+            if self._keeps(step, end):
+                await asyncio.get_running_loop().run_in_executor(None, self._write_slice, step)
+            assert self.control is not None
+            await self.control.send(message(
+                "step_done", new_id(), step=step, rank=self.rank,
+                loss=work.loss if self.module.plan.last else 0.0, samples=t.batch_size,
+                timings={"compute": time.perf_counter() - t0}))
+
+    async def _step(self, step: int) -> StageWork:
+        assert self.links is not None and self.executor is not None
+        self.links.begin(step)
+        x, y = self.job.batch(step)
+        work = StageWork(self.module, self.micro_batches)
+        await run_actions(work, self.actions, StepIO(self.links, step, x, y,
+                                                     self.micro_batches), self.executor.run)
+        if self.tied:
+            await self._sum_tied(step)
+        scale = await self._clip_scale(step) if self.cfg.training.grad_clip else 1.0
+        await self.executor.run(self._apply, scale)
+        return work
+
+    async def _sum_tied(self, step: int) -> None:
+        assert self.links is not None
+        params = self.module.parameters
+        await self.links.send_tied(step, {n: params[n].grad.data for n in self.tied})
+        other = await self.links.recv_tied(step)
+        for name in self.tied:
+            params[name].grad.data += other[name]
+
+    async def _clip_scale(self, step: int) -> float:
+        """The factor every stage scales its gradients by: grad_clip / global norm, at most
+        1. The tied weight counts once (on the first stage), as in one process."""
+        assert self.control is not None
+        last = self.module.plan.last and self.stages > 1
+        sq = float(sum(float(np.dot(p.grad.data.ravel().astype(np.float64),
+                                    p.grad.data.ravel().astype(np.float64)))
+                       for name, p in self.module.parameters.items()
+                       if p.grad is not None and not (last and name in self.tied)))
+        answer = await self.control.call(message("grad_norm", new_id(), step=step, sq=sq),
+                                         timeout=self.spec.wait_timeout,
+                                         what=f"the global gradient norm of step {step}")
+        norm = answer["norm"]
+        clip = self.cfg.training.grad_clip
+        return clip / (norm + 1e-6) if math.isfinite(norm) and norm > clip else 1.0
+
+    def _apply(self, scale: float) -> None:
+        job = self.job
+        if scale != 1.0:
+            for p in self.module.parameters.values():
+                if p.grad is not None:
+                    p.grad.data *= scale
+        job.optimizer.step()
+        job.optimizer.zero_grad()
+        job.scheduler.step()
+        if not job.text:
+            job.sampler.next_batch()  # the sampler's position, as a checkpoint records it
+
+    # -- slices ------------------------------------------------------------------------
+    def _keeps(self, step: int, end: int) -> bool:
+        t = self.cfg.training
+        return (step == end or self.stopping
+                or bool(t.eval_every and step % t.eval_every == 0)
+                or bool(t.checkpoint_every and step % t.checkpoint_every == 0))
+
+    def _write_slice(self, step: int) -> None:
+        write_slice(slice_path(self.cfg.training.out_dir, step, self.rank), step,
+                    self.module.parameters, self.job.optimizer)
+
+
+async def _read_endpoints() -> list[str]:
+    """Every stage's endpoint (index = stage), one JSON line on stdin from the coordinator."""
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if not line:
+        raise ActorDiedError("stage: stdin closed before the coordinator sent the stage "
+                             "endpoints")
+    return [str(e) for e in json.loads(line)["stage_endpoints"]]
