@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import resource
 import sys
 import time
 
@@ -110,7 +111,8 @@ class Stage(JobActor):
             await self.control.send(message(
                 "step_done", new_id(), step=step, rank=self.rank,
                 loss=work.loss if self.module.plan.last else 0.0, samples=t.batch_size,
-                timings={"compute": time.perf_counter() - t0}))
+                timings={"compute": time.perf_counter() - t0, "busy": work.busy,
+                         "held": float(work.peak_held), "rss_mb": peak_rss_mb()}))
 
     async def _step(self, step: int) -> StageWork:
         assert self.links is not None and self.executor is not None
@@ -171,6 +173,12 @@ class Stage(JobActor):
     def _write_slice(self, step: int) -> None:
         write_slice(slice_path(self.cfg.training.out_dir, step, self.rank), step,
                     self.module.parameters, self.job.optimizer)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB): what its activations cost shows
+    as the difference between schedules."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 async def _read_endpoints() -> list[str]:

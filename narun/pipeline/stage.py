@@ -12,6 +12,7 @@ A received activation becomes a leaf that requires grad, over the received buffe
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,8 @@ class StageWork:
         self.module = module
         self.micro_batches = micro_batches
         self.loss = 0.0  # the step's loss (last stage): the mean over micro-batches
+        self.busy = 0.0  # seconds in forwards and backwards (the rest of a step is bubble)
+        self.peak_held = 0  # the most micro-batches whose activations were kept at once
         self._inputs: dict[int, Tensor] = {}
         self._outputs: dict[int, Tensor] = {}
 
@@ -44,6 +47,7 @@ class StageWork:
         if i in self._outputs:
             raise ConfigError(f"stage {self.module.plan.index}: micro-batch {i} ran forward "
                               f"twice in one step")
+        began = time.perf_counter()
         plan = self.module.plan
         if plan.first:
             inp = x if isinstance(x, Tensor) else narun.tensor(np.asarray(x))
@@ -54,10 +58,11 @@ class StageWork:
         if plan.last:
             loss = self.module.loss(out, targets)
             self.loss += loss.item() / self.micro_batches
-            self._outputs[i] = loss * (1.0 / self.micro_batches)
-            return None
+            out = loss * (1.0 / self.micro_batches)
         self._outputs[i] = out
-        return out.data
+        self.peak_held = max(self.peak_held, len(self._outputs))
+        self.busy += time.perf_counter() - began
+        return None if plan.last else out.data
 
     def backward(self, i: int, grad: Any = None) -> Any:
         """Backward of micro-batch i from the gradient of its activation (None on the last
@@ -67,6 +72,8 @@ class StageWork:
         if out is None:
             raise ConfigError(f"stage {self.module.plan.index}: backward of micro-batch {i} "
                               f"before its forward")
+        began = time.perf_counter()
         out.backward(grad)
         inp = self._inputs.pop(i, None)
+        self.busy += time.perf_counter() - began
         return None if inp is None else inp.grad.data

@@ -96,9 +96,16 @@ class PipelineCoordinator(Coordinator):
         last = max(reports, key=lambda r: r["rank"])
         slowest = max(r["timings"].get("compute", 0.0) for r in reports)
         samples = last["samples"]
+        by_rank = sorted(reports, key=lambda r: r["rank"])
         return {"loss": float(last["loss"]),
                 speed_key: samples * per_sample / max(slowest, 1e-9),
-                "timings": {"compute": slowest}}
+                "timings": {"compute": slowest},
+                # per stage: step time, seconds computing (the rest is bubble), the most
+                # micro-batches' activations held at once, peak memory
+                "stages": [{"step": r["timings"].get("compute", 0.0),
+                            "busy": r["timings"].get("busy", 0.0),
+                            "held": int(r["timings"].get("held", 0)),
+                            "rss_mb": r["timings"].get("rss_mb", 0.0)} for r in by_rank]}
 
     # -- the global gradient norm ------------------------------------------------------
     async def _handle(self, msg: Message, route: bytes | None) -> Message | None:
