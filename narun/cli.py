@@ -91,11 +91,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if args.hosts:
             cfg.runtime.hosts = [h for h in args.hosts.split(",") if h.strip()]
-        if cfg.runtime.mode not in ("ps-sync", "ps-async"):
-            hint = ("run pipeline jobs on this machine with narun train --stages P"
-                    if cfg.runtime.mode == "pipeline" else "add --workers N")
-            raise ConfigError(f"runtime.mode: launch runs ps-sync or ps-async jobs over "
-                              f"hosts, got {cfg.runtime.mode!r}; {hint}")
+        if cfg.runtime.mode not in ("ps-sync", "ps-async", "pipeline"):
+            raise ConfigError(f"runtime.mode: launch runs ps-sync, ps-async or pipeline jobs "
+                              f"over hosts, got {cfg.runtime.mode!r}; add --workers N or "
+                              f"--stages P")
         if not cfg.runtime.hosts:
             raise ConfigError("--hosts: launch needs the agents to run on (HOST[:PORT],...), "
                               "or runtime.hosts in the config; narun train runs here")

@@ -34,23 +34,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-GPT = dict(n_layer=8, n_embd=256, n_head=4, seq=128, batch=16, vocab=256)
+N_LAYER = 8  # bench_engine's GPT (and bench_dp's job) with twice the layers
 
 
 def job_config(mode: str, stages: int, micro_batches: int, schedule: str, steps: int,
                out: str) -> dict:
-    return {
-        "model": {"name": "gpt", "preset": "gpt-modern-tiny", "n_layer": GPT["n_layer"],
-                  "n_embd": GPT["n_embd"], "n_head": GPT["n_head"], "block_size": GPT["seq"],
-                  "vocab_size": GPT["vocab"]},
-        "data": {"kind": "text", "seq_len": GPT["seq"]},
-        "training": {"steps": steps, "batch_size": GPT["batch"], "optimizer": "adam",
-                     "lr": 1e-4, "weight_decay": 0.0, "schedule": "constant",
-                     "warmup_steps": 0, "grad_clip": None, "eval_every": 0,
-                     "checkpoint_every": 0, "out_dir": out},
-        "runtime": {"mode": mode, "stages": stages, "micro_batches": micro_batches,
-                    "schedule": schedule}}
+    """bench_dp's GPT job (the same model, data and optimizer) in `mode`, 8 layers."""
+    from bench_dp import GPT, gpt_config
+
+    from narun.config import to_dict
+
+    config = to_dict(gpt_config("local", 0, 1, steps, out))
+    config["model"]["n_layer"] = N_LAYER
+    config["runtime"].update(mode=mode, stages=stages, micro_batches=micro_batches,
+                             schedule=schedule)
+    assert config["training"]["batch_size"] == GPT["batch"]
+    return config
 
 
 def run(mode: str, threads: int, stages: int, micro_batches: int, schedule: str, steps: int,
@@ -72,6 +73,8 @@ def run(mode: str, threads: int, stages: int, micro_batches: int, schedule: str,
                              f"{schedule}) failed:\n{proc.stderr[-3000:]}")
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     steps_ev = [e for e in events if e.get("event") == "step"][warmup:]
+    from bench_dp import GPT
+
     tokens = GPT["batch"] * GPT["seq"]
     step_s = statistics.median(tokens / e["tokens_per_s"] for e in steps_ev)
     result = {"mode": mode, "threads": threads, "stages": stages,
@@ -101,8 +104,10 @@ def main() -> None:
     for m in args.micro_batches:
         for schedule in ("gpipe", "1f1b"):
             runs.append(run("pipeline", 1, 2, m, schedule, args.steps, args.warmup))
+    from bench_dp import GPT
+
     base = runs[0]["tokens_per_s"]
-    print(f"GPT gpt-modern-tiny, {GPT['n_layer']} layers, d {GPT['n_embd']}, seq {GPT['seq']}, "
+    print(f"GPT gpt-modern-tiny, {N_LAYER} layers, d {GPT['n_embd']}, seq {GPT['seq']}, "
           f"batch {GPT['batch']}; median of steps {args.warmup + 1}..{args.steps}")
     print(f"{'run':<28}{'tok/s':>8}{'x 1 proc':>9}{'step ms':>9}  "
           f"{'bubble per stage (theory)':<28}{'held (peak RSS MB)':<24}")

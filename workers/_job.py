@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
+
+from narun.errors import ActorDiedError
 from narun.runtime.actor import Actor
 from narun.runtime.jobkeys import JobKeys
 from narun.runtime.spec import WorkerSpec
@@ -19,3 +24,12 @@ class JobActor(Actor):
         self.spec = spec
         self.cfg = cfg
         self.job_keys = JobKeys.from_spec(spec.curve)
+
+
+async def read_endpoints(who: str, key: str) -> list[str]:
+    """The endpoints `key` names in one JSON line the coordinator writes to our stdin (the
+    shards' for a trainer, every stage's for a stage)."""
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if not line:
+        raise ActorDiedError(f"{who}: stdin closed before the coordinator sent {key}")
+    return [str(e) for e in json.loads(line)[key]]

@@ -33,7 +33,7 @@ import time
 import numpy as np
 import structlog
 
-from narun.errors import ActorDiedError, ConfigError
+from narun.errors import ConfigError
 from narun.pipeline import StageModule, StageWork, make_schedule, plan_stages, run_actions
 from narun.pipeline.links import StageLinks, StepIO
 from narun.pipeline.partition import tied_names
@@ -42,7 +42,7 @@ from narun.runtime.mailbox import new_id
 from narun.runtime.spec import WorkerSpec
 from narun.train import build_job, restore
 from protocol import message
-from workers._job import JobActor
+from workers._job import JobActor, read_endpoints
 from workers.executor import CpuExecutor
 
 log = structlog.get_logger("workers.stage")
@@ -77,7 +77,7 @@ class Stage(JobActor):
                                 curve_client=self.curve_client())
         sys.stdout.write(json.dumps({"endpoint": self.links.endpoint}) + "\n")
         sys.stdout.flush()
-        self.links.connect(await _read_endpoints())
+        self.links.connect(await read_endpoints("stage", "stage_endpoints"))
 
     async def teardown(self) -> None:
         if self.links is not None:
@@ -171,7 +171,8 @@ class Stage(JobActor):
                 or bool(t.checkpoint_every and step % t.checkpoint_every == 0))
 
     def _write_slice(self, step: int) -> None:
-        write_slice(slice_path(self.cfg.training.out_dir, step, self.rank), step,
+        assert self.spec.staging is not None, "the coordinator names the staging directory"
+        write_slice(slice_path(self.spec.staging, step, self.rank), step,
                     self.module.parameters, self.job.optimizer)
 
 
@@ -179,12 +180,3 @@ def peak_rss_mb() -> float:
     """This process's peak resident memory so far (MB): what its activations cost shows
     as the difference between schedules."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-async def _read_endpoints() -> list[str]:
-    """Every stage's endpoint (index = stage), one JSON line on stdin from the coordinator."""
-    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    if not line:
-        raise ActorDiedError("stage: stdin closed before the coordinator sent the stage "
-                             "endpoints")
-    return [str(e) for e in json.loads(line)["stage_endpoints"]]

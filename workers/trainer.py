@@ -33,16 +33,14 @@ done -> last reply), pull (copying the new values into the model).
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import sys
 import time
 from typing import Any
 
 import numpy as np
 import structlog
 
-from narun.errors import ActorDiedError, ConfigError, Refused, WaitTimeout
+from narun.errors import ConfigError, Refused, WaitTimeout
 from narun.nn.utils import clip_grad_norm_
 from narun.runtime.buckets import pack, plan_for, unpack
 from narun.runtime.mailbox import Mailbox, new_id
@@ -50,7 +48,7 @@ from narun.runtime.spec import WorkerSpec
 from narun.tensor._backend import get_array_module
 from narun.train import build_job, restore
 from protocol import Message, message, open_channel
-from workers._job import JobActor
+from workers._job import JobActor, read_endpoints
 from workers.executor import CpuExecutor, make_executor, training_device
 
 log = structlog.get_logger("workers.trainer")
@@ -105,7 +103,7 @@ class Trainer(JobActor):
                          else make_executor(device))
         if device != "cpu":
             await self.executor.run(self._to_device, device)
-        endpoints = self.spec.shard_endpoints or await _read_endpoints()
+        endpoints = self.spec.shard_endpoints or await read_endpoints("trainer", "shard_endpoints")
         for k, endpoint in enumerate(endpoints):
             channel = open_channel(self.context, "dealer", connect=endpoint,
                                    identity=f"trainer-{self.rank}".encode(),
@@ -283,12 +281,3 @@ class Trainer(JobActor):
                 flat = self.executor.to_device(np.asarray(flat))
             unpack(bucket, flat, arrays)
             self.versions[b] = reply["version"]
-
-
-async def _read_endpoints() -> list[str]:
-    """The shards' endpoints, one JSON line on stdin from the coordinator."""
-    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    if not line:
-        raise ActorDiedError("trainer: stdin closed before the coordinator sent the shard "
-                             "endpoints")
-    return [str(e) for e in json.loads(line)["shard_endpoints"]]

@@ -18,12 +18,11 @@ from narun import checkpoint as ckpt
 from narun.errors import CheckpointError
 from narun.tensor import Tensor
 
-STAGING = ".shards"  # under training.out_dir: slices of a step not yet assembled
 
-
-def slice_path(out_dir: str | Path, step: int, stage: int) -> Path:
-    """Where stage `stage` writes its slice of step `step`."""
-    return Path(out_dir) / STAGING / f"step-{step:06d}" / f"stage-{stage}.safetensors"
+def slice_path(staging: str | Path, step: int, stage: int) -> Path:
+    """Where stage `stage` writes its slice of step `step` under the job's staging
+    directory (on the stage's host)."""
+    return Path(staging) / f"step-{step:06d}" / f"stage-{stage}.safetensors"
 
 
 def write_slice(path: Path, step: int, params: Mapping[str, Tensor], optimizer: Any) -> None:

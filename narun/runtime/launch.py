@@ -14,15 +14,16 @@ from narun.events import JsonLinesReporter, Reporter
 from narun.runtime.agents import AgentProcesses
 from narun.runtime.coordinator import Coordinator
 from narun.runtime.hosts import is_loopback, parse_hosts
+from narun.runtime.pipeline import PipelineCoordinator
 from protocol.keys import load_node_keys
 
 
 def launch(cfg: JobConfig, keys: str | None = None, reporter: Reporter | None = None,
            resume: str | None = None, **options: Any) -> dict[str, Any]:
-    """Run a ps-sync / ps-async job over the agents in `cfg.runtime.hosts`; the `done`
-    fields, as narun.runtime.train. `keys`: this node's key directory (its pair, and each
-    agent's public key in authorized/HOST.key); required unless every host is loopback.
-    `options` go to Coordinator."""
+    """Run a ps-sync, ps-async or pipeline job over the agents in `cfg.runtime.hosts`; the
+    `done` fields, as narun.runtime.train. `keys`: this node's key directory (its pair,
+    and each agent's public key in authorized/HOST.key); required unless every host is
+    loopback. `options` go to Coordinator."""
     hosts = parse_hosts(cfg.runtime.hosts, "runtime.hosts")
     node_keys = load_node_keys(keys) if keys else None
     if node_keys is None and not all(is_loopback(h.host) for h in hosts):
@@ -41,5 +42,6 @@ def launch(cfg: JobConfig, keys: str | None = None, reporter: Reporter | None = 
         coordinator.reporter.emit(event, **fields)
 
     processes = AgentProcesses(hosts, node_keys, job, report)
-    coordinator = Coordinator(cfg, reporter, resume, processes=processes, **options)
+    kind = PipelineCoordinator if cfg.runtime.mode == "pipeline" else Coordinator
+    coordinator = kind(cfg, reporter, resume, processes=processes, **options)
     return uvloop.run(coordinator.run())

@@ -36,8 +36,10 @@ from narun.errors import ActorDiedError, ConfigError
 from narun.events import Reporter
 from narun.pipeline import plan_stages
 from narun.pipeline.slices import assemble_slices, slice_path
-from narun.runtime.coordinator import Coordinator
+from narun.runtime.coordinator import STAGING, Coordinator
+from narun.runtime.launcher import LocalProcesses
 from narun.runtime.mailbox import ReplyError
+from narun.runtime.spec import WorkerSpec
 from narun.train import check_job
 from protocol import Message, reply
 
@@ -60,6 +62,16 @@ class PipelineCoordinator(Coordinator):
         super()._reset_generation()
         # step -> (stage -> squared norm, the global norm once every stage sent its own)
         self._norms: dict[int, tuple[dict[int, float], asyncio.Future[float]]] = {}
+
+    @property
+    def _stage_staging(self) -> str:
+        """Where stages write their slices: here, the job's staging directory itself; on
+        an agent's host, the job's directory there (the coordinator fetches them)."""
+        here = isinstance(self.processes, LocalProcesses)
+        return str(self._staging().resolve()) if here else STAGING
+
+    def _spec(self, **changes: Any) -> WorkerSpec:
+        return super()._spec(**{"staging": self._stage_staging, **changes})
 
     def _roles(self) -> list[tuple[str, int]]:
         return [("stage", s) for s in range(self.cfg.runtime.stages)]
@@ -128,16 +140,20 @@ class PipelineCoordinator(Coordinator):
         return reply(msg, "apply_step", step=step, rank=child.rank, norm=value)
 
     # -- the model of a step, from the stages' slices ----------------------------------
-    def _slices(self, step: int) -> list[Path]:
-        return [slice_path(self.cfg.training.out_dir, step, s)
-                for s in range(self.cfg.runtime.stages)]
+    async def _slices(self, step: int) -> list[Path]:
+        """Every stage's slice of `step`, here (fetched from the stages' hosts)."""
+        staging = self._staging(step)
+        stages = sorted(self._trainers(), key=lambda c: c.rank)
+        return list(await asyncio.gather(*(
+            self.processes.collect(c, str(slice_path(self._stage_staging, step, c.rank)),
+                                   staging) for c in stages)))
 
     def _assemble(self, files: list[Path]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return assemble_slices(files, self.job.model, self.job.optimizer)
 
     async def _pull_model(self, step: int) -> None:
         try:
-            state, _ = await asyncio.to_thread(self._assemble, self._slices(step))
+            state, _ = await asyncio.to_thread(self._assemble, await self._slices(step))
             self._load(state)
         finally:
             await asyncio.to_thread(shutil.rmtree, self._staging(step), True)
@@ -146,7 +162,7 @@ class PipelineCoordinator(Coordinator):
         if step == self.start and self.resume is not None:
             return self.resume  # rolled back to this step's checkpoint, with nothing left
         try:
-            return await asyncio.to_thread(self._save, step, self._slices(step))
+            return await asyncio.to_thread(self._save, step, await self._slices(step))
         finally:
             await asyncio.to_thread(shutil.rmtree, self._staging(step), True)
 

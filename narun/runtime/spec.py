@@ -37,6 +37,8 @@ class WorkerSpec:
     host: str = "127.0.0.1"
     # the job's CURVE pair (narun.runtime.jobkeys) across hosts; None on one host
     curve: dict[str, str] | None = None
+    # pipeline stages: the directory they write checkpoint slices under (on their host)
+    staging: str | None = None
 
     def job_config(self) -> JobConfig:
         return config_from_dict(self.config)

@@ -115,3 +115,32 @@ def test_configs_that_cannot_run_are_refused_before_anything_starts(tmp_path, ch
     options = {"stages": 2, "micro_batches": 4, **change}
     with pytest.raises(ConfigError, match=match):
         check_job(gpt_config(tmp_path, **options))
+
+
+def test_narun_launch_runs_the_stages_on_agents_as_narun_train_does(tmp_path):
+    import io
+    import json
+
+    from narun.events import JsonLinesReporter
+    from narun.runtime.launch import launch
+    from tests.integration.agents import AgentProcess
+
+    agents = [AgentProcess("tcp://127.0.0.1:0", tmp_path / f"agent{i}", slots=1)
+              for i in range(2)]
+    try:
+        cfg = gpt_config(tmp_path / "launched")
+        cfg.runtime.hosts = [a.endpoint.removeprefix("tcp://") for a in agents]
+        out = io.StringIO()
+        done = launch(cfg, None, JsonLinesReporter(out), wait_timeout=60.0)
+    finally:
+        codes = [a.stop() for a in agents]
+    assert codes == [0, 0]
+    assert done["step"] == 10 and not done["interrupted"]
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    hosts = {p["host"] for e in events if e["event"] == "placement" and "processes" in e
+             for p in e["processes"]}
+    assert len(hosts) == 2  # one stage on each agent (one slot each)
+    local_train(gpt_config(tmp_path / "local", mode="local"), Faults({}))
+    for step in (5, 10):  # slices fetched from the agents' hosts into ordinary checkpoints
+        assert_close_models(f"{tmp_path}/launched/checkpoints/step-{step:06d}",
+                            f"{tmp_path}/local/checkpoints/step-{step:06d}")
