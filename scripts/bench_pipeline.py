@@ -4,17 +4,18 @@ activations each stage holds.
 
 Model: the GPT of scripts/bench_engine.py grown to 8 layers (gpt-modern-tiny: d_model 256,
 4 heads, seq 128, batch 16, vocab 256; Adam), trained on the CPython docs text. Runs, each
-`narun train` in this process or over stage processes (`--stages 2`):
+`narun train` in a fresh process, alone or over stage processes (`--stages 2`):
 - one process with 1 BLAS thread, and with 2 (both cores);
 - 2 stages (1 BLAS thread each) with 2, 4 and 8 micro-batches under gpipe and 1f1b.
-Per run: the median step time and tokens/s over the steps after --warmup; per stage, its
-measured bubble (1 - seconds in forward and backward / step time, medians) beside the
-theoretical (p - 1) / (m + p - 1), the most micro-batches' activations it held at once
-(GPipe holds all m, 1F1B at most p - stage) and its peak resident memory, where what the
-held activations cost shows.
+Per run: the median step time and tokens/s over the steps after --warmup (the fastest of
+--rounds interleaved runs); per stage, its measured bubble (1 - seconds in forward,
+backward and the optimizer step / step time, medians) beside the theoretical
+(p - 1) / (m + p - 1), the most micro-batches' activations it held at once (GPipe holds
+all m, 1F1B at most p - stage) and its peak resident memory, where what the held
+activations cost shows.
 
     python scripts/bench_pipeline.py               # table, the bar, then a JSON line
-    python scripts/bench_pipeline.py --steps 8     # quicker
+    python scripts/bench_pipeline.py --steps 8 --rounds 1    # quicker
 
 The bar (issue 16): 2 stages, 8 micro-batches, 1F1B reach >= 1.5x one process's tokens/s
 (1 BLAS thread) and beat one process with 2 BLAS threads; the measured bubble is within 5
@@ -98,12 +99,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="run every configuration this many times, the rounds interleaved, "
+                         "and keep each one's fastest (noise on a shared machine only slows)")
     args = ap.parse_args()
-    runs = [run("local", 1, 0, 1, "1f1b", args.steps, args.warmup),
-            run("local", 2, 0, 1, "1f1b", args.steps, args.warmup)]
-    for m in args.micro_batches:
-        for schedule in ("gpipe", "1f1b"):
-            runs.append(run("pipeline", 1, 2, m, schedule, args.steps, args.warmup))
+    configs = [("local", 1, 0, 1, "1f1b"), ("local", 2, 0, 1, "1f1b")]
+    configs += [("pipeline", 1, 2, m, schedule) for m in args.micro_batches
+                for schedule in ("gpipe", "1f1b")]
+    rounds = [[run(*c, args.steps, args.warmup) for c in configs] for _ in range(args.rounds)]
+    runs = [max(tries, key=lambda r: r["tokens_per_s"]) for tries in zip(*rounds)]
+    for r, tries in zip(runs, zip(*rounds)):
+        r["tokens_per_s_rounds"] = [round(t["tokens_per_s"], 1) for t in tries]
     from bench_dp import GPT
 
     base = runs[0]["tokens_per_s"]

@@ -124,7 +124,9 @@ class Stage(JobActor):
         if self.tied:
             await self._sum_tied(step)
         scale = await self._clip_scale(step) if self.cfg.training.grad_clip else 1.0
+        began = time.perf_counter()
         await self.executor.run(self._apply, scale)
+        work.busy += time.perf_counter() - began  # the optimizer's step is work, not bubble
         return work
 
     async def _sum_tied(self, step: int) -> None:
