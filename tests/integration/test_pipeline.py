@@ -70,6 +70,10 @@ def test_a_pipelined_gpt_trains_as_one_process(tmp_path, schedule, stages):
     assert done["step"] == 10 and not done["interrupted"]
     [placement] = faults.of("placement")
     assert [s["stage"] for s in placement["stages"]] == list(range(stages))
+    # the activations each stage held at most: 1F1B p - stage, GPipe all 4 micro-batches
+    held = [s["held"] for s in faults.of("step")[-1]["stages"]]
+    assert held == ([stages - s for s in range(stages)] if schedule == "1f1b" else
+                    [4] * stages)
     assert done["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
     for step in (5, 10):
         assert_close_models(f"{tmp_path}/pipe/checkpoints/step-{step:06d}",
@@ -144,3 +148,15 @@ def test_narun_launch_runs_the_stages_on_agents_as_narun_train_does(tmp_path):
     for step in (5, 10):  # slices fetched from the agents' hosts into ordinary checkpoints
         assert_close_models(f"{tmp_path}/launched/checkpoints/step-{step:06d}",
                             f"{tmp_path}/local/checkpoints/step-{step:06d}")
+
+
+def test_a_pipeline_checkpoint_resumes_in_one_process(tmp_path):
+    # 5 pipelined steps, then 5 more in one process from that checkpoint (model, optimizer
+    # and schedule state all in it) end where 10 steps in one process end
+    done, _, _ = run_pipeline(gpt_config(tmp_path / "pipe"), stop_at=5)
+    assert done["step"] == 5 and done["interrupted"]
+    local_train(gpt_config(tmp_path / "pipe", mode="local"), Faults({}),
+                resume=str(tmp_path / "pipe/checkpoints/step-000005"))
+    local_train(gpt_config(tmp_path / "local", mode="local"), Faults({}))
+    assert_close_models(f"{tmp_path}/pipe/checkpoints/step-000010",
+                        f"{tmp_path}/local/checkpoints/step-000010")
