@@ -31,7 +31,6 @@ import sys
 import time
 
 import numpy as np
-import structlog
 
 from narun.errors import ConfigError
 from narun.pipeline import StageModule, StageWork, make_schedule, plan_stages, run_actions
@@ -44,8 +43,6 @@ from narun.train import build_job, restore
 from protocol import message
 from workers._job import JobActor, read_endpoints
 from workers.executor import CpuExecutor
-
-log = structlog.get_logger("workers.stage")
 
 
 class Stage(JobActor):
