@@ -60,6 +60,8 @@ class PipelineCoordinator(Coordinator):
 
     def _reset_generation(self) -> None:
         super()._reset_generation()
+        for _, norm in getattr(self, "_norms", {}).values():
+            norm.cancel()  # the last generation's stages that waited for it are gone
         # step -> (stage -> squared norm, the global norm once every stage sent its own)
         self._norms: dict[int, tuple[dict[int, float], asyncio.Future[float]]] = {}
 
