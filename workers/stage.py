@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import resource
 import sys
 import time
@@ -33,6 +32,7 @@ import time
 import numpy as np
 
 from narun.errors import ConfigError
+from narun.nn.utils import clip_coefficient
 from narun.pipeline import StageModule, StageWork, make_schedule, plan_stages, run_actions
 from narun.pipeline.links import StageLinks, StepIO
 from narun.pipeline.partition import tied_names
@@ -135,27 +135,28 @@ class Stage(JobActor):
             params[name].grad.data += other[name]
 
     async def _clip_scale(self, step: int) -> float:
-        """The factor every stage scales its gradients by: grad_clip / global norm, at most
-        1. The tied weight counts once (on the first stage), as in one process."""
+        """The factor every stage scales its gradients by, from the global norm as one
+        process's clip_grad_norm_ takes it. The tied weight counts once (on the first
+        stage), as in one process."""
         assert self.control is not None
-        last = self.module.plan.last and self.stages > 1
-        sq = float(sum(float(np.dot(p.grad.data.ravel().astype(np.float64),
-                                    p.grad.data.ravel().astype(np.float64)))
-                       for name, p in self.module.parameters.items()
-                       if p.grad is not None and not (last and name in self.tied)))
+        last = self.module.plan.last
+        sq = 0.0
+        for name, p in self.module.parameters.items():
+            if p.grad is not None and not (last and name in self.tied):
+                g = p.grad.data.ravel().astype(np.float64)
+                sq += float(np.dot(g, g))
         answer = await self.control.call(message("grad_norm", new_id(), step=step, sq=sq),
                                          timeout=self.spec.wait_timeout,
                                          what=f"the global gradient norm of step {step}")
-        norm = answer["norm"]
-        clip = self.cfg.training.grad_clip
-        return clip / (norm + 1e-6) if math.isfinite(norm) and norm > clip else 1.0
+        return clip_coefficient(answer["norm"], self.cfg.training.grad_clip)
 
     def _apply(self, scale: float) -> None:
         job = self.job
         if scale != 1.0:
-            for p in self.module.parameters.values():
-                if p.grad is not None:
-                    p.grad.data *= scale
+            with np.errstate(invalid="ignore"):  # a non-finite norm scales by nan, as torch
+                for p in self.module.parameters.values():
+                    if p.grad is not None:
+                        p.grad.data *= scale
         job.optimizer.step()
         job.optimizer.zero_grad()
         job.scheduler.step()
