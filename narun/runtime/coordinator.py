@@ -257,30 +257,44 @@ class Coordinator:
         # their start-up (imports, building the job) overlaps the shards'.
         shards = [await self._spawn("ps", k, spec) for k in range(rt.ps_shards)]
         trainers = [await self._spawn("trainer", r, spec) for r in range(rt.workers)]
-        try:
-            self.shard_endpoints = list(await asyncio.gather(
-                *(c.read_endpoint(self.wait_timeout) for c in shards)))
-        except ActorDiedError:
-            await self._started_dead(shards)
-            raise
-        for c in shards:
-            self._tasks.spawn(c.forward_stdout(), f"{c.name}'s stdout")
-        line = (json.dumps({"shard_endpoints": self.shard_endpoints}) + "\n").encode()
-        for c in trainers:
-            try:
-                await c.write_line(line)
-            except ActorDiedError:
-                await self._started_dead([c])  # a replacement gets the endpoints in its spec
-        self._tasks.spawn(self._watchdog(), "watchdog")
-        await self._wait_until(lambda: all(c.pid in self._hello for c in self.children),
-                               lambda: "hello from " + ", ".join(
-                                   c.name for c in self.children if c.pid not in self._hello))
+        self.shard_endpoints = await self._exchange_endpoints(shards, trainers,
+                                                              "shard_endpoints")
+        await self._all_joined()
         for k, ep in enumerate(self.shard_endpoints):
             ch = open_channel(context, "dealer", connect=ep, identity=b"coordinator",
                               curve=None if self.processes.job_keys is None else
                               self.processes.job_keys.client())
             self.shard_links.append(Mailbox(ch, f"ps {k}", watch=True,
                                             on_error=self._fail).start())
+
+    async def _exchange_endpoints(self, printers: list[Worker], readers: list[Worker],
+                                  key: str) -> list[str]:
+        """The endpoints `printers` print first thing, sent as `{key: [...]}` to the stdin
+        of `readers`; the printers' stdout is forwarded to the log from then on."""
+        try:
+            endpoints = list(await asyncio.gather(
+                *(c.read_endpoint(self.wait_timeout) for c in printers)))
+        except ActorDiedError:
+            await self._started_dead(printers)
+            raise
+        for c in printers:
+            self._tasks.spawn(c.forward_stdout(), f"{c.name}'s stdout")
+        line = (json.dumps({key: endpoints}) + "\n").encode()
+        for c in readers:
+            try:
+                await c.write_line(line)
+            except ActorDiedError:
+                # _watch judges it: a trainer's replacement gets the endpoints in its spec,
+                # a stage's death rolls the job back
+                await self._started_dead([c])
+        return endpoints
+
+    async def _all_joined(self) -> None:
+        """Watch heartbeats from now on, and wait until every process said hello."""
+        self._tasks.spawn(self._watchdog(), "watchdog")
+        await self._wait_until(lambda: all(c.pid in self._hello for c in self.children),
+                               lambda: "hello from " + ", ".join(
+                                   c.name for c in self.children if c.pid not in self._hello))
 
     async def _started_dead(self, children: list[Worker]) -> None:
         """One of `children` died starting: once _watch has judged it, raise what it

@@ -20,7 +20,6 @@ generations, heartbeats, restart budget, drain and events. What differs:
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import shutil
 from pathlib import Path
@@ -32,7 +31,7 @@ import uvloop
 import zmq.asyncio
 
 from narun.config import JobConfig
-from narun.errors import ActorDiedError, ConfigError
+from narun.errors import ConfigError
 from narun.events import Reporter
 from narun.pipeline import plan_stages
 from narun.pipeline.slices import assemble_slices, slice_path
@@ -87,32 +86,19 @@ class PipelineCoordinator(Coordinator):
              "parameters": len(plan.names)} for plan in plans])
         spec = self._spec()
         stages = [await self._spawn("stage", s, spec) for s in range(p)]
-        try:
-            endpoints = list(await asyncio.gather(
-                *(c.read_endpoint(self.wait_timeout) for c in stages)))
-        except ActorDiedError:
-            await self._started_dead(stages)
-            raise
-        for c in stages:
-            self._tasks.spawn(c.forward_stdout(), f"{c.name}'s stdout")
-        line = (json.dumps({"stage_endpoints": endpoints}) + "\n").encode()
-        for c in stages:
-            await c.write_line(line)
-        self._tasks.spawn(self._watchdog(), "watchdog")
-        await self._wait_until(lambda: all(c.pid in self._hello for c in self.children),
-                               lambda: "hello from " + ", ".join(
-                                   c.name for c in self.children if c.pid not in self._hello))
+        # every stage prints its inbox's endpoint and reads everyone's
+        await self._exchange_endpoints(stages, stages, "stage_endpoints")
+        await self._all_joined()
 
     def _summary(self, reports: list[Message], speed_key: str,
                  per_sample: int) -> dict[str, Any]:
         """One step's fields: the last stage's loss; the speed of the slowest stage (a
         pipeline runs at its pace)."""
-        last = max(reports, key=lambda r: r["rank"])
-        slowest = max(r["timings"].get("compute", 0.0) for r in reports)
-        samples = last["samples"]
         by_rank = sorted(reports, key=lambda r: r["rank"])
+        last = by_rank[-1]
+        slowest = max(r["timings"].get("compute", 0.0) for r in reports)
         return {"loss": float(last["loss"]),
-                speed_key: samples * per_sample / max(slowest, 1e-9),
+                speed_key: last["samples"] * per_sample / max(slowest, 1e-9),
                 "timings": {"compute": slowest},
                 # per stage: step time, seconds computing (the rest is bubble), the most
                 # micro-batches' activations held at once, peak memory
