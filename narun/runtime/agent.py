@@ -36,7 +36,7 @@ import zmq.asyncio
 
 import narun
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
-from narun.runtime.hosts import host_port, is_loopback
+from narun.runtime.hosts import host_port, listen_host
 from narun.runtime.jobfiles import DATA_DIR, get_chunk, put_chunk
 from narun.runtime.launcher import Child, spawn
 from narun.runtime.mailbox import Mailbox, ReplyError, new_id
@@ -80,10 +80,8 @@ class Agent:
                  state_dir: Path, grace: float = 10.0, notifier: Notifier | None = None) -> None:
         if slots < 1:
             raise ConfigError(f"--slots: expected >= 1, got {slots}")
-        if keys is None and not is_loopback(host_port(listen, DEFAULT_PORT, "--listen")[0]):
-            raise ConfigError(f"--listen {listen}: an agent reachable from other hosts needs "
-                              f"CURVE keys; make them with `narun keys generate DIR --name "
-                              f"HOST` and pass --keys DIR (or listen on 127.0.0.1)")
+        listen_host(listen, DEFAULT_PORT, keys is not None, "an agent",
+                    "; make them with `narun keys generate DIR --name HOST` and pass --keys DIR")
         if keys is not None and not keys.authorized:
             raise ConfigError(f"--keys {keys.directory}: no coordinator is authorized, so "
                               f"none could connect; run: narun keys authorize "

@@ -101,6 +101,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def listen_host(listen: str, default_port: int, keyed: bool, server: str, remedy: str) -> str:
+    """The host a server's `--listen` address binds; a `server` (named in the error)
+    reachable from other hosts must run with CURVE keys (`keyed`), else ConfigError says
+    how to make them (`remedy`, which follows "needs CURVE keys")."""
+    host = host_port(listen, default_port, "--listen")[0]
+    if not keyed and not is_loopback(host):
+        raise ConfigError(f"--listen {listen}: {server} reachable from other hosts needs CURVE "
+                          f"keys{remedy} (or listen on 127.0.0.1)")
+    return host
+
+
 def host_port(text: str, default_port: int, what: str) -> tuple[str, int]:
     """(host, port) of `HOST`, `HOST:PORT` or `tcp://HOST:PORT`; ConfigError names `what`."""
     raw = text if "://" in text else f"tcp://{text}"

@@ -44,7 +44,7 @@ from narun._process import die_with_parent, rss_bytes
 from narun.config import config_from_dict, to_dict
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
 from narun.metrics import Metrics, serve_metrics
-from narun.runtime.hosts import Host, host_port, is_loopback
+from narun.runtime.hosts import Host, listen_host
 from narun.runtime.jobfiles import get_chunk
 from narun.runtime.jobstore import FINAL, JobStore, StoredJob
 from narun.runtime.mailbox import Mailbox, ReplyError
@@ -77,12 +77,10 @@ class JobService:
                  keys_dir: str | None = None, grace: float = 120.0,
                  notifier: Notifier | None = None, metrics_port: int | None = None,
                  follower_ttl: float = 60.0) -> None:
-        self.listen_host = host_port(listen, DEFAULT_PORT, "--listen")[0]
-        if keys is None and not is_loopback(self.listen_host):
-            raise ConfigError(f"--listen {listen}: a job service reachable from other hosts "
-                              f"needs CURVE keys: `narun keys generate DIR --name "
-                              f"coordinator`, authorize each client's key in it, and pass "
-                              f"--keys DIR (or listen on 127.0.0.1)")
+        self.listen_host = listen_host(
+            listen, DEFAULT_PORT, keys is not None, "a job service",
+            ": `narun keys generate DIR --name coordinator`, authorize each client's key in "
+            "it, and pass --keys DIR")
         if slots is not None and slots < 1:
             raise ConfigError(f"--slots: expected >= 1, got {slots}")
         if slots is None and hosts is None:

@@ -41,7 +41,7 @@ import zmq.asyncio
 
 import narun
 from narun.errors import ConfigError, DeviceError
-from narun.runtime.hosts import host_port, is_loopback
+from narun.runtime.hosts import host_port, listen_host
 from narun.runtime.sdnotify import Notifier
 from narun.runtime.tasks import Background, Shutdown
 from narun.serve.pool import Replica, WorkerPool
@@ -109,12 +109,10 @@ class InferenceServer:
                                  ("--prefill-chunk", prefill_chunk, 1)):
             if value < low:
                 raise ConfigError(f"{name}: expected an int >= {low}, got {value}")
-        self.listen_host = host_port(listen, DEFAULT_PORT, "--listen")[0]
-        if keys is None and not is_loopback(self.listen_host):
-            raise ConfigError(f"--listen {listen}: a server reachable from other hosts needs "
-                              f"CURVE keys: `narun keys generate DIR --name serve`, authorize "
-                              f"each client's key in it, and pass --keys DIR (or listen on "
-                              f"127.0.0.1)")
+        self.listen_host = listen_host(
+            listen, DEFAULT_PORT, keys is not None, "a server",
+            ": `narun keys generate DIR --name serve`, authorize each client's key in it, "
+            "and pass --keys DIR")
         from workers.executor import check_device_here
 
         if device != "cpu" and not device.startswith("cuda"):
