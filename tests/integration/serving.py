@@ -19,13 +19,16 @@ from narun.serve.server import InferenceServer
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_checkpoint(directory: Path, block_size: int = 64, seed: int = 0) -> Path:
-    """A randomly initialised quickstart GPT (gpt2-tiny, byte vocabulary) saved as a run:
-    random weights make varied greedy tokens, which is what equality tests need."""
+def make_checkpoint(directory: Path, block_size: int = 64, seed: int = 0,
+                    **model: int) -> Path:
+    """A randomly initialised quickstart GPT (gpt2-tiny, byte vocabulary; `model` overrides
+    fields such as n_layer) saved as a run: random weights make varied greedy tokens, which
+    is what equality tests need."""
     from narun.models._registry import build_from_config
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml",
-                      [f"model.block_size={block_size}", f"data.seq_len={block_size}"])
+                      [f"model.block_size={block_size}", f"data.seq_len={block_size}",
+                       *(f"model.{k}={v}" for k, v in model.items())])
     narun.manual_seed(seed)
     model = build_from_config(cfg.model)
     save_checkpoint(directory / "checkpoints", 1, model.state_dict(), None,

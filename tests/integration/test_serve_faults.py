@@ -569,7 +569,9 @@ def test_sigterm_finishes_the_streams_in_flight_refuses_new_ones_and_exits_0(
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_streams_still_running_after_the_grace_end_cancelled(serve_process, tmp_path):
-    run = make_checkpoint(tmp_path / "long", block_size=256)  # streams of 250 tokens
+    # streams of 250 tokens, of a model slow enough that they cannot end within the grace:
+    # the tiny one's 250 steps take about as long as 0.2 s on this machine
+    run = make_checkpoint(tmp_path / "long", block_size=256, n_layer=8, n_embd=256)
 
     svc = serve_process("--max-batch", "4", "--grace", "0.2", run=run)
     assert svc.notified().startswith("READY=1")
