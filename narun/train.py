@@ -177,10 +177,22 @@ def _check_pipeline_job(cfg: JobConfig) -> None:
     from narun.pipeline.partition import units
 
     rt, t = cfg.runtime, cfg.training
-    if rt.workers:
-        raise ConfigError(f"runtime.workers: {rt.workers} replicas of each stage (pipeline x "
-                          f"data parallel) are not available yet; use workers 0 with mode "
-                          f"pipeline")
+    replicas = max(rt.workers, 1)  # workers r: r replicas of each stage
+    if t.batch_size % replicas:
+        raise ConfigError(f"runtime.workers: {rt.workers} replicas of each stage share each "
+                          f"batch, but training.batch_size {t.batch_size} does not divide "
+                          f"into {rt.workers} equal parts; use a batch_size that is a "
+                          f"multiple of {rt.workers}")
+    share = t.batch_size // replicas
+    if replicas > 1 and rt.micro_batches >= 1 and share % rt.micro_batches:
+        raise ConfigError(f"runtime.micro_batches: each replica's share of the batch "
+                          f"(training.batch_size {t.batch_size} / runtime.workers "
+                          f"{rt.workers} = {share}) does not split into {rt.micro_batches} "
+                          f"micro-batches; make batch_size a multiple of "
+                          f"{rt.workers * rt.micro_batches}")
+    if rt.workers and rt.ps_shards != 1:
+        raise ConfigError(f"runtime.ps_shards: a data-parallel pipeline has one shard per "
+                          f"stage ({rt.stages}); leave ps_shards at 1 (got {rt.ps_shards})")
     if t.grad_accum != 1:
         raise ConfigError(f"training.grad_accum: mode pipeline splits each batch into "
                           f"runtime.micro_batches already; set grad_accum 1 (got "
@@ -189,7 +201,7 @@ def _check_pipeline_job(cfg: JobConfig) -> None:
         blocks = gpt_config(cfg.model.preset, **cfg.model.overrides).n_layer
     else:
         blocks = units(build_from_config(cfg.model))
-    check_pipeline(rt.stages, rt.micro_batches, rt.schedule, t.batch_size, blocks)
+    check_pipeline(rt.stages, rt.micro_batches, rt.schedule, share, blocks)
 
 
 def build_job(cfg: JobConfig) -> Job:

@@ -113,12 +113,16 @@ class ParameterServer(JobActor):
                               f"(narun.runtime.shard_start.write_init_state)")
         self.outline = job_outline(cfg, spec.init_state, spec.resume)
         self.start = self.outline.start
-        self.plan = self.outline.plan(cfg.runtime.ps_shards, spec.bucket_bytes)
+        self.plan = self.outline.plan(cfg.runtime.ps_shards, spec.bucket_bytes,
+                                      spec.stage_names)
         self.mode = cfg.runtime.mode
+        # a data-parallel pipeline's shard serves its stage's replicas as ps-sync serves
+        # trainers: they are its "trainers" 0 .. runtime.workers - 1
+        self.sync = self.mode in ("ps-sync", "pipeline")
         self.workers = cfg.runtime.workers
         self.members = set(range(self.workers))  # whose pushes complete a ps-sync step
         # ps-sync clips here, from the global norm the trainers send; ps-async trainers clip
-        self.clip = (cfg.training.grad_clip or None) if self.mode == "ps-sync" else None
+        self.clip = (cfg.training.grad_clip or None) if self.sync else None
         self._clock: dict[int, int] = {}  # ps-async: trainer rank -> the step it pushes
         self._paced = Broadcast()  # when a trainer's clock or the members move
         self.max_staleness = cfg.runtime.max_staleness
@@ -212,7 +216,7 @@ class ParameterServer(JobActor):
             if grad.dtype != np.float32 or grad.shape != (b.bucket.size,):
                 raise ReplyError("protocol", f"ps {self.rank}: bucket {key} takes float32 "
                                              f"({b.bucket.size},), got {grad.dtype} {grad.shape}")
-            if self.mode == "ps-sync":
+            if self.sync:
                 await self._room_for_snapshot(b, msg["step"])
                 on_time = await self._push_sync(b, msg["step"], msg["rank"], grad)
                 if self.clip:
@@ -362,7 +366,7 @@ class ParameterServer(JobActor):
         for key in keys:
             b = self._bucket(key)
             await self._wait_bucket(b, lambda b=b: b.version >= want, f"version {want}")
-            snap = b.snapshots.get(want) if self.mode == "ps-sync" else None
+            snap = b.snapshots.get(want) if self.sync else None
             if snap is not None:
                 out[key], version = snap[0], want
                 # a checkpoint step's snapshot waits for its checkpoint request
@@ -414,9 +418,9 @@ class ParameterServer(JobActor):
         arrays: dict[str, np.ndarray] = {}
         scalars: dict[str, list[dict[str, Any]]] = {}
         for key, b in self.buckets.items():
-            snap = b.snapshots.get(step) if self.mode == "ps-sync" else None
+            snap = b.snapshots.get(step) if self.sync else None
             if snap is None:
-                if self.mode == "ps-sync" and b.version != step:
+                if self.sync and b.version != step:
                     raise ReplyError("not_found", f"ps {self.rank}: bucket {key} is at "
                                                   f"version {b.version} and kept no snapshot of "
                                                   f"step {step}")

@@ -19,6 +19,11 @@ a checkpoint (or resume) is the ordinary one. Per step:
 After an eval or checkpoint step, the last step, and a drained step, the stage writes its
 parameters and optimizer state to the job's staging directory before reporting the step,
 so the coordinator, which runs behind, assembles the model of exactly that step.
+
+Pipeline x data parallel (runtime.workers r > 0): process `rank` is replica rank // p of
+stage rank % p, and runs on rows [j B / r, (j + 1) B / r) of each batch; the replicas j of
+all stages form pipeline j. Steps 3-4 then go through the stage's parameter-server shard
+(workers/_stage_shard.py), which holds the optimizer state and the checkpoints' values.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -37,11 +43,13 @@ from narun.pipeline import StageModule, StageWork, make_schedule, plan_stages, r
 from narun.pipeline.links import StageLinks, StepIO
 from narun.pipeline.partition import tied_names
 from narun.pipeline.slices import slice_path, write_slice
-from narun.runtime.mailbox import new_id
+from narun.runtime.buckets import plan_for
+from narun.runtime.mailbox import Mailbox, new_id
 from narun.runtime.spec import WorkerSpec
 from narun.train import build_job, restore
-from protocol import message
+from protocol import message, open_channel
 from workers._job import JobActor, read_endpoints
+from workers._stage_shard import StageShard
 from workers.executor import CpuExecutor
 
 
@@ -57,26 +65,46 @@ class Stage(JobActor):
         self.job = build_job(self.cfg)
         self.start = restore(self.job, spec.resume) if spec.resume else 0
         self.stages, self.micro_batches = rt.stages, rt.micro_batches
-        plan = plan_stages(self.job.model, self.stages)[rank]
+        self.replicas = max(rt.workers, 1)
+        self.stage, self.replica = rank % self.stages, rank // self.stages
+        plan = plan_stages(self.job.model, self.stages)[self.stage]
         self.module = StageModule(self.job.model, plan)
-        self.actions = make_schedule(rt.schedule, self.stages, self.micro_batches)[rank]
+        self.actions = make_schedule(rt.schedule, self.stages, self.micro_batches)[self.stage]
         self.tied = tied_names(self.job.model) if (
             self.stages > 1 and (plan.first or plan.last)) else ()
         self.delay = float(spec.delays.get(str(rank), 0.0))  # fault tests: a slow stage
         self.links: StageLinks | None = None
         self.executor: CpuExecutor | None = None
+        self.shard: StageShard | None = None  # pipeline x data parallel only
 
     async def setup(self) -> None:
         assert self.context is not None
         self.executor = CpuExecutor(blas_threads=self.spec.blas_threads)
-        self.links = StageLinks(self.context, self.rank, self.stages, self.fail,
+        self.links = StageLinks(self.context, self.stage, self.stages, self.fail,
                                 host=self.spec.host, curve_server=self.curve_server(),
                                 curve_client=self.curve_client())
         sys.stdout.write(json.dumps({"endpoint": self.links.endpoint}) + "\n")
         sys.stdout.flush()
-        self.links.connect(await read_endpoints("stage", "stage_endpoints"))
+        if self.spec.stage_names is not None:  # the coordinator sends the shards' first
+            await self._open_shard(await read_endpoints("stage", "shard_endpoints"))
+        p, j = self.stages, self.replica
+        self.links.connect((await read_endpoints("stage", "stage_endpoints"))[j * p:(j + 1) * p])
+
+    async def _open_shard(self, endpoints: list[str]) -> None:
+        assert self.context is not None and self.executor is not None
+        channel = open_channel(self.context, "dealer", connect=endpoints[self.stage],
+                               identity=f"stage-{self.rank}".encode(),
+                               curve=self.curve_client())
+        mailbox = Mailbox(channel, f"ps {self.stage}", watch=True, on_error=self.fail).start()
+        model = self.job.model
+        plan = plan_for(model, 1, self.spec.bucket_bytes, self.spec.stage_names)
+        uncounted = self.tied if self.module.plan.last else ()
+        self.shard = StageShard(mailbox, plan, self.stage, self.replica, list(model.parameters()),
+                                uncounted, self.spec.wait_timeout, self.executor.run)
 
     async def teardown(self) -> None:
+        if self.shard is not None:
+            self.shard.shard.close()
         if self.links is not None:
             self.links.close()
         if self.executor is not None:
@@ -95,6 +123,8 @@ class Stage(JobActor):
         t = self.cfg.training
         end = t.steps if self.spec.stop_at is None else min(t.steps, self.spec.stop_at)
         step = self.start
+        if self.shard is not None:
+            await self.shard.pull(step)
         while step < end and not self.stopping:
             if self.delay:
                 await asyncio.sleep(self.delay)
@@ -102,7 +132,7 @@ class Stage(JobActor):
             work = await self._step(step)
             step += 1
             self.step = step
-            if self._keeps(step, end):
+            if self.shard is None and self._keeps(step, end):  # else the shards keep it
                 await asyncio.get_running_loop().run_in_executor(None, self._write_slice, step)
             assert self.control is not None
             await self.control.send(message(
@@ -115,12 +145,20 @@ class Stage(JobActor):
         assert self.links is not None and self.executor is not None
         self.links.begin(step)
         x, y = self.job.batch(step)
+        if self.replicas > 1:  # this replica's share of the batch
+            rows = len(x) // self.replicas
+            x, y = (a[self.replica * rows:(self.replica + 1) * rows] for a in (x, y))
         work = StageWork(self.module, self.micro_batches)
         await run_actions(work, self.actions, StepIO(self.links, step, x, y,
                                                      self.micro_batches), self.executor.run)
         if self.tied:
             await self._sum_tied(step)
-        scale = await self._clip_scale(step) if self.cfg.training.grad_clip else 1.0
+        clip = bool(self.cfg.training.grad_clip)
+        if self.shard is not None:  # the shard steps: waiting for it is not this stage's work
+            await self.shard.step(step, self._global_norm_of(step) if clip else None)
+            self._advance()
+            return work
+        scale = await self._clip_scale(step) if clip else 1.0
         began = time.perf_counter()
         await self.executor.run(self._apply, scale)
         work.busy += time.perf_counter() - began  # the optimizer's step is work, not bubble
@@ -138,17 +176,24 @@ class Stage(JobActor):
         """The factor every stage scales its gradients by, from the global norm as one
         process's clip_grad_norm_ takes it. The tied weight counts once (on the first
         stage), as in one process."""
-        assert self.control is not None
         last = self.module.plan.last
         sq = 0.0
         for name, p in self.module.parameters.items():
             if p.grad is not None and not (last and name in self.tied):
                 g = p.grad.data.ravel().astype(np.float64)
                 sq += float(np.dot(g, g))
-        answer = await self.control.call(message("grad_norm", new_id(), step=step, sq=sq),
-                                         timeout=self.spec.wait_timeout,
-                                         what=f"the global gradient norm of step {step}")
-        return clip_coefficient(answer["norm"], self.cfg.training.grad_clip)
+        norm = await self._global_norm_of(step)(sq)
+        return clip_coefficient(norm, self.cfg.training.grad_clip)
+
+    def _global_norm_of(self, step: int) -> Callable[[float], Awaitable[float]]:
+        """The coordinator's answer for `step`: the norm of every stage's squared norms."""
+        async def ask(sq: float) -> float:
+            assert self.control is not None
+            answer = await self.control.call(
+                message("grad_norm", new_id(), step=step, sq=sq),
+                timeout=self.spec.wait_timeout, what=f"the global gradient norm of step {step}")
+            return float(answer["norm"])
+        return ask
 
     def _apply(self, scale: float) -> None:
         job = self.job
@@ -159,9 +204,14 @@ class Stage(JobActor):
                         p.grad.data *= scale
         job.optimizer.step()
         job.optimizer.zero_grad()
+        self._advance()
+
+    def _advance(self) -> None:
+        """The schedule's and the sampler's position, as a checkpoint records them."""
+        job = self.job
         job.scheduler.step()
         if not job.text:
-            job.sampler.next_batch()  # the sampler's position, as a checkpoint records it
+            job.sampler.next_batch()
 
     # -- slices ------------------------------------------------------------------------
     def _keeps(self, step: int, end: int) -> bool:

@@ -115,10 +115,50 @@ def make_plan(named_shapes: Iterable[tuple[str, Sequence[int]]], num_shards: int
                 num_shards)
 
 
-def plan_for(model: object, num_shards: int, bucket_bytes: int = BUCKET_BYTES) -> Plan:
-    """The plan of a module's parameters (named_parameters order)."""
-    return make_plan(((n, p.shape) for n, p in model.named_parameters()),  # type: ignore[attr-defined]
-                     num_shards, bucket_bytes)
+def make_stage_plan(named_shapes: Iterable[tuple[str, Sequence[int]]],
+                    stage_names: Sequence[Sequence[str]],
+                    bucket_bytes: int = BUCKET_BYTES) -> Plan:
+    """The plan of a pipeline whose stages are data parallel: shard s holds the buckets of
+    stage s's parameters (`stage_names[s]`), so each stage's replicas average through their
+    own shard. A parameter that more than one stage holds (a tied embedding) is in each of
+    their shards, in buckets of its own: each shard steps its copy with the same gradient,
+    and a stage can leave that bucket out where it must count the parameter once (the
+    global gradient norm). Pieces index the parameters in model order, as `make_plan`'s."""
+    items = [(str(n), tuple(int(d) for d in s)) for n, s in named_shapes]
+    index = {name: j for j, (name, _) in enumerate(items)}
+    holders: dict[str, int] = {}
+    for names in stage_names:
+        for name in names:
+            if name not in index:
+                raise ConfigError(f"stage plan: no parameter {name!r} in the model")
+            holders[name] = holders.get(name, 0) + 1
+    missing = [name for name, _ in items if name not in holders]
+    if missing:
+        raise ConfigError(f"stage plan: parameter(s) {missing} belong to no stage")
+    buckets: list[Bucket] = []
+    for shard, names in enumerate(stage_names):
+        shared = [n for n in names if holders[n] > 1]
+        own = [n for n in names if holders[n] == 1]
+        for group in [[n] for n in shared] + ([own] if own else []):
+            sub = make_plan(((n, items[index[n]][1]) for n in group), 1, bucket_bytes)
+            for b in sub.buckets:
+                pieces = tuple(Piece(p.name, index[p.name], p.start, p.stop, p.offset)
+                               for p in b.pieces)
+                at = buckets[-1].stop if buckets else 0
+                buckets.append(Bucket(f"b{len(buckets)}", len(buckets), shard, at,
+                                      at + b.size, pieces))
+    return Plan(tuple(n for n, _ in items), tuple(s for _, s in items), tuple(buckets),
+                len(stage_names))
+
+
+def plan_for(model: object, num_shards: int, bucket_bytes: int = BUCKET_BYTES,
+             stage_names: Sequence[Sequence[str]] | None = None) -> Plan:
+    """The plan of a module's parameters (named_parameters order): `num_shards` ranges, or
+    with `stage_names` a data-parallel pipeline's shard per stage (`make_stage_plan`)."""
+    named = ((n, p.shape) for n, p in model.named_parameters())  # type: ignore[attr-defined]
+    if stage_names is not None:
+        return make_stage_plan(named, stage_names, bucket_bytes)
+    return make_plan(named, num_shards, bucket_bytes)
 
 
 def pack(bucket: Bucket, arrays: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:

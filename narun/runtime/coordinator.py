@@ -260,6 +260,10 @@ class Coordinator:
         self.shard_endpoints = await self._exchange_endpoints(shards, trainers,
                                                               "shard_endpoints")
         await self._all_joined()
+        self._link_shards(context)
+
+    def _link_shards(self, context: zmq.asyncio.Context) -> None:
+        """The coordinator's own connections to the shards (members, eval, checkpoints)."""
         for k, ep in enumerate(self.shard_endpoints):
             ch = open_channel(context, "dealer", connect=ep, identity=b"coordinator",
                               curve=None if self.processes.job_keys is None else

@@ -41,7 +41,7 @@ from narun.checkpoint._fs import temp_tag, writer_is_gone
 from narun.checkpoint._tree import c_order, decode, to_numpy
 from narun.config import JobConfig
 from narun.errors import CheckpointError
-from narun.runtime.buckets import BUCKET_BYTES, Piece, Plan, make_plan
+from narun.runtime.buckets import BUCKET_BYTES, Piece, Plan, make_plan, make_stage_plan
 from narun.tensor._tensor import Tensor
 from narun.train import make_optimizer, make_scheduler, resume_schedule
 
@@ -103,8 +103,14 @@ class JobOutline:
     # {"__array__": key} references into state_file
     _state_trees: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
-    def plan(self, num_shards: int, bucket_bytes: int = BUCKET_BYTES) -> Plan:
-        return make_plan(zip(self.names, self.shapes), num_shards, bucket_bytes)
+    def plan(self, num_shards: int, bucket_bytes: int = BUCKET_BYTES,
+             stage_names: list[list[str]] | None = None) -> Plan:
+        """The job's bucket plan: `num_shards` ranges of the flat parameters, or, for a
+        data-parallel pipeline, a shard per stage (`stage_names`: each stage's parameters)."""
+        named = zip(self.names, self.shapes)
+        if stage_names is not None:
+            return make_stage_plan(named, stage_names, bucket_bytes)
+        return make_plan(named, num_shards, bucket_bytes)
 
     def read_values(self, piece: Piece, out: np.ndarray) -> np.ndarray:
         """The starting values of `piece` (a flat range of one parameter) into `out`."""

@@ -39,6 +39,8 @@ class WorkerSpec:
     curve: dict[str, str] | None = None
     # pipeline stages: the directory they write checkpoint slices under (on their host)
     staging: str | None = None
+    # a data-parallel pipeline's shards: each stage's parameter names (shard s holds stage s's)
+    stage_names: list[list[str]] | None = None
 
     def job_config(self) -> JobConfig:
         return config_from_dict(self.config)

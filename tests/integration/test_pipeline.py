@@ -23,7 +23,7 @@ from tests.integration.conftest import Faults
 
 
 def gpt_config(out: Path, mode: str = "pipeline", stages: int = 2, micro_batches: int = 4,
-               schedule: str = "1f1b", **training):
+               schedule: str = "1f1b", workers: int = 0, ps_shards: int = 1, **training):
     t = {"steps": 10, "batch_size": 8, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.1,
          "schedule": "cosine", "warmup_steps": 2, "grad_clip": 1.0, "eval_every": 5,
          "checkpoint_every": 5, "out_dir": str(out), **training}
@@ -32,6 +32,7 @@ def gpt_config(out: Path, mode: str = "pipeline", stages: int = 2, micro_batches
         "data": {"kind": "text", "seq_len": 32},
         "training": t,
         "runtime": {"mode": mode, "stages": stages if mode == "pipeline" else 0,
+                    "workers": workers if mode == "pipeline" else 0, "ps_shards": ps_shards,
                     "micro_batches": micro_batches, "schedule": schedule,
                     "heartbeat_interval": 0.5, "heartbeat_timeout": 5.0}})
 
@@ -60,6 +61,26 @@ def assert_close_models(a: str, b: str, rtol: float = 1e-5) -> None:
         np.testing.assert_allclose(ca.model[name], cb.model[name], rtol=rtol, atol=4e-5,
                                    err_msg=name)
     assert ca.extra["scheduler"] == cb.extra["scheduler"]
+
+
+def test_pipeline_x_data_parallel_trains_as_one_process(tmp_path):
+    """p = 2 stages x r = 2 replicas, each replica a quarter of each batch in 2 micro-batches;
+    each stage's replicas average through its own shard, which steps the stage (clipped by
+    the norm over both shards, the tied embedding counted once)."""
+    local = Faults({})
+    want = local_train(gpt_config(tmp_path / "local", mode="local"), local)
+    done, faults, _ = run_pipeline(gpt_config(tmp_path / "pipe", workers=2, micro_batches=2))
+    assert done["step"] == 10 and not done["interrupted"]
+    [placement] = faults.of("placement")
+    assert placement["replicas"] == 2
+    assert len(faults.of("step")[-1]["stages"]) == 4  # p x r stage processes reported
+    np.testing.assert_allclose([e["loss"] for e in faults.of("step")],
+                               [e["loss"] for e in local.of("step")], rtol=1e-5)
+    assert done["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    for step in (5, 10):
+        assert_close_models(f"{tmp_path}/pipe/checkpoints/step-{step:06d}",
+                            f"{tmp_path}/local/checkpoints/step-{step:06d}")
+    assert launcher.live_pids() == []
 
 
 @pytest.mark.parametrize("schedule,stages", [("1f1b", 2), ("gpipe", 3)])
@@ -93,14 +114,21 @@ def test_losses_per_step_are_one_process_losses(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_a_stage_killed_with_sigkill_rolls_the_job_back_and_it_completes(tmp_path):
-    faults = Faults({7: ("stage", 1, signal.SIGKILL)})
+@pytest.mark.parametrize("workers,victim", [
+    (0, ("stage", 1)),
+    (2, ("stage", 3)),  # replica 1 of stage 1
+    (2, ("ps", 1)),     # the shard of stage 1, with its optimizer state
+])
+def test_a_stage_killed_with_sigkill_rolls_the_job_back_and_it_completes(tmp_path, workers,
+                                                                          victim):
+    faults = Faults({7: (*victim, signal.SIGKILL)})
     # the stages wait 0.1 s before each step, so the kill lands while they still run
-    done, faults, coordinator = run_pipeline(gpt_config(tmp_path / "pipe"), faults,
-                                             delays={0: 0.1})
+    done, faults, coordinator = run_pipeline(
+        gpt_config(tmp_path / "pipe", workers=workers, micro_batches=4 // max(workers, 1)),
+        faults, delays={0: 0.1})
     assert done["step"] == 10 and not done["interrupted"] and done["restarts"] == 1
     [restart] = faults.of("restart")
-    assert (restart["role"], restart["rank"]) == ("stage", 1)
+    assert (restart["role"], restart["rank"]) == victim
     assert restart["rolled_back_to"] == 5  # the last checkpoint
     want = local_train(gpt_config(tmp_path / "local", mode="local"), Faults({}))
     assert done["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
@@ -114,6 +142,10 @@ def test_a_stage_killed_with_sigkill_rolls_the_job_back_and_it_completes(tmp_pat
     ({"stages": 5}, "at most 4"),
     ({"stages": 4, "micro_batches": 2}, "micro_batches"),
     ({"micro_batches": 3}, "batch_size"),
+    # pipeline x data parallel: 8 rows split over 3 replicas, or 4 a replica in 8 micro-batches
+    ({"workers": 3}, "multiple of 3"),
+    ({"workers": 2, "micro_batches": 8}, "share of the batch"),
+    ({"workers": 2, "ps_shards": 2}, "one shard per stage"),
 ])
 def test_configs_that_cannot_run_are_refused_before_anything_starts(tmp_path, change, match):
     options = {"stages": 2, "micro_batches": 4, **change}
