@@ -153,7 +153,8 @@ def test_configs_that_cannot_run_are_refused_before_anything_starts(tmp_path, ch
         check_job(gpt_config(tmp_path, **options))
 
 
-def test_narun_launch_runs_the_stages_on_agents_as_narun_train_does(tmp_path):
+@pytest.mark.parametrize("workers,slots", [(0, 1), (2, 3)])  # 2 stages; x 2 replicas + 2 shards
+def test_narun_launch_runs_the_stages_on_agents_as_narun_train_does(tmp_path, workers, slots):
     import io
     import json
 
@@ -161,10 +162,11 @@ def test_narun_launch_runs_the_stages_on_agents_as_narun_train_does(tmp_path):
     from narun.runtime.launch import launch
     from tests.integration.agents import AgentProcess
 
-    agents = [AgentProcess("tcp://127.0.0.1:0", tmp_path / f"agent{i}", slots=1)
+    agents = [AgentProcess("tcp://127.0.0.1:0", tmp_path / f"agent{i}", slots=slots)
               for i in range(2)]
     try:
-        cfg = gpt_config(tmp_path / "launched")
+        cfg = gpt_config(tmp_path / "launched", workers=workers,
+                         micro_batches=4 // max(workers, 1))
         cfg.runtime.hosts = [a.endpoint.removeprefix("tcp://") for a in agents]
         out = io.StringIO()
         done = launch(cfg, None, JsonLinesReporter(out), wait_timeout=60.0)
@@ -175,7 +177,7 @@ def test_narun_launch_runs_the_stages_on_agents_as_narun_train_does(tmp_path):
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     hosts = {p["host"] for e in events if e["event"] == "placement" and "processes" in e
              for p in e["processes"]}
-    assert len(hosts) == 2  # one stage on each agent (one slot each)
+    assert len(hosts) == 2  # the processes spread over both agents
     local_train(gpt_config(tmp_path / "local", mode="local"), Faults({}))
     for step in (5, 10):  # slices fetched from the agents' hosts into ordinary checkpoints
         assert_close_models(f"{tmp_path}/launched/checkpoints/step-{step:06d}",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from narun.errors import ConfigError, ShapeError
-from narun.runtime.buckets import join, make_plan, pack, split, unpack
+from narun.runtime.buckets import join, make_plan, make_stage_plan, pack, split, unpack
 
 SHAPES = [("emb", (50, 8)), ("w1", (8, 16)), ("b1", (16,)), ("scale", ()), ("w2", (16, 3)),
           ("b2", (3,))]
@@ -84,3 +84,32 @@ def test_errors_name_what_is_wrong():
         join(plan, {})
     with pytest.raises(ShapeError, match="expected"):
         unpack(plan.buckets[0], np.zeros(3, np.float32), [np.zeros(s) for _, s in SHAPES])
+
+
+def test_a_stage_plan_gives_each_stage_its_own_shard_and_the_tied_weight_to_both_ends():
+    # three stages; "emb" is held by the first and the last (a tied embedding)
+    stages = [["emb", "w1", "b1"], ["scale"], ["w2", "b2", "emb"]]
+    plan = make_stage_plan(SHAPES, stages, bucket_bytes=40)
+    assert plan.names == tuple(n for n, _ in SHAPES) and plan.num_shards == 3
+    index = {n: j for j, (n, _) in enumerate(SHAPES)}
+    for s, held in enumerate(stages):
+        pieces = [p for b in plan.shard_buckets(s) for p in b.pieces]
+        assert {p.name for p in pieces} == set(held)
+        assert all(p.index == index[p.name] for p in pieces)  # model order, as make_plan's
+        for name in held:  # every element of each parameter the stage holds, once
+            covered = sorted((p.start, p.stop) for p in pieces if p.name == name)
+            assert covered[0][0] == 0 and covered[-1][1] == math.prod(dict(SHAPES)[name])
+            assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+    # the tied weight's buckets hold nothing else, so a stage can leave them out of a norm
+    assert all({p.name for p in b.pieces} == {"emb"} or "emb" not in {p.name for p in b.pieces}
+               for b in plan.buckets)
+    state = random_state(SHAPES)
+    arrays = [state[n] for n, _ in SHAPES]
+    back = join(plan, {b.key: pack(b, arrays, np.empty(b.size, np.float32))
+                       for b in plan.buckets})
+    for name, value in state.items():
+        np.testing.assert_array_equal(back[name], value)
+    with pytest.raises(ConfigError, match="belong to no stage"):
+        make_stage_plan(SHAPES, stages[:2])
+    with pytest.raises(ConfigError, match="no parameter 'nope'"):
+        make_stage_plan(SHAPES, [["nope"]])
