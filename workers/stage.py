@@ -158,7 +158,7 @@ class Stage(JobActor):
             await self.shard.step(step, self._global_norm_of(step) if clip else None)
             self._advance()
             return work
-        scale = await self._clip_scale(step) if clip else 1.0
+        scale = await self._clip_scale(step, work) if clip else 1.0
         began = time.perf_counter()
         await self.executor.run(self._apply, scale)
         work.busy += time.perf_counter() - began  # the optimizer's step is work, not bubble
@@ -172,16 +172,18 @@ class Stage(JobActor):
         for name in self.tied:
             params[name].grad.data += other[name]
 
-    async def _clip_scale(self, step: int) -> float:
+    async def _clip_scale(self, step: int, work: StageWork) -> float:
         """The factor every stage scales its gradients by, from the global norm as one
-        process's clip_grad_norm_ takes it. The tied weight counts once (on the first
-        stage), as in one process."""
+        process's clip_grad_norm_ takes it (a dot product a parameter, summed as Python
+        floats). The tied weight counts once (on the first stage), as in one process."""
+        began = time.perf_counter()
         last = self.module.plan.last
         sq = 0.0
         for name, p in self.module.parameters.items():
             if p.grad is not None and not (last and name in self.tied):
-                g = p.grad.data.ravel().astype(np.float64)
+                g = p.grad.data.reshape(-1)
                 sq += float(np.dot(g, g))
+        work.busy += time.perf_counter() - began  # computing is work; the answer's wait not
         norm = await self._global_norm_of(step)(sq)
         return clip_coefficient(norm, self.cfg.training.grad_clip)
 
