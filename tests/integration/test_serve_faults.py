@@ -315,27 +315,36 @@ def test_ten_thousand_garbage_messages_then_a_request_is_served(checkpoint):
 # -- clients that leave mid-stream ----------------------------------------------------------
 def leave_mid_stream(endpoint: str, n: int, at_once: int, seed: int) -> None:
     """n clients, `at_once` at a time, each sends generate, reads 1 or 2 tokens and closes
-    without abort; prints the tokens read. Run as a process of its own (python -c): its
-    sockets' memory is not the server's."""
+    without abort; prints the tokens read. Each closes as soon as its tokens came (whichever
+    stream they came on first), so the server has the rest of the stream to notice. Run as a
+    process of its own (python -c): its sockets' memory is not the server's."""
     read, rng = 0, random.Random(seed)
     ctx = zmq.Context()
     try:
         for start in range(0, n, at_once):
-            peers = []
+            wants: dict[zmq.Socket, int] = {}
+            poller = zmq.Poller()
             for i in range(start, min(n, start + at_once)):
                 peer = ctx.socket(zmq.DEALER)
-                peer.linger, peer.rcvtimeo, peer.sndtimeo = 0, 30_000, 10_000
+                peer.linger, peer.sndtimeo = 0, 10_000
                 peer.connect(endpoint)
                 peer.send_multipart(encode(message(
                     "generate", 1 + i, prompt=np.array(PROMPTS[i % len(PROMPTS)]),
                     max_tokens=50, temperature=0.0, top_k=0, seed=i)))
-                peers.append(peer)
-            for peer in peers:
-                for _ in range(rng.choice([1, 2])):
+                wants[peer] = rng.choice([1, 2])
+                poller.register(peer, zmq.POLLIN)
+            while wants:
+                ready = dict(poller.poll(30_000))
+                assert ready, f"no token in 30 s for {len(wants)} client(s)"
+                for peer in ready:
                     answer = decode(peer.recv_multipart())
                     assert answer.type == "token", answer
                     read += 1
-                peer.close(linger=0)
+                    wants[peer] -= 1
+                    if not wants[peer]:
+                        del wants[peer]
+                        poller.unregister(peer)
+                        peer.close(linger=0)
     finally:
         ctx.destroy(linger=0)
     print(read)
