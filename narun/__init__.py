@@ -9,7 +9,11 @@
 
 import numpy as _np
 
-from narun.tensor import (
+from narun._process import tune_on_import as _tune_on_import
+
+_tune_on_import()  # freed memory stays for the next step's temporaries (NARUN_TUNE_MALLOC=0: off)
+
+from narun.tensor import (  # noqa: E402
     Tensor,
     arange,
     cat,

@@ -146,10 +146,7 @@ def worker(framework: str, model: str, threads: int, steps: int, warmup: int) ->
 
         torch.set_num_threads(threads)
         step = torch_step(model)
-    else:
-        from narun._process import tune_process
-
-        tune_process()  # what every narun worker process does at start (keeps freed memory)
+    else:  # as a library user runs it: only what `import narun` does itself
         step = narun_step(model)
     for _ in range(warmup):
         step()

@@ -96,6 +96,30 @@ print(json.dumps({{"mmapped": during.hblks - before.hblks,
         assert got == {"mmapped": 1, "kept_in_heap": False}
 
 
+@needs_glibc
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_importing_narun_keeps_freed_memory_unless_opted_out(opt_out):
+    """A library user's process, with no narun process around it: `import narun` alone
+    keeps a freed 48 MiB block for the next step; NARUN_TUNE_MALLOC=0 keeps glibc's way."""
+    got = run_fresh(MALLINFO + """
+import narun
+size = 48 << 20
+before = libc.mallinfo2()
+p = libc.malloc(size)
+during = libc.mallinfo2()
+libc.free(p)
+after = libc.mallinfo2()
+print(json.dumps({"mmapped": during.hblks - before.hblks,
+                  "kept_in_heap": after.fordblks >= size}))
+""", env={"NARUN_TUNE_MALLOC": "0"} if opt_out else None)
+    if "skip" in got:
+        pytest.skip(got["skip"])
+    if opt_out:
+        assert got == {"mmapped": 1, "kept_in_heap": False}
+    else:
+        assert got == {"mmapped": 0, "kept_in_heap": True}
+
+
 FAULTS = """
 import json, resource, sys, threading
 import numpy as np
