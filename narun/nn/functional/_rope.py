@@ -64,18 +64,25 @@ def _halves(a: Any, h: int) -> tuple[Any, Any]:
 
 def rotate_forward(xp: Any, X: Any, c: Any, s: Any, shape: tuple[int, ...]) -> Any:
     """apply_rotary_emb's forward on arrays: X * c + rotate_half(X) * s, a new C-contiguous
-    array of the broadcast `shape`; inference calls it on raw arrays."""
-    h = X.shape[-1] // 2
-    x1, x2 = _halves(X, h)
-    s1, s2 = _halves(s, h)
-    out = xp.empty(shape, dtype=X.dtype)  # C-contiguous, whatever view X is
+    array of the broadcast `shape`; inference calls it on raw arrays. X is often a view into
+    a fused qkv projection: it is read strided once, into a copy the passes then stream."""
+    X = xp.ascontiguousarray(X)
+    out = xp.empty(shape, dtype=X.dtype)
     xp.multiply(X, c, out=out)
-    t = xp.empty(shape, dtype=X.dtype)
-    xp.multiply(x2, s1, out=t[..., :h])
-    xp.multiply(x1, s2, out=t[..., h:])
-    out[..., :h] -= t[..., :h]
-    out[..., h:] += t[..., h:]
+    h = X.shape[-1] // 2
+    _add_swapped(xp, out, X, xp.concatenate([-s[..., :h], s[..., h:]], axis=-1))
     return out
+
+
+def _add_swapped(xp: Any, out: Any, a: Any, signed: Any) -> None:
+    """out += a with its last axis's halves swapped, times `signed`, in one product: seen
+    as (..., 2, D/2), the swap is a reversed view, so nothing is copied and no pass runs on
+    half-width rows (rotate_half(a) * s is swap(a) * (-s1, s2); the same value, as a - b is
+    a + (-b) in floating point)."""
+    h = a.shape[-1] // 2
+    out2 = out.reshape(out.shape[:-1] + (2, h))
+    out2 += xp.multiply(a.reshape(a.shape[:-1] + (2, h))[..., ::-1, :],
+                        signed.reshape(signed.shape[:-1] + (2, h)))
 
 
 def apply_rotary_emb(x: Tensor, cos: Any, sin: Any) -> Tensor:
@@ -101,7 +108,6 @@ def apply_rotary_emb(x: Tensor, cos: Any, sin: Any) -> Tensor:
     xp, h = x.xp, D // 2
     X = x.data
     x1, x2 = _halves(X, h)
-    s1, s2 = _halves(s, h)
     out = rotate_forward(xp, X, c, s, shape)
     tensors = [(v, isinstance(v, Tensor) and v.requires_grad) for v in (cos, sin)]
     parents = (x,) + tuple(v for v, needs in tensors if needs)
@@ -110,13 +116,9 @@ def apply_rotary_emb(x: Tensor, cos: Any, sin: Any) -> Tensor:
     def backward(g: Any) -> tuple[Any, ...]:
         g1, g2 = _halves(g, h)
         grads = []
-        if x.requires_grad:
+        if x.requires_grad:  # g * c + rotate_half^T(g * s) = g * c + swap(g) * (s2, -s1)
             gx = g * c
-            t = xp.empty(gx.shape, dtype=gx.dtype)
-            xp.multiply(g2, s2, out=t[..., :h])
-            xp.multiply(g1, s1, out=t[..., h:])
-            gx[..., :h] += t[..., :h]
-            gx[..., h:] -= t[..., h:]
+            _add_swapped(xp, gx, g, xp.concatenate([s[..., h:], -s[..., :h]], axis=-1))
             grads.append(gx)
         else:
             grads.append(None)
