@@ -22,6 +22,7 @@ import structlog
 import narun
 from narun import checkpoint as ckpt
 from narun import optim
+from narun.amp import MixedPrecision, at_least_float32, low_precision_dtype
 from narun.config import JobConfig, _choice_message, check_trainable_device, to_dict
 from narun.data import ArrayDataset, ShardedSampler, TextDataset, WindowSampler
 from narun.data._arrays import missing_arrays
@@ -49,6 +50,9 @@ class Job:
     val_data: Any
     sampler: Any
     device: str = "cpu"  # where loss() puts the batch: the model's device
+    # training.precision fp16 / bf16: the model's low-precision compute over float32
+    # masters, which the optimizer steps (narun.amp); None in float32
+    amp: MixedPrecision | None = None
     # The run's lineage, written into every checkpoint and kept across resumes: pruning and
     # `--resume auto` only consider this run's checkpoints (narun.checkpoint's docstring).
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -69,7 +73,7 @@ class Job:
         if self.text:
             return self.model.loss(narun.tensor(x, device=self.device),
                                    narun.tensor(y, device=self.device))
-        return F.cross_entropy(self.model(narun.tensor(x, device=self.device)),
+        return F.cross_entropy(at_least_float32(self.model(narun.tensor(x, device=self.device))),
                                narun.tensor(y, device=self.device))
 
     def _val_batches(self, max_batches: int | None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
@@ -149,6 +153,11 @@ def check_job(cfg: JobConfig, here: bool = True) -> None:
         raise ConfigError(_choice_message("model.name", cfg.model.name, model_names()))
     if rt.mode == "pipeline":
         _check_pipeline_job(cfg)
+    if t.precision != "fp32":
+        if rt.mode != "local":
+            raise ConfigError(f"training.precision: {t.precision} trains in mode local; mode "
+                              f"{rt.mode} trains in fp32 (set training.precision: fp32)")
+        low_precision_dtype(np, t.precision)  # names a precision the arrays lack
     if data.kind == "text" and cfg.model.name != "gpt":
         raise ConfigError(f"data.kind: text needs a language model (model.name: gpt), "
                           f"got model.name {cfg.model.name!r}")
@@ -218,8 +227,9 @@ def build_job(cfg: JobConfig) -> Job:
         val = ArrayDataset(cfg.data.path, names=("x", "y"),
                            val_fraction=cfg.data.val_fraction, split="val")
         sampler = ShardedSampler(len(train), t.batch_size, seed=t.seed, drop_last=True)
-    opt = make_optimizer(model.parameters(), cfg)
-    return Job(cfg, model, opt, make_scheduler(opt, cfg), train, val, sampler)
+    amp = MixedPrecision(model, t.precision) if t.precision != "fp32" else None
+    opt = make_optimizer(amp.parameters() if amp else model.parameters(), cfg)
+    return Job(cfg, model, opt, make_scheduler(opt, cfg), train, val, sampler, amp=amp)
 
 
 def make_optimizer(params: Iterable[Any], cfg: JobConfig) -> Any:
@@ -278,7 +288,11 @@ def save(job: Job, step: int) -> Path:
              "scheduler": job.scheduler.state_dict()}
     if not job.text:
         extra["sampler"] = job.sampler.state_dict()
-    return ckpt.save_checkpoint(checkpoint_dir(cfg), step, job.model.state_dict(),
+    model_state = job.model.state_dict()
+    if job.amp is not None:  # the float32 masters: an ordinary checkpoint, and the loss scale
+        model_state = job.amp.master_state()
+        extra["amp"] = job.amp.state_dict()
+    return ckpt.save_checkpoint(checkpoint_dir(cfg), step, model_state,
                                 job.optimizer.state_dict(), extra,
                                 keep=cfg.training.keep_checkpoints, run_id=job.run_id)
 
@@ -286,7 +300,11 @@ def save(job: Job, step: int) -> Path:
 def restore(job: Job, path: str | Path) -> int:
     """Load a checkpoint into `job`; returns the step to continue from."""
     c = ckpt.load_checkpoint(path)
-    job.model.load_state_dict(c.model)
+    if job.amp is not None:
+        job.amp.load_master_state(c.model)
+        job.amp.load_state_dict(c.extra.get("amp", {}))  # a float32 run's: a fresh scale
+    else:
+        job.model.load_state_dict(c.model)
     job.optimizer.load_state_dict(c.optimizer)
     job.scheduler = resume_schedule(job.scheduler, job.optimizer, job.config, c.extra, c.step,
                                     str(path))
@@ -403,16 +421,23 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
             total = 0.0
             for i in range(t.grad_accum):
                 loss = job.loss(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro])
-                (loss / t.grad_accum if t.grad_accum > 1 else loss).backward()
+                part = loss / t.grad_accum if t.grad_accum > 1 else loss
+                job.amp.backward(part) if job.amp is not None else part.backward()
                 total += loss.item() / t.grad_accum
-            if t.grad_clip:
-                clip_grad_norm_(job.model.parameters(), t.grad_clip)
             lr = job.scheduler.get_last_lr()[0]
-            job.optimizer.step()
+            fields: dict[str, Any] = {}
+            if job.amp is not None:  # a step with an inf or nan gradient is skipped
+                fields["skipped"] = not job.amp.step(job.optimizer, t.grad_clip)
+                if job.amp.scaler is not None:
+                    fields["loss_scale"] = job.amp.scaler.scale
+            else:
+                if t.grad_clip:
+                    clip_grad_norm_(job.model.parameters(), t.grad_clip)
+                job.optimizer.step()
             job.scheduler.step()
             step += 1
             reporter.emit("step", step=step, loss=total, lr=lr,
-                          **{speed_key: per_step / (time.perf_counter() - t0)})
+                          **{speed_key: per_step / (time.perf_counter() - t0)}, **fields)
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 val_loss, val_step = job.evaluate(), step
                 reporter.emit("eval", step=step, val_loss=val_loss)

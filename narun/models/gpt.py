@@ -16,6 +16,7 @@ import numpy as np
 
 import narun
 from narun import nn
+from narun.amp import at_least_float32
 from narun.errors import ConfigError, ShapeError
 from narun.models import _inference
 from narun.models._registry import register_model
@@ -307,8 +308,9 @@ class GPT(nn.Module):
         return Tensor._wrap(_inference.forward_rows(weights, ids, positions, caches, rows))
 
     def loss(self, idx: Any, targets: Any) -> Tensor:
-        """Mean next-token cross-entropy in nats."""
-        logits = self.forward(idx)
+        """Mean next-token cross-entropy in nats (in float32 at least, whatever the model
+        computes in)."""
+        logits = at_least_float32(self.forward(idx))
         t = targets if isinstance(targets, Tensor) else narun.tensor(
             np.asarray(targets, dtype=np.int64))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1))
