@@ -72,13 +72,9 @@ libc.free.argtypes = [ctypes.c_void_p]
 """
 
 
-@needs_glibc
-@pytest.mark.parametrize("tuned", [False, True])
-def test_large_blocks_stay_in_the_heap_after_free(tuned):
-    got = run_fresh(MALLINFO + f"""
-if {tuned}:
-    from narun._process import tune_process
-    tune_process()
+# After `setup`: is a freed 48 MiB block mmapped (then unmapped on free) or kept in the heap?
+HEAP_PROBE = """
+{setup}
 size = 48 << 20
 before = libc.mallinfo2()
 p = libc.malloc(size)
@@ -87,13 +83,24 @@ libc.free(p)
 after = libc.mallinfo2()
 print(json.dumps({{"mmapped": during.hblks - before.hblks,
                    "kept_in_heap": after.fordblks >= size}}))
-""")
+"""
+KEPT = {"mmapped": 0, "kept_in_heap": True}  # from the heap (M_MMAP_THRESHOLD), kept there
+MAPPED = {"mmapped": 1, "kept_in_heap": False}  # glibc's defaults
+
+
+def heap_probe(setup: str, env: dict[str, str] | None = None) -> dict:
+    got = run_fresh(MALLINFO + HEAP_PROBE.format(setup=setup), env)
     if "skip" in got:
         pytest.skip(got["skip"])
-    if tuned:  # served from the heap (M_MMAP_THRESHOLD) and kept there (M_TRIM_THRESHOLD)
-        assert got == {"mmapped": 0, "kept_in_heap": True}
-    else:  # the control: glibc's defaults map it, so the tuned case above means something
-        assert got == {"mmapped": 1, "kept_in_heap": False}
+    return got
+
+
+@needs_glibc
+@pytest.mark.parametrize("tuned", [False, True])
+def test_large_blocks_stay_in_the_heap_after_free(tuned):
+    setup = "from narun._process import tune_process; tune_process()" if tuned else ""
+    # the untuned control shows that the tuned case means something
+    assert heap_probe(setup) == (KEPT if tuned else MAPPED)
 
 
 @needs_glibc
@@ -101,23 +108,8 @@ print(json.dumps({{"mmapped": during.hblks - before.hblks,
 def test_importing_narun_keeps_freed_memory_unless_opted_out(opt_out):
     """A library user's process, with no narun process around it: `import narun` alone
     keeps a freed 48 MiB block for the next step; NARUN_TUNE_MALLOC=0 keeps glibc's way."""
-    got = run_fresh(MALLINFO + """
-import narun
-size = 48 << 20
-before = libc.mallinfo2()
-p = libc.malloc(size)
-during = libc.mallinfo2()
-libc.free(p)
-after = libc.mallinfo2()
-print(json.dumps({"mmapped": during.hblks - before.hblks,
-                  "kept_in_heap": after.fordblks >= size}))
-""", env={"NARUN_TUNE_MALLOC": "0"} if opt_out else None)
-    if "skip" in got:
-        pytest.skip(got["skip"])
-    if opt_out:
-        assert got == {"mmapped": 1, "kept_in_heap": False}
-    else:
-        assert got == {"mmapped": 0, "kept_in_heap": True}
+    got = heap_probe("import narun", {"NARUN_TUNE_MALLOC": "0"} if opt_out else None)
+    assert got == (MAPPED if opt_out else KEPT)
 
 
 FAULTS = """
