@@ -22,6 +22,7 @@ from narun.models import _inference
 from narun.models._registry import register_model
 from narun.nn import functional as F
 from narun.tensor import Tensor
+from narun.utils import checkpoint
 
 
 @dataclass
@@ -39,6 +40,8 @@ class GPTConfig:
     position: str = "learned"      # "learned" | "rope"
     rope_base: float = 10000.0
     tie_weights: bool = True
+    # recompute each block's activations in backward instead of keeping them (training only)
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -262,6 +265,10 @@ class GPT(nn.Module):
                              f"{cfg.block_size}; crop the context or build a bigger model")
         x = self.embed(idx, offset)
         rope = self.rope_for(T, x, offset)
+        if cfg.gradient_checkpointing and self.training and not caches:
+            for block in self.h:  # each block's input kept, its insides recomputed
+                x = checkpoint(block, x, rope)
+            return self.head(x)
         for i, block in enumerate(self.h):
             x = block(x, rope, caches[i] if caches else None)
         return self.head(x)
