@@ -388,11 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     a.set_defaults(fn=cmd_agent)
 
+    from narun.cli_export import add_commands as add_export_commands
     from narun.cli_jobs import add_commands
     from narun.cli_serve import add_commands as add_serve_commands
 
     add_commands(sub)
     add_serve_commands(sub)
+    add_export_commands(sub)
 
     d = sub.add_parser("data", help="make datasets")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
