@@ -1,4 +1,5 @@
-"""`narun export` and `narun import`: a trained GPT-2 to Hugging Face's layout and back."""
+"""`narun export` and `narun import`: a trained model as ONNX, a GPT-2 to Hugging Face's
+layout and back."""
 
 from __future__ import annotations
 
@@ -6,15 +7,22 @@ import argparse
 import json
 from typing import Any
 
-FORMATS = ("hf-gpt2",)
+EXPORTS = ("onnx", "hf-gpt2")
+IMPORTS = ("hf-gpt2",)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from narun.models import load_trained
-    from narun.models.hf_gpt2 import export_hf_gpt2
 
     trained = load_trained(args.run)
-    out = export_hf_gpt2(trained.model, args.out)
+    if args.format == "onnx":
+        from narun.models.onnx_export import export_onnx
+
+        out = export_onnx(trained.model, args.out)
+    else:
+        from narun.models.hf_gpt2 import export_hf_gpt2
+
+        out = export_hf_gpt2(trained.model, args.out)
     _say(args, {"event": "exported", "format": args.format, "step": trained.step,
                 "checkpoint": str(trained.checkpoint), "out": str(out)})
     return 0
@@ -56,14 +64,17 @@ def _say(args: argparse.Namespace, event: dict[str, Any]) -> None:
 def add_commands(sub: Any) -> None:
     ex = sub.add_parser("export", help="write a trained model in another framework's format")
     ex.add_argument("run", help="run or step directory (its newest good checkpoint)")
-    ex.add_argument("--format", choices=FORMATS, required=True,
-                    help="hf-gpt2: Hugging Face GPT-2 (model.safetensors + config.json)")
-    ex.add_argument("--out", required=True, metavar="DIR")
+    ex.add_argument("--format", choices=EXPORTS, required=True,
+                    help="onnx: one .onnx file (an MLP, or a GPT's logits for token ids; "
+                         "needs the onnx package); hf-gpt2: Hugging Face GPT-2 "
+                         "(model.safetensors + config.json in a directory)")
+    ex.add_argument("--out", required=True, metavar="PATH",
+                    help="the .onnx file, or the hf-gpt2 directory")
     ex.add_argument("--json", action="store_true", help="one JSON line")
     ex.set_defaults(fn=cmd_export)
 
     im = sub.add_parser("import", help="make a narun run from another framework's weights")
-    im.add_argument("format", choices=FORMATS)
+    im.add_argument("format", choices=IMPORTS)
     im.add_argument("dir", help="the directory (hf-gpt2: model.safetensors + config.json)")
     im.add_argument("--out", required=True, metavar="RUN", help="the run directory to write")
     im.add_argument("--overwrite", action="store_true",
