@@ -9,6 +9,7 @@ The elementwise activations and `linear` live with the tensor ops and are re-exp
 """
 
 from narun.nn.functional._attention import scaled_dot_product_attention
+from narun.nn.functional._batchnorm import batch_norm
 from narun.nn.functional._conv import avg_pool2d, conv2d, max_pool2d
 from narun.nn.functional._dropout import dropout
 from narun.nn.functional._embedding import embedding
@@ -19,8 +20,8 @@ from narun.nn.functional._softmax import log_softmax, softmax
 from narun.tensor import gelu, linear, relu, sigmoid, silu, tanh
 
 __all__ = [
-    "apply_rotary_emb", "avg_pool2d", "conv2d", "cross_entropy", "dropout", "embedding",
-    "gelu", "layer_norm", "linear", "log_softmax", "max_pool2d", "mse_loss", "nll_loss",
-    "relu", "rms_norm", "rotary_cos_sin", "scaled_dot_product_attention", "sigmoid", "silu",
-    "softmax", "tanh",
+    "apply_rotary_emb", "avg_pool2d", "batch_norm", "conv2d", "cross_entropy", "dropout",
+    "embedding", "gelu", "layer_norm", "linear", "log_softmax", "max_pool2d", "mse_loss",
+    "nll_loss", "relu", "rms_norm", "rotary_cos_sin", "scaled_dot_product_attention",
+    "sigmoid", "silu", "softmax", "tanh",
 ]
