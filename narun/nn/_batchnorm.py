@@ -2,9 +2,10 @@
 
 In training mode each batch is normalized by its own statistics and the running mean and
 variance move toward them by `momentum`; in eval mode the running statistics are used, so
-a model's outputs no longer depend on what else is in the batch. In data-parallel modes
-each trainer keeps its own running statistics, from its own share of every batch (as
-torch's DistributedDataParallel without SyncBatchNorm); a checkpoint keeps trainer 0's.
+a model's outputs no longer depend on what else is in the batch. The running statistics
+are buffers, not parameters: the parameter servers do not hold them, so narun's
+distributed modes refuse models with BatchNorm (`narun.train.check_job`) until trainers
+gather them; they train in mode local.
 """
 
 from __future__ import annotations
