@@ -123,7 +123,8 @@ def test_distributed_modes_refuse_batchnorm_models_they_cannot_checkpoint_whole(
     from narun.config import config_from_dict
     from narun.train import check_job
 
-    cfg = config_from_dict({"model": {"name": "resnet"}, "data": {"kind": "arrays"},
+    cfg = config_from_dict({"model": {"name": "resnet"},
+                            "data": {"kind": "arrays", "path": "shapes.npz"},
                             "runtime": {"mode": "ps-sync", "workers": 2}})
     with pytest.raises(ConfigError, match="running statistics.*mode local"):
         check_job(cfg)
