@@ -222,6 +222,20 @@ def cmd_data_blobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from narun.data import make_shapes_npz
+
+    try:
+        Path(args.path).parent.mkdir(parents=True, exist_ok=True)
+        path = make_shapes_npz(args.path, n=args.n, size=args.size, seed=args.seed)
+    except ValueError as e:  # an out-of-range --n/--size
+        raise ConfigError(f"data shapes: {e}") from None
+    except OSError as e:
+        raise NarunError(f"data shapes: cannot write {args.path}: {e}") from None
+    print(path)
+    return 0
+
+
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     from protocol.keys import generate_keypair
 
@@ -405,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--classes", type=int, default=4)
     db.add_argument("--seed", type=int, default=0)
     db.set_defaults(fn=cmd_data_blobs)
+    ds = dsub.add_parser("shapes", help="render a labelled image set: circle, square, "
+                         "triangle, stripes (.npz with x, y, captions)")
+    ds.add_argument("path")
+    ds.add_argument("--n", type=int, default=4096)
+    ds.add_argument("--size", type=int, default=32)
+    ds.add_argument("--seed", type=int, default=0)
+    ds.set_defaults(fn=cmd_data_shapes)
     return p
 
 
