@@ -71,8 +71,12 @@ class ArrayDataset:
 def missing_arrays(path: str | os.PathLike[str]) -> ConfigError:
     """The error for an array dataset's file that is not there, naming what makes one."""
     p = Path(path)
-    make = (f"; `narun data blobs {p}` writes a known-answer classification set there "
-            f"(configs/mlp.yaml's data), or " if p.suffix == ".npz" else "; ")
+    make = "; "
+    if p.suffix == ".npz":
+        maker = ("`narun data shapes {p}` writes labelled images there (configs/resnet.yaml's "
+                 "data)" if "shape" in p.name else "`narun data blobs {p}` writes a "
+                 "known-answer classification set there (configs/mlp.yaml's data)")
+        make = f"; {maker.format(p=p)}, or "
     return ConfigError(f"data.path: no such file {str(p)!r}{make}set data.path to a .npz "
                        f"file with arrays x and y")
 

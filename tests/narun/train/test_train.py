@@ -232,17 +232,18 @@ def test_bad_config_fails_fast_with_the_key(tmp_path):
     assert "training.lrr" in out.stderr and "did you mean 'lr'" in out.stderr
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "mlp.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "mlp.yaml", "resnet.yaml"])
 def test_shipped_configs_pass_config_check(name, tmp_path):
     root = Path(__file__).resolve().parents[3]
     check = [sys.executable, "-m", "narun.cli", "config", "check", str(root / "configs" / name)]
-    if name == "mlp.yaml":  # its data is made by `narun data blobs runs/blobs.npz`, in cwd
+    data = {"mlp.yaml": "blobs", "resnet.yaml": "shapes"}.get(name)
+    if data:  # made by `narun data blobs|shapes runs/NAME.npz`, in cwd
         missing = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert missing.returncode == 2
-        assert "data.path: no such file 'runs/blobs.npz'" in missing.stderr
-        assert "narun data blobs" in missing.stderr
-        made = subprocess.run([sys.executable, "-m", "narun.cli", "data", "blobs",
-                               "runs/blobs.npz", "--n", "64"], cwd=tmp_path, timeout=60)
+        assert f"data.path: no such file 'runs/{data}.npz'" in missing.stderr
+        assert f"narun data {data}" in missing.stderr
+        made = subprocess.run([sys.executable, "-m", "narun.cli", "data", data,
+                               f"runs/{data}.npz", "--n", "64"], cwd=tmp_path, timeout=60)
         assert made.returncode == 0
     out = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
