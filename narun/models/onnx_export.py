@@ -1,6 +1,7 @@
 """narun models as ONNX graphs (opset 20), for onnxruntime and the runtimes that read ONNX:
-an MLP (input `x` (batch, features) -> `y`), and a GPT's logits for a token sequence (input
-`ids` int64 (batch, seq) -> `logits` (batch, seq, vocab), any batch and seq <= block_size).
+an MLP (input `x` (batch, features) -> `y`), a ResNet or a ViT (input `x` images (batch, 3,
+H, W) -> `y` logits), and a GPT's logits for a token sequence (input `ids` int64 (batch,
+seq) -> `logits` (batch, seq, vocab), any batch and seq <= block_size).
 
 The graph is written from the model's modules, op for op as their forward computes in eval
 mode (no dropout): LayerNorm as LayerNormalization, RMSNorm from its reductions, GPT-2's
@@ -22,6 +23,8 @@ from narun import nn
 from narun.errors import ConfigError
 from narun.models.gpt import GPT
 from narun.models.mlp import MLP
+from narun.models.resnet import ResNet
+from narun.models.vit import ViT
 
 OPSET = 20
 
@@ -77,14 +80,22 @@ def export_onnx(model: Any, path: str | os.PathLike[str]) -> Path:
         g.op("Identity", _mlp(g, model, "x"), out="y")
         outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT,
                                                  ["batch", model.sizes[-1]])]
+    elif isinstance(model, (ResNet, ViT)):
+        channels = (model.stem if isinstance(model, ResNet) else model.patch).in_channels
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                ["batch", channels, "height", "width"])]
+        g.op("Identity", (_resnet if isinstance(model, ResNet) else _vit)(g, model, "x"),
+             out="y")
+        classes = (model.fc if isinstance(model, ResNet) else model.head).weight.shape[0]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", classes])]
     elif isinstance(model, GPT):
         inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])]
         g.op("Identity", _gpt(g, model, "ids"), out="logits")
         outputs = [helper.make_tensor_value_info(
             "logits", TensorProto.FLOAT, ["batch", "seq", model.config.vocab_size])]
     else:
-        raise ConfigError(f"export --format onnx: exports an MLP or a GPT, not "
-                          f"{type(model).__name__}")
+        raise ConfigError(f"export --format onnx: exports an MLP, a ResNet, a ViT or a GPT, "
+                          f"not {type(model).__name__}")
     graph = helper.make_graph(g.nodes, type(model).__name__.lower(), inputs, outputs,
                               g.inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
@@ -193,3 +204,65 @@ def _rotate(g: _Graph, x: str, rope: tuple[str, str], D: int) -> str:
     g.nodes.append(helper.make_node("Split", [x, half], [x1, x2], axis=-1))
     rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+
+def _conv(g: _Graph, conv: Any, x: str) -> str:
+    w = g.const(_f32(conv.weight), "conv_w")
+    args = [x, w] + ([g.const(_f32(conv.bias), "conv_b")] if conv.bias is not None else [])
+    kh, kw = conv.weight.shape[2:]
+    if isinstance(conv.padding, str):
+        raise ConfigError(f"export --format onnx: Conv2d padding {conv.padding!r}; give the "
+                          f"padding in pixels")
+    (ph, pw), (sh, sw) = conv.padding, conv.stride
+    return g.op("Conv", *args, kernel_shape=[kh, kw], pads=[ph, pw, ph, pw], strides=[sh, sw],
+                dilations=list(conv.dilation))
+
+
+def _batchnorm(g: _Graph, bn: Any, x: str) -> str:
+    """Eval mode: the running statistics."""
+    C = bn.num_features
+    scale = _f32(bn.weight) if bn.weight is not None else np.ones(C, np.float32)
+    shift = _f32(bn.bias) if bn.bias is not None else np.zeros(C, np.float32)
+    return g.op("BatchNormalization", x, g.const(scale, "bn_scale"), g.const(shift, "bn_b"),
+                g.const(_f32(bn.running_mean), "bn_mean"),
+                g.const(_f32(bn.running_var), "bn_var"), epsilon=bn.eps)
+
+
+def _resnet(g: _Graph, model: ResNet, x: str) -> str:
+    x = g.op("Relu", _batchnorm(g, model.bn, _conv(g, model.stem, x)))
+    for block in model.layers:
+        out = g.op("Relu", _batchnorm(g, block.bn1, _conv(g, block.conv1, x)))
+        out = _batchnorm(g, block.bn2, _conv(g, block.conv2, out))
+        if block.shortcut is not None:
+            x = _batchnorm(g, block.shortcut[1], _conv(g, block.shortcut[0], x))
+        x = g.op("Relu", g.op("Add", out, x))
+    pooled = g.op("Flatten", g.op("GlobalAveragePool", x), axis=1)
+    return g.linear(pooled, model.fc)
+
+
+def _vit(g: _Graph, model: ViT, x: str) -> str:
+    C = model.pos.shape[-1]
+    p = _conv(g, model.patch, x)  # (N, C, h, w)
+    tokens = g.op("Transpose", g.op("Reshape", p, g.const(np.array([0, C, -1], np.int64))),
+                  perm=[0, 2, 1])  # (N, h * w, C)
+    batch = g.op("Slice", g.op("Shape", x), g.const(np.array([0], np.int64)),
+                 g.const(np.array([1], np.int64)))
+    cls_shape = g.op("Concat", batch, g.const(np.array([1, C], np.int64)), axis=0)
+    cls = g.op("Expand", g.const(_f32(model.cls), "cls"), cls_shape)
+    h = g.op("Add", g.op("Concat", cls, tokens, axis=1), g.const(_f32(model.pos), "pos"))
+    for block in model.blocks:
+        H = block.heads
+        qkv = g.op("Reshape", g.linear(_norm(g, block.ln_1, h), block.qkv),
+                   g.const(np.array([0, 0, 3, H, C // H], np.int64)))
+        q, k, v = (g.op("Transpose", g.op("Gather", qkv, g.const(np.array(i, np.int64)),
+                                          axis=2), perm=[0, 2, 1, 3]) for i in range(3))
+        scale = g.const(np.array(1.0 / math.sqrt(C // H), np.float32))
+        s = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), scale)
+        y = g.op("MatMul", g.op("Softmax", s, axis=-1), v)
+        y = g.op("Reshape", g.op("Transpose", y, perm=[0, 2, 1, 3]),
+                 g.const(np.array([0, 0, C], np.int64)))
+        h = g.op("Add", h, g.linear(y, block.proj))
+        u = g.op("Gelu", g.linear(_norm(g, block.ln_2, h), block.fc), approximate="none")
+        h = g.op("Add", h, g.linear(u, block.out))
+    first = g.op("Gather", _norm(g, model.ln, h), g.const(np.array(0, np.int64)), axis=1)
+    return g.linear(first, model.head)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import narun
+import narun.models
 from narun.cli import main
 from narun.models import GPT, MLP, gpt_config, load_trained
 from narun.models.onnx_export import export_onnx
@@ -69,3 +70,21 @@ def test_narun_export_onnx_writes_a_trained_runs_model(tmp_path):
     ids = np.random.default_rng(0).integers(0, 256, (2, 16))
     np.testing.assert_allclose(onnx_out(tmp_path / "model.onnx", "ids", ids),
                                narun_out(load_trained(run).model, ids), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: narun.models.ResNet(4, channels=(8, 16), blocks=(2, 1)),
+    lambda: narun.models.ViT(4, image_size=16, patch_size=4, dim=32, depth=2, heads=4),
+], ids=["resnet", "vit"])
+def test_an_image_classifier_runs_in_onnxruntime_as_in_narun(tmp_path, make):
+    narun.manual_seed(0)
+    model = make()
+    x = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    model(narun.tensor(x))  # a training-mode step moves BatchNorm's running statistics
+    model.eval()
+    path = export_onnx(model, tmp_path / "model.onnx")
+    for batch in (1, 5):
+        xb = np.random.default_rng(batch).standard_normal((batch, 3, 16, 16)).astype(
+            np.float32)
+        np.testing.assert_allclose(onnx_out(path, "x", xb), narun_out(model, xb), rtol=0,
+                                   atol=1e-4)
