@@ -162,9 +162,9 @@ def check_job(cfg: JobConfig, here: bool = True) -> None:
             raise ConfigError(f"training.precision: {t.precision} trains in mode local; mode "
                               f"{rt.mode} trains in fp32 (set training.precision: fp32)")
         low_precision_dtype(np, t.precision)  # names a precision the arrays lack
-    if data.kind == "text" and cfg.model.name != "gpt":
-        raise ConfigError(f"data.kind: text needs a language model (model.name: gpt), "
-                          f"got model.name {cfg.model.name!r}")
+    if data.kind == "text" and cfg.model.name not in ("gpt", "bert"):
+        raise ConfigError(f"data.kind: text needs a language model (model.name: gpt or "
+                          f"bert), got model.name {cfg.model.name!r}")
     if data.path is not None:
         p = Path(data.path)
         if not p.exists():
@@ -175,7 +175,8 @@ def check_job(cfg: JobConfig, here: bool = True) -> None:
             raise ConfigError(f"data.path: {data.path!r} is a directory, expected a file")
     check_tensorboard(t)
     if data.kind == "text":
-        block = gpt_config(cfg.model.preset, **cfg.model.overrides).block_size
+        block = (int(cfg.model.overrides.get("block_size", 128)) if cfg.model.name == "bert"
+                 else gpt_config(cfg.model.preset, **cfg.model.overrides).block_size)
         if data.seq_len > block:
             raise ConfigError(f"data.seq_len: {data.seq_len} exceeds the model's block_size "
                               f"{block} (the longest context it is built for); set "

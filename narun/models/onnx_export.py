@@ -262,7 +262,7 @@ def _vit(g: _Graph, model: ViT, x: str) -> str:
         y = g.op("Reshape", g.op("Transpose", y, perm=[0, 2, 1, 3]),
                  g.const(np.array([0, 0, C], np.int64)))
         h = g.op("Add", h, g.linear(y, block.proj))
-        u = g.op("Gelu", g.linear(_norm(g, block.ln_2, h), block.fc), approximate="none")
+        u = g.op("Gelu", g.linear(_norm(g, block.ln_2, h), block.fc), approximate=block.gelu)
         h = g.op("Add", h, g.linear(u, block.out))
     first = g.op("Gather", _norm(g, model.ln, h), g.const(np.array(0, np.int64)), axis=1)
     return g.linear(first, model.head)

@@ -232,11 +232,12 @@ def test_bad_config_fails_fast_with_the_key(tmp_path):
     assert "training.lrr" in out.stderr and "did you mean 'lr'" in out.stderr
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "mlp.yaml", "resnet.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "mlp.yaml", "resnet.yaml", "vit.yaml",
+                                  "bert.yaml"])
 def test_shipped_configs_pass_config_check(name, tmp_path):
     root = Path(__file__).resolve().parents[3]
     check = [sys.executable, "-m", "narun.cli", "config", "check", str(root / "configs" / name)]
-    data = {"mlp.yaml": "blobs", "resnet.yaml": "shapes"}.get(name)
+    data = {"mlp.yaml": "blobs", "resnet.yaml": "shapes", "vit.yaml": "shapes"}.get(name)
     if data:  # made by `narun data blobs|shapes runs/NAME.npz`, in cwd
         missing = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert missing.returncode == 2
