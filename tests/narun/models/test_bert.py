@@ -13,29 +13,15 @@ from narun.models.bert import IGNORE, MASK
 torch = pytest.importorskip("torch")
 tnn = torch.nn
 TF = torch.nn.functional
-
-
-class TorchBlock(tnn.Module):
-    def __init__(self, dim, heads, hidden):
-        super().__init__()
-        self.heads = heads
-        self.ln_1, self.ln_2 = tnn.LayerNorm(dim), tnn.LayerNorm(dim)
-        self.qkv, self.proj = tnn.Linear(dim, 3 * dim), tnn.Linear(dim, dim)
-        self.fc, self.out = tnn.Linear(dim, hidden), tnn.Linear(hidden, dim)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).reshape(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        y = TF.scaled_dot_product_attention(q, k, v)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
-        return x + self.out(TF.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
+from tests.narun.models.torch_encoder import TorchBlock, assert_same  # noqa: E402
 
 
 class TorchBERT(tnn.Module):
     def __init__(self, block, dim, depth, heads, ratio):
         super().__init__()
         self.tok, self.pos = tnn.Embedding(257, dim), tnn.Embedding(block, dim)
-        self.blocks = tnn.Sequential(*(TorchBlock(dim, heads, ratio * dim) for _ in range(depth)))
+        self.blocks = tnn.Sequential(*(TorchBlock(dim, heads, ratio * dim, "tanh")
+                                       for _ in range(depth)))
         self.ln, self.mlm, self.mlm_ln = tnn.LayerNorm(dim), tnn.Linear(dim, dim), \
             tnn.LayerNorm(dim)
         self.decoder = tnn.Linear(dim, 256)
@@ -65,13 +51,8 @@ def test_bert_matches_torch():
                               ignore_index=IGNORE)
     t_loss.backward()
     with narun.no_grad():
-        np.testing.assert_allclose(ours(inputs).numpy(), t_logits.detach().numpy(), rtol=1e-10,
-                                   atol=1e-12)
-    assert loss.item() == pytest.approx(t_loss.item(), rel=1e-12)
-    named = dict(theirs.named_parameters())
-    for name, p in ours.named_parameters():
-        np.testing.assert_allclose(p.grad.numpy(), named[name].grad.numpy(), rtol=1e-8,
-                                   atol=1e-12, err_msg=name)
+        logits = ours(inputs).numpy()
+    assert_same(ours, theirs, logits, t_logits, loss, t_loss)
 
 
 def test_masking_chooses_15_percent_and_replaces_80_10_10():

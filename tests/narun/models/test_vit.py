@@ -14,22 +14,7 @@ from narun.nn import functional as F
 torch = pytest.importorskip("torch")
 tnn = torch.nn
 TF = torch.nn.functional
-
-
-class TorchBlock(tnn.Module):
-    def __init__(self, dim, heads, hidden):
-        super().__init__()
-        self.heads = heads
-        self.ln_1, self.ln_2 = tnn.LayerNorm(dim), tnn.LayerNorm(dim)
-        self.qkv, self.proj = tnn.Linear(dim, 3 * dim), tnn.Linear(dim, dim)
-        self.fc, self.out = tnn.Linear(dim, hidden), tnn.Linear(hidden, dim)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).reshape(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        y = TF.scaled_dot_product_attention(q, k, v)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
-        return x + self.out(TF.gelu(self.fc(self.ln_2(x))))
+from tests.narun.models.torch_encoder import TorchBlock, assert_same  # noqa: E402
 
 
 class TorchViT(tnn.Module):
@@ -64,13 +49,7 @@ def test_vit_matches_torch():
     t_logits = theirs(torch.tensor(x))
     t_loss = TF.cross_entropy(t_logits, torch.tensor(y))
     t_loss.backward()
-    np.testing.assert_allclose(logits.numpy(), t_logits.detach().numpy(), rtol=1e-10,
-                               atol=1e-12)
-    assert loss.item() == pytest.approx(t_loss.item(), rel=1e-12)
-    named = dict(theirs.named_parameters())
-    for name, p in ours.named_parameters():
-        np.testing.assert_allclose(p.grad.numpy(), named[name].grad.numpy(), rtol=1e-8,
-                                   atol=1e-12, err_msg=name)
+    assert_same(ours, theirs, logits.numpy(), t_logits, loss, t_loss)
 
 
 def test_sizes_that_do_not_fit_are_refused():
