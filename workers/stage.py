@@ -82,7 +82,7 @@ class Stage(JobActor):
         self.executor = CpuExecutor(blas_threads=self.spec.blas_threads)
         self.links = StageLinks(self.context, self.stage, self.stages, self.fail,
                                 host=self.spec.host, curve_server=self.curve_server(),
-                                curve_client=self.curve_client())
+                                curve_client=self.curve_client(), step=self.start)
         sys.stdout.write(json.dumps({"endpoint": self.links.endpoint}) + "\n")
         sys.stdout.flush()
         if self.spec.stage_names is not None:  # the coordinator sends the shards' first

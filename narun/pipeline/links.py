@@ -36,14 +36,16 @@ class StageLinks:
 
     def __init__(self, context: zmq.asyncio.Context, stage: int, stages: int,
                  on_error: Callable[[BaseException], None], host: str = "127.0.0.1",
-                 curve_server: Any = None, curve_client: Any = None) -> None:
+                 curve_server: Any = None, curve_client: Any = None, step: int = 0) -> None:
         self.stage, self.stages = stage, stages
         self.context = context
         self.curve_client = curve_client
         self.inbox = open_channel(context, "router", bind=f"tcp://{host}:0",
                                   curve=curve_server)
         self.endpoint = self.inbox.endpoint
-        self.step = 0  # messages for this step and the next are kept
+        # messages for this step and the next are kept: from the start, the step the stage
+        # starts at (after a rollback, a neighbour may send it before this stage begins it)
+        self.step = step
         self.dropped = 0  # messages for any other step (a previous incarnation's)
         self._waiting: dict[tuple[str, int, int], asyncio.Future[Any]] = {}
         self._out: dict[int, Channel] = {}

@@ -102,3 +102,29 @@ def test_messages_of_other_steps_and_kinds_are_dropped_and_the_stage_goes_on():
 
     asyncio.run(run())
     assert errors == []
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_a_stage_that_starts_late_keeps_what_came_for_its_first_step(start):
+    """After a rollback to step 5, a neighbour may send step 5's activations before this
+    stage has begun step 5: the links made for a start at 5 keep them."""
+    errors: list = []
+
+    async def run():
+        context = zmq.asyncio.Context()
+        links = [StageLinks(context, s, 2, errors.append, step=start) for s in range(2)]
+        for link in links:
+            link.connect([x.endpoint for x in links])
+        try:
+            data = np.arange(6, dtype=np.float32).reshape(2, 3)
+            await links[0].send_act(start, 0, data)
+            await asyncio.sleep(0.2)  # delivered before stage 1 begins its first step
+            links[1].begin(start)
+            got = await asyncio.wait_for(links[1].recv_act(start, 0), 5.0)
+            np.testing.assert_array_equal(got, data)
+            assert links[1].dropped == 0
+        finally:
+            _close(context, links)
+
+    asyncio.run(run())
+    assert errors == []
