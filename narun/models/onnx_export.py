@@ -65,7 +65,8 @@ class _Graph:
 
 
 def export_onnx(model: Any, path: str | os.PathLike[str]) -> Path:
-    """Write `model` (an MLP or a GPT) as an ONNX file at `path`; returns the path."""
+    """Write `model` (an MLP, a ResNet, a ViT or a GPT) as an ONNX file at `path`; returns
+    the path."""
     try:
         import onnx
         from onnx import TensorProto, helper
@@ -131,7 +132,6 @@ def _mlp(g: _Graph, model: MLP, x: str) -> str:
 def _gpt(g: _Graph, model: GPT, ids: str) -> str:
     cfg = model.config
     C, H = cfg.n_embd, cfg.n_head
-    D = C // H
     seq = g.op("Gather", g.op("Shape", ids), g.const(np.array(1, np.int64)), axis=0)  # T
     seq1 = g.op("Unsqueeze", seq, g.const(np.array([0], np.int64)))  # [T]
     zero = g.const(np.array([0], np.int64))
@@ -149,27 +149,32 @@ def _gpt(g: _Graph, model: GPT, ids: str) -> str:
     both = g.const(np.array([0, 1], np.int64))
     ends = g.op("Concat", seq1, seq1, axis=0)
     mask = g.op("Slice", g.const(future, "future"), g.const(np.zeros(2, np.int64)), ends, both)
-    minus_inf = g.const(np.array(-np.inf, np.float32))
-    scale = g.const(np.array(1.0 / math.sqrt(D), np.float32))
-    heads = g.const(np.array([0, 0, 3, H, D], np.int64))
-    merged = g.const(np.array([0, 0, C], np.int64))
     for block in model.h:
         attn = block.attn
-        qkv = g.op("Reshape", g.linear(_norm(g, block.ln_1, x), attn.qkv), heads)
-        q, k, v = (g.op("Transpose", g.op("Gather", qkv, g.const(np.array(i, np.int64)),
-                                          axis=2), perm=[0, 2, 1, 3])  # (B, H, T, D)
-                   for i in range(3))
-        if rope is not None:
-            q, k = _rotate(g, q, rope, D), _rotate(g, k, rope, D)
-        s = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), scale)
-        p = g.op("Softmax", g.op("Where", mask, minus_inf, s), axis=-1)
-        y = g.op("Reshape", g.op("Transpose", g.op("MatMul", p, v), perm=[0, 2, 1, 3]),
-                 merged)
-        x = g.op("Add", x, g.linear(y, attn.proj))
+        x = g.op("Add", x, _attention(g, _norm(g, block.ln_1, x), attn.qkv, attn.proj, H, C,
+                                      mask, rope))
         x = g.op("Add", x, _mlp_block(g, block.mlp, _norm(g, block.ln_2, x)))
     x = _norm(g, model.ln_f, x)
     head = model.wte if cfg.tie_weights else model.lm_head
     return g.op("MatMul", x, g.const(_f32(head.weight).T, "head"))
+
+
+def _attention(g: _Graph, h: str, qkv_layer: Any, proj: Any, H: int, C: int,
+               future: str | None = None, rope: tuple[str, str] | None = None) -> str:
+    """proj(softmax(q k^T / sqrt(D)) v) of the fused projection `qkv_layer` of h (B, T, C),
+    by heads; `future` (bool (T, T), True above the diagonal) masks later keys."""
+    D = C // H
+    qkv = g.op("Reshape", g.linear(h, qkv_layer), g.const(np.array([0, 0, 3, H, D], np.int64)))
+    q, k, v = (g.op("Transpose", g.op("Gather", qkv, g.const(np.array(i, np.int64)), axis=2),
+                    perm=[0, 2, 1, 3]) for i in range(3))  # (B, H, T, D)
+    if rope is not None:
+        q, k = _rotate(g, q, rope, D), _rotate(g, k, rope, D)
+    scale = g.const(np.array(1.0 / math.sqrt(D), np.float32))
+    s = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), scale)
+    if future is not None:
+        s = g.op("Where", future, g.const(np.array(-np.inf, np.float32)), s)
+    y = g.op("Transpose", g.op("MatMul", g.op("Softmax", s, axis=-1), v), perm=[0, 2, 1, 3])
+    return g.linear(g.op("Reshape", y, g.const(np.array([0, 0, C], np.int64))), proj)
 
 
 def _norm(g: _Graph, norm: Any, x: str) -> str:
@@ -251,17 +256,8 @@ def _vit(g: _Graph, model: ViT, x: str) -> str:
     cls = g.op("Expand", g.const(_f32(model.cls), "cls"), cls_shape)
     h = g.op("Add", g.op("Concat", cls, tokens, axis=1), g.const(_f32(model.pos), "pos"))
     for block in model.blocks:
-        H = block.heads
-        qkv = g.op("Reshape", g.linear(_norm(g, block.ln_1, h), block.qkv),
-                   g.const(np.array([0, 0, 3, H, C // H], np.int64)))
-        q, k, v = (g.op("Transpose", g.op("Gather", qkv, g.const(np.array(i, np.int64)),
-                                          axis=2), perm=[0, 2, 1, 3]) for i in range(3))
-        scale = g.const(np.array(1.0 / math.sqrt(C // H), np.float32))
-        s = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), scale)
-        y = g.op("MatMul", g.op("Softmax", s, axis=-1), v)
-        y = g.op("Reshape", g.op("Transpose", y, perm=[0, 2, 1, 3]),
-                 g.const(np.array([0, 0, C], np.int64)))
-        h = g.op("Add", h, g.linear(y, block.proj))
+        h = g.op("Add", h, _attention(g, _norm(g, block.ln_1, h), block.qkv, block.proj,
+                                      block.heads, C))
         u = g.op("Gelu", g.linear(_norm(g, block.ln_2, h), block.fc), approximate=block.gelu)
         h = g.op("Add", h, g.linear(u, block.out))
     first = g.op("Gather", _norm(g, model.ln, h), g.const(np.array(0, np.int64)), axis=1)
