@@ -151,18 +151,27 @@ def make_stage_plan(named_shapes: Iterable[tuple[str, Sequence[int]]],
                 len(stage_names))
 
 
+def job_plan(named_shapes: Iterable[tuple[str, Sequence[int]]], num_shards: int,
+             bucket_bytes: int = BUCKET_BYTES,
+             stage_names: Sequence[Sequence[str]] | None = None) -> Plan:
+    """A job's plan: `num_shards` ranges of the flat parameters, or with `stage_names` a
+    data-parallel pipeline's shard per stage (`make_stage_plan`)."""
+    if stage_names is not None:
+        return make_stage_plan(named_shapes, stage_names, bucket_bytes)
+    return make_plan(named_shapes, num_shards, bucket_bytes)
+
+
 def plan_for(model: object, num_shards: int, bucket_bytes: int = BUCKET_BYTES,
              stage_names: Sequence[Sequence[str]] | None = None) -> Plan:
-    """The plan of a module's parameters (named_parameters order): `num_shards` ranges, or
-    with `stage_names` a data-parallel pipeline's shard per stage (`make_stage_plan`)."""
+    """`job_plan` of a module's parameters (named_parameters order)."""
     named = ((n, p.shape) for n, p in model.named_parameters())  # type: ignore[attr-defined]
-    if stage_names is not None:
-        return make_stage_plan(named, stage_names, bucket_bytes)
-    return make_plan(named, num_shards, bucket_bytes)
+    return job_plan(named, num_shards, bucket_bytes, stage_names)
 
 
-def pack(bucket: Bucket, arrays: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:
-    """Copy the bucket's pieces of `arrays` (indexed like the plan's parameters) into `out`."""
+def pack(bucket: Bucket, arrays: Sequence[np.ndarray] | Mapping[int, np.ndarray],
+         out: np.ndarray) -> np.ndarray:
+    """Copy the bucket's pieces of `arrays` (indexed like the plan's parameters: a list of
+    all, or a mapping of at least those the bucket holds) into `out`."""
     for p in bucket.pieces:
         out[p.offset:p.offset + p.size] = arrays[p.index].reshape(-1)[p.start:p.stop]
     return out

@@ -41,7 +41,7 @@ from narun.checkpoint._fs import temp_tag, writer_is_gone
 from narun.checkpoint._tree import c_order, decode, to_numpy
 from narun.config import JobConfig
 from narun.errors import CheckpointError
-from narun.runtime.buckets import BUCKET_BYTES, Piece, Plan, make_plan, make_stage_plan
+from narun.runtime.buckets import BUCKET_BYTES, Piece, Plan, job_plan
 from narun.tensor._tensor import Tensor
 from narun.train import make_optimizer, make_scheduler, resume_schedule
 
@@ -107,10 +107,7 @@ class JobOutline:
              stage_names: list[list[str]] | None = None) -> Plan:
         """The job's bucket plan: `num_shards` ranges of the flat parameters, or, for a
         data-parallel pipeline, a shard per stage (`stage_names`: each stage's parameters)."""
-        named = zip(self.names, self.shapes)
-        if stage_names is not None:
-            return make_stage_plan(named, stage_names, bucket_bytes)
-        return make_plan(named, num_shards, bucket_bytes)
+        return job_plan(zip(self.names, self.shapes), num_shards, bucket_bytes, stage_names)
 
     def read_values(self, piece: Piece, out: np.ndarray) -> np.ndarray:
         """The starting values of `piece` (a flat range of one parameter) into `out`."""
