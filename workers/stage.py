@@ -29,11 +29,11 @@ all stages form pipeline j. Steps 3-4 then go through the stage's parameter-serv
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import resource
 import sys
 import time
-from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -155,7 +155,8 @@ class Stage(JobActor):
             await self._sum_tied(step)
         clip = bool(self.cfg.training.grad_clip)
         if self.shard is not None:  # the shard steps: waiting for it is not this stage's work
-            await self.shard.step(step, self._global_norm_of(step) if clip else None)
+            await self.shard.step(step, functools.partial(self._global_norm, step)
+                                  if clip else None)
             self._advance()
             return work
         scale = await self._clip_scale(step, work) if clip else 1.0
@@ -184,18 +185,17 @@ class Stage(JobActor):
                 g = p.grad.data.reshape(-1)
                 sq += float(np.dot(g, g))
         work.busy += time.perf_counter() - began  # computing is work; the answer's wait not
-        norm = await self._global_norm_of(step)(sq)
+        norm = await self._global_norm(step, sq)
         return clip_coefficient(norm, self.cfg.training.grad_clip)
 
-    def _global_norm_of(self, step: int) -> Callable[[float], Awaitable[float]]:
-        """The coordinator's answer for `step`: the norm of every stage's squared norms."""
-        async def ask(sq: float) -> float:
-            assert self.control is not None
-            answer = await self.control.call(
-                message("grad_norm", new_id(), step=step, sq=sq),
-                timeout=self.spec.wait_timeout, what=f"the global gradient norm of step {step}")
-            return float(answer["norm"])
-        return ask
+    async def _global_norm(self, step: int, sq: float) -> float:
+        """The coordinator's answer for `step`, given this stage's squared norm `sq`: the
+        norm of every stage's."""
+        assert self.control is not None
+        answer = await self.control.call(
+            message("grad_norm", new_id(), step=step, sq=sq),
+            timeout=self.spec.wait_timeout, what=f"the global gradient norm of step {step}")
+        return float(answer["norm"])
 
     def _apply(self, scale: float) -> None:
         job = self.job
