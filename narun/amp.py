@@ -147,12 +147,12 @@ class MixedPrecision:
         return state
 
     def load_master_state(self, state: dict[str, Any]) -> None:
-        """Load a float32 state dict (a checkpoint's model) into the model and the masters."""
+        """Load a float32 state dict (a checkpoint's model) into the model (cast to its
+        dtype, as `sync` casts) and the masters."""
         self.model.load_state_dict(state)
         for name, master in zip(self.names, self.masters):
             value = state[name]
             master.data[...] = value.data if isinstance(value, Tensor) else value
-        self.sync()
 
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
