@@ -28,7 +28,7 @@ from narun.data import ArrayDataset, ShardedSampler, TextDataset, WindowSampler
 from narun.data._arrays import missing_arrays
 from narun.errors import CheckpointError, ConfigError, DeviceError
 from narun.events import Reporter
-from narun.models import build_from_config, gpt_config, model_names
+from narun.models import bert, build_from_config, gpt_config, model_names
 from narun.nn import functional as F
 from narun.nn.utils import clip_grad_norm_
 from narun.runlog import check_tensorboard, record_run
@@ -175,7 +175,8 @@ def check_job(cfg: JobConfig, here: bool = True) -> None:
             raise ConfigError(f"data.path: {data.path!r} is a directory, expected a file")
     check_tensorboard(t)
     if data.kind == "text":
-        block = (int(cfg.model.overrides.get("block_size", 128)) if cfg.model.name == "bert"
+        block = (int(cfg.model.overrides.get("block_size", bert.BLOCK_SIZE))
+                 if cfg.model.name == "bert"
                  else gpt_config(cfg.model.preset, **cfg.model.overrides).block_size)
         if data.seq_len > block:
             raise ConfigError(f"data.seq_len: {data.seq_len} exceeds the model's block_size "

@@ -30,10 +30,11 @@ from narun.tensor import Tensor, _random
 BYTES = 256
 MASK = BYTES  # the [MASK] token's id
 IGNORE = -100  # cross_entropy's ignore_index: positions that were not chosen
+BLOCK_SIZE = 128  # the default longest window (model.block_size)
 
 
 class BERT(nn.Module):
-    def __init__(self, block_size: int = 128, dim: int = 128, depth: int = 4, heads: int = 4,
+    def __init__(self, block_size: int = BLOCK_SIZE, dim: int = 128, depth: int = 4, heads: int = 4,
                  mlp_ratio: int = 4, mask_prob: float = 0.15) -> None:
         super().__init__()
         if dim % heads:
@@ -95,6 +96,6 @@ class BERT(nn.Module):
 
 @register_model("bert", {"block_size": int, "dim": int, "depth": int, "heads": int,
                          "mlp_ratio": int, "mask_prob": float})
-def _build(block_size: int = 128, dim: int = 128, depth: int = 4, heads: int = 4,
+def _build(block_size: int = BLOCK_SIZE, dim: int = 128, depth: int = 4, heads: int = 4,
            mlp_ratio: int = 4, mask_prob: float = 0.15) -> BERT:
     return BERT(block_size, dim, depth, heads, mlp_ratio, mask_prob)
