@@ -20,7 +20,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,28 +32,19 @@ def measure(recompute: bool, steps: int, warmup: int) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
+    from bench_engine import time_steps, training_step
+
     import narun
     from narun.models import GPT, gpt_config
 
     narun.manual_seed(0)
     model = GPT(gpt_config("gpt-modern-tiny", n_layer=8, n_embd=256, n_head=4, block_size=128,
                            vocab_size=256, gradient_checkpointing=recompute)).train()
-    opt = narun.optim.Adam(model.parameters(), lr=1e-4)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (16, 128)), rng.integers(0, 256, (16, 128))
-
-    def step() -> None:
-        opt.zero_grad()
-        model.loss(x, y).backward()
-        opt.step()
-
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    step = training_step(narun.optim.Adam(model.parameters(), lr=1e-4),
+                         lambda: model.loss(x, y))
+    times = time_steps(step, steps, warmup)
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     step()

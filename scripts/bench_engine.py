@@ -140,6 +140,18 @@ def torch_step(model_name: str):
     return training_step(torch.optim.Adam(model.parameters(), lr=1e-4), loss_fn)
 
 
+def time_steps(step, steps: int, warmup: int) -> list[float]:
+    """Seconds of each of `steps` calls of `step`, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def worker(framework: str, model: str, threads: int, steps: int, warmup: int) -> None:
     if framework == "torch":
         import torch
@@ -148,13 +160,7 @@ def worker(framework: str, model: str, threads: int, steps: int, warmup: int) ->
         step = torch_step(model)
     else:  # as a library user runs it: only what `import narun` does itself
         step = narun_step(model)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    times = time_steps(step, steps, warmup)
     per_step = GPT["batch"] * GPT["seq"] if model == "gpt" else MLP["batch"]
     med = statistics.median(times)
     print(json.dumps({"median_step_s": med, "throughput": per_step / med,
