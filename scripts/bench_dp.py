@@ -1,25 +1,35 @@
 #!/usr/bin/env python3
-"""Data-parallel training with parameter servers: what the runtime costs.
+"""Data-parallel training with parameter servers: how it scales as the model grows.
 
-1. The GPT of scripts/bench_engine.py (4 layers, d_model 256, 4 heads, seq 128, batch 16,
-   vocab 256, gpt-modern-tiny, Adam) trained on the CPython docs text:
-   (a) in this process (narun.train), (b) 1 trainer + 1 shard over the runtime (ps-sync),
-   (c) 2 trainers + 2 shards. Per configuration: median step time, tokens/s, and the share
-   of a step spent communicating and waiting (trainer timings: push, wait, pull).
-   Every process gets 1 BLAS thread, so (a) and (b) compute alike.
+1. GPTs of about 3 M, 25 M and 85 M parameters (gpt-modern-tiny blocks: 4 layers d_model
+   256 as in scripts/bench_engine.py; 10 layers d 512; 14 layers d 768; seq 128, batch 16,
+   vocab 256, Adam) trained on the CPython docs text: one process with 1 BLAS thread and
+   with 2 (all cores here), 1 trainer + 1 shard, and 2 trainers + 2 shards (ps-sync, every
+   runtime process 1 BLAS thread). Tokens/s from the median step after warm-up; scaling
+   efficiency = 2 trainers' tokens/s / (2 x one trainer's), against 1 trainer + 1 shard and
+   against one process at 1 thread; and the critical path of the 2-trainer step: compute
+   (forward + backward), pack (gradients into buckets), tail (backward after the last
+   bucket left), wait (backward done -> last reply) with what the shards spent in it
+   (skew: a bucket's first push to its last, i.e. waiting for the other trainer; mean of
+   the pushes; optimizer), and unpack (new values into the model). The shards' figures come
+   from their `ps.step` log lines.
 2. Moving a 100 MB parameter set: the runtime's push + pull (25 buckets of 4 MB, each a
    push_grads request answered by a params reply, through narun's Mailbox) against raw
    pyzmq moving the same bytes both ways (DEALER/ROUTER, zero-copy frames; the server
-   answers each push with one of its own 25 buffers, as narun's does): the limit.
+   answers each push with one of its own 25 buffers, as narun's shard does): the limit.
 
-    python scripts/bench_dp.py                 # full run, table + JSON line
-    python scripts/bench_dp.py --steps 8       # quicker
-    BENCH_DP_BUCKET_MB=16 python scripts/bench_dp.py   # bigger transfer buckets
+    python scripts/bench_dp.py                          # 3M and 25M, table + JSON line
+    python scripts/bench_dp.py --sizes 3M 25M 85M       # and the 85M report
+    python scripts/bench_dp.py --sizes 3M --steps 8     # quicker
+    BENCH_DP_BUCKET_MB=16 python scripts/bench_dp.py    # bigger transfer buckets
 
-Bars (issue): (b) adds <= 10% to (a)'s step time; the 100 MB push + pull reaches >= 0.8 of
-raw pyzmq's throughput, judged on the paired median (the ratio of the two best rounds is
-printed too: it pits each side's luckiest moment on a shared machine against the other's).
-The last line is JSON.
+Bars (issues 12 and 19): at 3M, 1 trainer + 1 shard adds <= 10% to one process's step; at
+25M, 2 trainers + 2 shards reach >= 90% scaling efficiency (against one process at 1
+thread, the stricter of the two) and beat one process using both cores; the 100 MB push +
+pull reaches >= 0.8 of raw pyzmq's throughput, judged on the paired median (the ratio of
+the two best rounds is printed too). Configurations alternate over rounds so machine drift
+hits all alike, each keeps its best round, and ratios are also taken within a round
+(paired). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -41,21 +51,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GPT = dict(n_layer=4, n_embd=256, n_head=4, seq=128, batch=16, vocab=256)
+# gpt-modern-tiny blocks (SwiGLU MLPs): 2.7, 26.4 and 82.8 M parameters
+SIZES = {"3M": GPT, "25M": {**GPT, "n_layer": 10, "n_embd": 512, "n_head": 8},
+         "85M": {**GPT, "n_layer": 14, "n_embd": 768, "n_head": 12}}
+CONFIGS = {"1t": "one process, 1 thread", "2t": "one process, 2 threads",
+           "1x1": "1 trainer + 1 shard", "2x2": "2 trainers + 2 shards"}
 MB100 = 100 * 2**20
 BUCKET = int(float(os.environ.get("BENCH_DP_BUCKET_MB", "4")) * 2**20)  # the transfer unit
 
 
 # ---- 1. the GPT step ---------------------------------------------------------------------
-def gpt_config(mode: str, workers: int, shards: int, steps: int, out: str):
+def gpt_config(mode: str, workers: int, shards: int, steps: int, out: str, gpt: dict = GPT):
     import narun.models  # noqa: F401
     from narun.config import config_from_dict
 
     return config_from_dict({
-        "model": {"name": "gpt", "preset": "gpt-modern-tiny", "n_layer": GPT["n_layer"],
-                  "n_embd": GPT["n_embd"], "n_head": GPT["n_head"], "block_size": GPT["seq"],
-                  "vocab_size": GPT["vocab"]},
-        "data": {"kind": "text", "seq_len": GPT["seq"]},
-        "training": {"steps": steps, "batch_size": GPT["batch"], "optimizer": "adam",
+        "model": {"name": "gpt", "preset": "gpt-modern-tiny", "n_layer": gpt["n_layer"],
+                  "n_embd": gpt["n_embd"], "n_head": gpt["n_head"], "block_size": gpt["seq"],
+                  "vocab_size": gpt["vocab"]},
+        "data": {"kind": "text", "seq_len": gpt["seq"]},
+        "training": {"steps": steps, "batch_size": gpt["batch"], "optimizer": "adam",
                      "lr": 1e-4, "weight_decay": 0.0, "schedule": "constant",
                      "warmup_steps": 0, "grad_clip": None, "eval_every": 0,
                      "checkpoint_every": 0, "out_dir": out},
@@ -63,24 +78,28 @@ def gpt_config(mode: str, workers: int, shards: int, steps: int, out: str):
 
 
 def bench_gpt(workers: int, shards: int, steps: int, warmup: int,
-              launch_over: tuple[list[str], str] | None = None) -> dict:
+              launch_over: tuple[list[str], str] | None = None, gpt: dict = GPT,
+              threads: int = 1) -> dict:
     """`launch_over` (hosts, keys directory): run the ps-sync job over those agents
-    (narun launch) instead of local processes (scripts/bench_hosts.py)."""
+    (narun launch) instead of local processes (scripts/bench_hosts.py). `threads`: BLAS
+    threads of the in-process run (workers == 0); runtime processes get 1 each."""
     from narun._process import tune_process
     from narun.events import ListReporter
 
-    tune_process(1)  # as `narun train` and every worker do: malloc kept, 1 BLAS thread
+    tune_process(threads)  # as `narun train` and every worker do: malloc kept, BLAS threads
     out = tempfile.mkdtemp(prefix="bench_dp_")
     rep = ListReporter()
-    tokens = GPT["batch"] * GPT["seq"]
+    tokens = gpt["batch"] * gpt["seq"]
+    phases: dict[str, list[float]] = {}
     if workers == 0:
         from narun.train import train
 
-        train(gpt_config("local", 0, 1, steps, out), rep, stop_at=steps)
+        train(gpt_config("local", 0, 1, steps, out, gpt), rep, stop_at=steps)
         times = [tokens / e["tokens_per_s"] for e in rep.events if e["event"] == "step"]
         comm = [0.0] * len(times)
     else:
-        cfg = gpt_config("ps-sync", workers, shards, steps, out)
+        os.environ["NARUN_LOG_LEVEL"] = "info"  # the shards' ps.step lines (read below)
+        cfg = gpt_config("ps-sync", workers, shards, steps, out, gpt)
         if launch_over is None:
             from narun.runtime import train
 
@@ -96,11 +115,37 @@ def bench_gpt(workers: int, shards: int, steps: int, warmup: int,
                 t = e["timings"]
                 times.append(t["compute"] + t["wait"] + t["pull"])
                 comm.append(t["wait"] + t["pull"])
+                for k in ("compute", "pack", "tail", "wait", "pull"):
+                    phases.setdefault(k, []).append(t.get(k, 0.0))
+        for k, v in _shard_steps(Path(out) / "logs").items():
+            phases[k] = v
     times, comm = times[warmup:], comm[warmup:]
     step = statistics.median(times)
-    return {"trainers": workers, "shards": shards, "step_s": step,
+    # the critical path, median per phase over the steps after warm-up
+    path = {k: statistics.median(v[warmup:]) for k, v in phases.items() if v[warmup:]}
+    return {"trainers": workers, "shards": shards, "threads": threads, "step_s": step,
             "tokens_per_s": tokens / step,
-            "comm_share": statistics.median(c / t for c, t in zip(comm, times))}
+            "comm_share": statistics.median(c / t for c, t in zip(comm, times)),
+            "path": path}
+
+
+def _shard_steps(log_dir: Path) -> dict[str, list[float]]:
+    """Per step (in step order), the shards' skew (the longest, over shards) and the mean
+    and optimizer seconds (the largest shard's), from their `ps.step` log lines."""
+    per_step: dict[int, dict[str, float]] = {}
+    for path in log_dir.glob("ps-*.log"):
+        for line in path.read_text().splitlines():
+            if '"ps.step"' not in line:
+                continue
+            rec = json.loads(line)
+            row = per_step.setdefault(rec["step"], {})
+            for k in ("skew", "mean", "optimizer"):
+                row[f"shard_{k}"] = max(row.get(f"shard_{k}", 0.0), rec[k])
+    out: dict[str, list[float]] = {}
+    for step in sorted(per_step):
+        for k, v in per_step[step].items():
+            out.setdefault(k, []).append(v)
+    return out
 
 
 # ---- 2. 100 MB push + pull ---------------------------------------------------------------
@@ -271,29 +316,105 @@ def child(what: str, args: argparse.Namespace) -> None:
     if what == "transfer":
         result = bench_transfer(args.rounds)
     else:
-        workers, shards = (int(x) for x in what.split("x"))
-        result = bench_gpt(workers, shards, args.steps, args.warmup)
+        size, config = what.split(":")
+        gpt = SIZES[size]
+        if config.endswith("t"):
+            result = bench_gpt(0, 0, args.steps, args.warmup, gpt=gpt, threads=int(config[0]))
+        else:
+            workers, shards = (int(x) for x in config.split("x"))
+            result = bench_gpt(workers, shards, args.steps, args.warmup, gpt=gpt)
     print(json.dumps(result), flush=True)
 
 
 def run_child(what: str, args: argparse.Namespace) -> dict:
     from narun._process import blas_env
 
+    threads = 2 if what.endswith(":2t") else 1
     cmd = [sys.executable, __file__, "--child", what, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--rounds", str(args.rounds)]
-    done = subprocess.run(cmd, env={**os.environ, **blas_env(1)}, capture_output=True,
+    done = subprocess.run(cmd, env={**os.environ, **blas_env(threads)}, capture_output=True,
                           text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"bench {what} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def bench_size(size: str, args: argparse.Namespace, rounds: int) -> dict:
+    """Every configuration of one model size, alternating over `rounds`."""
+    rows: dict[str, dict] = {}
+    paired: dict[str, list[float]] = {"overhead_1x1": [], "efficiency": []}
+    for _ in range(rounds):
+        this: dict[str, float] = {}
+        for config in CONFIGS:
+            r = run_child(f"{size}:{config}", args)
+            this[config] = r["tokens_per_s"]
+            if config not in rows or r["step_s"] < rows[config]["step_s"]:
+                rows[config] = r
+            print(f"  {size} {CONFIGS[config]:<26}{r['tokens_per_s']:>9,.0f} tokens/s",
+                  file=sys.stderr, flush=True)
+        paired["overhead_1x1"].append(this["1t"] / this["1x1"] - 1)
+        paired["efficiency"].append(this["2x2"] / (2 * this["1t"]))
+    tps = {k: r["tokens_per_s"] for k, r in rows.items()}
+    return {"gpt": SIZES[size], "params": params_of(SIZES[size]), "configs": rows,
+            "efficiency": tps["2x2"] / (2 * tps["1t"]),
+            "efficiency_vs_1x1": tps["2x2"] / (2 * tps["1x1"]),
+            "vs_2_threads": tps["2x2"] / tps["2t"],
+            "overhead_1x1": tps["1t"] / tps["1x1"] - 1,
+            "paired": {k: statistics.median(v) for k, v in paired.items()},
+            "paired_rounds": paired}
+
+
+def params_of(gpt: dict) -> int:
+    from narun.models import GPT as NGPT
+    from narun.models import gpt_config as model_config
+
+    model = NGPT(model_config("gpt-modern-tiny", n_layer=gpt["n_layer"], n_embd=gpt["n_embd"],
+                              n_head=gpt["n_head"], block_size=gpt["seq"],
+                              vocab_size=gpt["vocab"]))
+    return sum(p.numel() for p in model.parameters())
+
+
+def print_table(results: dict[str, dict], transfer: dict) -> None:
+    print(f"{'GPT':<6}{'configuration':<26}{'step ms':>9}{'tokens/s':>10}{'comm+wait':>11}"
+          f"{'efficiency':>12}")
+    for size, res in results.items():
+        rows = res["configs"]
+        g = res["gpt"]
+        print(f"{size}: {res['params'] / 1e6:.1f} M parameters ({g['n_layer']} layers, "
+              f"d_model {g['n_embd']}), {res['params'] * 4 / 1e6:.0f} MB of float32")
+        for key, r in rows.items():
+            eff = {"2x2": f"{res['efficiency']:.0%}",
+                   "1x1": f"{-res['overhead_1x1']:+.1%}"}.get(key, "")
+            print(f"{size:<6}{CONFIGS[key]:<26}{r['step_s'] * 1e3:>9.0f}"
+                  f"{r['tokens_per_s']:>10,.0f}{r['comm_share']:>10.1%}{eff:>12}")
+        print(f"{'':<6}2 trainers vs 1 trainer + 1 shard: {res['efficiency_vs_1x1']:.0%}; vs "
+              f"one process at 2 threads: {res['vs_2_threads']:.2f}x; paired by round: "
+              f"efficiency {res['paired']['efficiency']:.0%}, 1x1 overhead "
+              f"{res['paired']['overhead_1x1']:+.1%}")
+    print("\ncritical path of the 2-trainer step, ms (median over steps; shards: the "
+          "longest/largest)")
+    keys = ("compute", "pack", "tail", "wait", "shard_skew", "shard_mean",
+            "shard_optimizer", "pull")
+    print(f"{'GPT':<6}" + "".join(f"{k.replace('shard_', 'ps ').replace('pull', 'unpack'):>13}"
+                                  for k in keys))
+    for size, res in results.items():
+        path = res["configs"]["2x2"]["path"]
+        print(f"{size:<6}" + "".join(f"{path.get(k, 0.0) * 1e3:>13.1f}" for k in keys))
+    lo, hi = transfer["paired_quartiles"]
+    print(f"\n100 MB push + pull   raw pyzmq {transfer['raw']['gb_per_s']:.2f} GB/s, "
+          f"narun {transfer['narun']['gb_per_s']:.2f} GB/s  -> {transfer['ratio']:.2f} of raw"
+          f" (best rounds); paired rounds: median {transfer['paired_median']:.2f}, "
+          f"quartiles {lo:.2f}-{hi:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=["3M", "25M"])
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=15, help="rounds of the 100 MB transfer")
-    p.add_argument("--gpt-rounds", type=int, default=3, help="rounds of the GPT configs")
+    p.add_argument("--gpt-rounds", type=int, default=3,
+                   help="rounds of the GPT configurations (85M: one)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--serve", choices=("raw", "narun"), help=argparse.SUPPRESS)
     p.add_argument("--bind", default="127.0.0.1", help=argparse.SUPPRESS)
@@ -303,39 +424,17 @@ def main() -> None:
         return serve_echo(args.serve, args.bind, args.curve)
     if args.child:
         return child(args.child, args)
-    # Configurations alternate over --gpt-rounds rounds so machine drift hits all alike;
-    # each keeps its best round (noise on a shared machine only adds time), and the 1x1
-    # overhead is also taken per round against that round's in-process run (paired).
-    rows: dict[str, dict] = {}
-    paired: list[float] = []
-    for _ in range(args.gpt_rounds):
-        this: dict[str, float] = {}
-        for name in ("0x0", "1x1", "2x2"):
-            r = run_child(name, args)
-            this[name] = r["step_s"]
-            if name not in rows or r["step_s"] < rows[name]["step_s"]:
-                rows[name] = r
-        paired.append(this["1x1"] / this["0x0"] - 1)
+    results = {size: bench_size(size, args, 1 if size == "85M" else args.gpt_rounds)
+               for size in args.sizes}
     transfer = run_child("transfer", args)
-    base = rows["0x0"]["step_s"]
-    print(f"{'GPT step':<28}{'step ms':>9}{'tokens/s':>11}{'comm+wait':>11}{'vs 1 proc':>11}")
-    names = {"0x0": "in-process (narun.train)", "1x1": "1 trainer + 1 shard",
-             "2x2": "2 trainers + 2 shards"}
-    for key, r in rows.items():
-        print(f"{names[key]:<28}{r['step_s'] * 1e3:>9.1f}{r['tokens_per_s']:>11,.0f}"
-              f"{r['comm_share']:>10.1%}{r['step_s'] / base - 1:>+11.1%}")
-    lo, hi = transfer["paired_quartiles"]
-    print(f"\n100 MB push + pull   raw pyzmq {transfer['raw']['gb_per_s']:.2f} GB/s, "
-          f"narun {transfer['narun']['gb_per_s']:.2f} GB/s  -> {transfer['ratio']:.2f} of raw"
-          f" (best rounds); paired rounds: median {transfer['paired_median']:.2f}, "
-          f"quartiles {lo:.2f}-{hi:.2f}")
-    overhead = rows["1x1"]["step_s"] / base - 1
-    print(f"1 trainer + 1 shard vs in-process, paired by round: "
-          f"{', '.join(f'{x:+.1%}' for x in paired)} (median {statistics.median(paired):+.1%})")
-    print(json.dumps({"bench": "dp", "gpt": GPT, "configs": rows, "transfer_100mb": transfer,
-                      "overhead_1x1": overhead, "overhead_1x1_paired": paired,
-                      "bar_overhead_ok": overhead <= 0.10,
-                      "bar_transfer_ok": transfer["paired_median"] >= 0.8}))
+    print_table(results, transfer)
+    small, mid = results.get("3M"), results.get("25M")
+    print(json.dumps({
+        "bench": "dp", "sizes": results, "transfer_100mb": transfer,
+        "bar_overhead_ok": None if small is None else small["overhead_1x1"] <= 0.10,
+        "bar_efficiency_ok": None if mid is None else (mid["efficiency"] >= 0.9
+                                                       and mid["vs_2_threads"] > 1.0),
+        "bar_transfer_ok": transfer["paired_median"] >= 0.8}))
 
 
 if __name__ == "__main__":

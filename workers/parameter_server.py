@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,7 @@ class ShardBucket:
     group_of: list[int]  # optimizer group index -> the job optimizer's group index
     version: int = 0
     pushes: dict[int, np.ndarray] = field(default_factory=dict)
+    first_push: float = 0.0  # when the step being assembled got its first push
     grad: np.ndarray | None = None
     # ps-sync with clipping: the assembled mean gradient of step `version`, waiting for the
     # global norm, and its sum of squares; last_sq is that of the step applied last.
@@ -129,6 +131,7 @@ class ParameterServer(JobActor):
         self.stopped = asyncio.Event()
         self.buckets = {b.key: self._make_bucket(b) for b in self.plan.shard_buckets(rank)}
         self._lrs: dict[int, list[float]] = {}
+        self._timings: dict[int, dict[str, float]] = {}  # ps-sync steps being applied
         t = cfg.training
         self._snapshot_steps = {t.steps, spec.stop_at or t.steps}
         for every in (t.checkpoint_every, t.eval_every):
@@ -244,6 +247,8 @@ class ParameterServer(JobActor):
                                      f"{b.version}, trainer {rank} pushed step {step}")
         if b.held is not None:  # assembled: a restarted trainer's recomputed push adds nothing
             return True
+        if not b.pushes:
+            b.first_push = time.perf_counter()
         if rank in b.pushes:
             log.info("ps.push_replaced", shard=self.rank, bucket=b.bucket.key, step=step,
                      trainer=rank)
@@ -269,6 +274,7 @@ class ParameterServer(JobActor):
         if not b.pushes or not self.members <= b.pushes.keys():
             return False
         step = b.version
+        t0 = time.perf_counter()
         grads = [b.pushes[r] for r in sorted(b.pushes)]  # rank order: deterministic sums
         b.pushes = {}
         if len(grads) == 1:
@@ -280,6 +286,7 @@ class ParameterServer(JobActor):
             for g in grads[2:]:
                 mean += g
             mean *= 1.0 / len(grads)
+        self._time(step, skew=t0 - b.first_push, mean=time.perf_counter() - t0)
         if self.clip:
             b.held, b.sq = mean, float(np.dot(mean, mean))  # as clip_grad_norm_ sums
             b.moved.notify()
@@ -288,9 +295,26 @@ class ParameterServer(JobActor):
         return True
 
     def _apply(self, b: ShardBucket, grad: np.ndarray, step: int) -> None:
+        t0 = time.perf_counter()
         b.apply(grad, self.lrs_at(step))
         if b.version in self._snapshot_steps:
             b.snapshots[b.version] = (b.w.copy(), b.piece_states())
+        self._time(step, optimizer=time.perf_counter() - t0, applied=1)
+
+    def _time(self, step: int, **seconds: float) -> None:
+        """Add to step `step`'s timings; once every bucket here applied it, log them
+        (`ps.step` at info: scripts/bench_dp.py reads it): skew (the longest a bucket
+        waited from its first push to its last), mean (averaging the pushes) and optimizer
+        seconds, summed over the buckets."""
+        t = self._timings.setdefault(step, {"skew": 0.0, "mean": 0.0, "optimizer": 0.0,
+                                            "applied": 0})
+        t["skew"] = max(t["skew"], seconds.pop("skew", 0.0))
+        for k, v in seconds.items():
+            t[k] += v
+        if t["applied"] == len(self.buckets):
+            del self._timings[step]
+            log.info("ps.step", shard=self.rank, step=step, skew=t["skew"], mean=t["mean"],
+                     optimizer=t["optimizer"])
 
     def _sq_of(self, b: ShardBucket, step: int) -> float:
         if b.version == step and b.held is not None:

@@ -27,7 +27,9 @@ process would, so its pushes wait for the end of backward.
 
 Timings per step (seconds): compute (forward + backward + packing), push (the part of
 communication overlapped with backward: first bucket sent -> backward done), wait (backward
-done -> last reply), pull (copying the new values into the model).
+done -> last reply), pull (copying the new values into the model); and within compute, pack
+(copying gradients into the buckets) and tail (backward after the last bucket left: what
+could not overlap).
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class Trainer(JobActor):
         self._step_in_flight = 0
         self._pushes: list[asyncio.Task[tuple[int, Message]]] = []
         self._first_push = 0.0
+        self._pack_s = 0.0  # this step's packing, on the executor thread
+        self._last_launch = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         for j, p in enumerate(self.params):
             p.register_post_accumulate_grad_hook(lambda _t, j=j: self._grad_ready(j))
@@ -156,7 +160,7 @@ class Trainer(JobActor):
         """One forward/backward with streamed pushes; None when a push was stale."""
         t0 = time.perf_counter()
         self._pushes = []
-        self._first_push = 0.0
+        self._first_push = self._pack_s = self._last_launch = 0.0
         loss = await self.executor.run(self._compute, x, y)
         t1 = time.perf_counter()
         results = await asyncio.gather(*self._pushes, return_exceptions=True)
@@ -178,7 +182,9 @@ class Trainer(JobActor):
         if stale:
             return None
         push = t1 - self._first_push if self._first_push else 0.0
-        return loss, {"compute": t1 - t0, "push": push, "wait": t2 - t1, "pull": t3 - t2}
+        tail = t1 - self._last_launch if self._last_launch else 0.0
+        return loss, {"compute": t1 - t0, "push": push, "wait": t2 - t1, "pull": t3 - t2,
+                      "pack": self._pack_s, "tail": tail}
 
     def _compute(self, x: np.ndarray, y: np.ndarray) -> float:
         """Forward and backward on the executor thread; the hooks launch the pushes."""
@@ -218,6 +224,7 @@ class Trainer(JobActor):
         self.dev_bufs = [xp.empty(b.size, xp.float32) for b in self.plan.buckets]
 
     def _launch(self, b: int) -> None:
+        t0 = time.perf_counter()
         xp = self.xp
         grads = [p.grad.data if p.grad is not None else xp.zeros(p.shape, xp.float32)
                  for p in self.params]
@@ -226,6 +233,8 @@ class Trainer(JobActor):
         else:  # one device-to-host copy per bucket; the message owns the host array
             self.bufs[b] = self.executor.to_host(pack(self.plan.buckets[b], grads,
                                                       self.dev_bufs[b]))
+        self._last_launch = time.perf_counter()
+        self._pack_s += self._last_launch - t0
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._start_push, b)
 

@@ -734,10 +734,14 @@ def _clear_staging(root: Path) -> None:
         shutil.rmtree(staged, ignore_errors=True)
 
 
+#: The trainers' step timings a `step` event carries (their mean over the trainers).
+TIMINGS = ("compute", "push", "wait", "pull", "pack", "tail")
+
+
 def _summary(reports: list[Message], speed_key: str, per_sample: int) -> dict[str, Any]:
     """The `step` event's fields from the trainers' reports of one step."""
     timings = {k: float(np.mean([r["timings"].get(k, 0.0) for r in reports]))
-               for k in ("compute", "push", "wait", "pull")}
+               for k in TIMINGS}
     # Throughput from the trainers' own step times: reports arrive in bursts when the
     # trainers run ahead of the coordinator, so arrival times would mislead.
     speed = sum(r["samples"] * per_sample / max(

@@ -15,6 +15,7 @@ import uvloop
 from narun.events import JsonLinesReporter, ListReporter
 from narun.runlog import read_events
 from narun.runtime import Coordinator, train
+from narun.runtime.coordinator import TIMINGS
 from narun.runtime.launch import launch
 from narun.runtime.supervision import RestartBudgetExhausted
 from tests.integration.agents import AgentProcess
@@ -36,7 +37,7 @@ def test_a_ps_sync_run_records_its_events_and_tensorboard_scalars(make_config):
     got = scalars(f"{run}/tensorboard")
     steps = [e for e in reporter.events if e["event"] == "step"]
     phases = {f"time/{p}": [(e["step"], e["timings"][p]) for e in steps]
-              for p in ("compute", "push", "wait", "pull")}
+              for p in TIMINGS}
     assert_same_scalars(got, expected_scalars(reporter.events) | phases)
     assert [s for s, _ in got["val_loss"]] == [5, 10]
 
