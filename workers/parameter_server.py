@@ -51,7 +51,7 @@ from narun import checkpoint as ckpt
 from narun.errors import ConfigError
 from narun.nn.utils import clip_coefficient
 from narun.runtime.buckets import Bucket
-from narun.runtime.hosts import is_loopback
+from narun.runtime.hosts import is_loopback, local_endpoint, remove_local_endpoint
 from narun.runtime.mailbox import Mailbox, ReplyError, new_id
 from narun.runtime.shard_start import job_outline
 from narun.runtime.spec import WorkerSpec
@@ -138,6 +138,7 @@ class ParameterServer(JobActor):
             if every:
                 self._snapshot_steps.update(range(every, t.steps, every))
         self.server: Mailbox | None = None
+        self._ipc: str | None = None  # the Unix socket endpoint it serves on, on one host
 
     def _make_bucket(self, bucket: Bucket) -> ShardBucket:
         job = self.outline
@@ -163,9 +164,14 @@ class ParameterServer(JobActor):
     # -- lifecycle ---------------------------------------------------------------------
     async def setup(self) -> None:
         assert self.context is not None
-        # Across hosts: bound on every interface, reached at the host's own address
+        # Across hosts: bound on every interface, reached at the host's own address. On
+        # one host: a Unix socket, which moves the buckets faster than loopback TCP.
         host = self.spec.host
-        bind = "tcp://127.0.0.1:0" if is_loopback(host) else "tcp://*:0"
+        if is_loopback(host):
+            self._ipc = local_endpoint(f"ps-{self.rank}")
+            bind = self._ipc or "tcp://127.0.0.1:0"
+        else:
+            bind = "tcp://*:0"
         channel = open_channel(self.context, "router", bind=bind, curve=self.curve_server())
         endpoint = channel.endpoint.replace("0.0.0.0", host, 1)
         # In flight at once: a held push per trainer and bucket, a pull each, and twice
@@ -180,6 +186,8 @@ class ParameterServer(JobActor):
     async def teardown(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self._ipc is not None:
+            remove_local_endpoint(self._ipc)
 
     async def main(self) -> None:
         await self.stopped.wait()

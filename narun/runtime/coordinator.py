@@ -51,6 +51,7 @@ from narun.runlog import record_run
 from narun.runtime.actor import EXIT_LEFT
 from narun.runtime.assemble import assemble
 from narun.runtime.buckets import BUCKET_BYTES, join, plan_for
+from narun.runtime.hosts import remove_local_endpoint
 from narun.runtime.launcher import LocalProcesses, Worker
 from narun.runtime.mailbox import Mailbox, new_id
 from narun.runtime.shard_start import remove_init_state, write_init_state
@@ -725,6 +726,8 @@ class Coordinator:
         for link in self.shard_links:
             link.close()
         self.shard_links = []
+        for endpoint in self.shard_endpoints:  # a killed shard leaves its socket file
+            remove_local_endpoint(endpoint)
         await asyncio.to_thread(_clear_staging, self._staging())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -26,6 +27,10 @@ def run(cfg, resume=None, **options):
         done = uvloop.run(coordinator.run())
     finally:
         assert_all_gone(coordinator.pids)
+    # on one host the shards serve on Unix sockets, gone with the job
+    for endpoint in coordinator.shard_endpoints:
+        assert endpoint.startswith("ipc://"), endpoint
+        assert not os.path.exists(os.path.dirname(endpoint.removeprefix("ipc://")))
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     return done, events
 
