@@ -2,7 +2,12 @@
 its caption land close together in one embedding space, and zero-shot classification by
 scoring an image against texts that name each class.
 
-- Images: a ViT (narun.models.vit) whose head projects the class token to `embed_dim`.
+- Images (`vision`): a ResNet (narun.models.resnet, sized by `vision_channels` and
+  `vision_blocks`) or a ViT (narun.models.vit: `patch_size`, `vision_dim`, `vision_depth`,
+  `vision_heads`), its head projecting to `embed_dim`. The ResNet is the default: on the
+  rendered shapes (configs/clip.yaml) it reached 96.6% zero-shot accuracy in 400 steps,
+  where a 4-block ViT reached 87% in 800 (it also stays below the ResNet when trained as a
+  classifier there: README's Models).
 - Texts: captions as narun's byte tokens (ids 0..255) followed by the end-of-text token
   (id 256, `EOT`) and padded with it to `context_length`; token + position embeddings,
   causal pre-norm encoder blocks (so the padding after the first EOT cannot reach it), a
@@ -18,12 +23,17 @@ scoring an image against texts that name each class.
   occurs k times in the batch is a match for each of those k images, each with target
   probability 1/k; without it only its own row is (the usual CLIP target, the diagonal),
   which asks the model to tell identical captions apart. With distinct captions the two
-  are the same loss.
+  are the same loss. Identical captions have identical embeddings, so only the text ->
+  image term differs; on configs/clip.yaml (64 distinct captions, batches of 64) the two
+  trained equally well (ViT image encoder, 600 steps: 84.9% best-caption accuracy each).
 
-Zero-shot: `classifier(prompts)` embeds every prompt of each class (prompts (C, P): texts
-naming class c, e.g. every colour and size of "a small red circle"), averages each class's
-normalised embeddings and normalises the mean (prompt ensembling); the returned function
-scores images against those C class embeddings. The prompts come from the data
+Zero-shot: `classifier(prompts)` scores images against texts naming each class (prompts
+(C, P), e.g. every colour and size of "a small red circle" for circles): class c's score is
+the logsumexp of the image's logits against c's prompts, so its softmax probability is the
+summed probability of those prompts. Averaging each class's prompt embeddings instead (CLIP's
+prompt ensembling, meant for templates that all describe the same images) scores much worse
+where a class's prompts describe different images: configs/clip.yaml's trained model gets
+58.5% zero-shot that way, 96.6% this way. The prompts come from the data
 (narun.data.class_prompts), never from the model.
 
     >>> model = CLIP(embed_dim=64)
@@ -34,7 +44,7 @@ scores images against those C class embeddings. The prompts come from the data
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,6 +55,7 @@ from narun.data import ByteTokenizer
 from narun.errors import ConfigError, ShapeError
 from narun.models._encoder import EncoderBlock
 from narun.models._registry import register_model
+from narun.models.resnet import ResNet
 from narun.models.vit import ViT
 from narun.nn import functional as F
 from narun.nn import init
@@ -53,6 +64,7 @@ from narun.tensor import Tensor
 EOT = 256  # the end-of-text token's id, one past the bytes; it also pads
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = math.log(100.0)
+VISIONS = ("resnet", "vit")  # the image encoders (model.vision)
 
 
 def tokenize(texts: Any, context_length: int) -> np.ndarray:
@@ -80,24 +92,33 @@ def _normalize(x: Tensor) -> Tensor:
 class CLIP(nn.Module):
     targets = "captions"  # the array of an array dataset it learns from (narun.train)
 
-    def __init__(self, embed_dim: int = 64, image_size: int = 32, patch_size: int = 4,
-                 vision_dim: int = 64, vision_depth: int = 4, vision_heads: int = 4,
-                 context_length: int = 32, text_dim: int = 64, text_depth: int = 2,
-                 text_heads: int = 4, mlp_ratio: int = 2, soft_targets: bool = True) -> None:
+    def __init__(self, embed_dim: int = 64, vision: str = "resnet", image_size: int = 32,
+                 patch_size: int = 4, vision_dim: int = 64, vision_depth: int = 4,
+                 vision_heads: int = 4, vision_channels: Sequence[int] = (16, 32, 64),
+                 vision_blocks: Sequence[int] = (1, 1, 1), context_length: int = 32,
+                 text_dim: int = 64, text_depth: int = 2, text_heads: int = 4,
+                 mlp_ratio: int = 2, soft_targets: bool = True) -> None:
         super().__init__()
+        if vision not in VISIONS:
+            raise ConfigError(f"model.vision: expected one of {', '.join(VISIONS)}, got "
+                              f"{vision!r}")
         if text_dim % text_heads:
             raise ConfigError(f"model.text_dim: {text_dim} is not divisible by "
                               f"model.text_heads {text_heads}")
-        if vision_dim % vision_heads:  # checked here, so that the message names our keys
-            raise ConfigError(f"model.vision_dim: {vision_dim} is not divisible by "
-                              f"model.vision_heads {vision_heads}")
-        if context_length < 2 or min(text_depth, vision_depth) < 1 or embed_dim < 2:
-            raise ConfigError(f"model.context_length >= 2, model.text_depth and "
-                              f"model.vision_depth >= 1, model.embed_dim >= 2; got "
-                              f"{context_length}, {text_depth}, {vision_depth} and {embed_dim}")
+        if context_length < 2 or text_depth < 1 or embed_dim < 2:
+            raise ConfigError(f"model.context_length >= 2, model.text_depth >= 1 and "
+                              f"model.embed_dim >= 2, got {context_length}, {text_depth} and "
+                              f"{embed_dim}")
         self.context_length, self.soft_targets = context_length, bool(soft_targets)
-        self.visual = ViT(embed_dim, image_size, patch_size, vision_dim, vision_depth,
-                          vision_heads, mlp_ratio)
+        if vision == "vit":  # the sizes checked here, so that the messages name our keys
+            if vision_dim % vision_heads or vision_depth < 1:
+                raise ConfigError(f"model.vision_dim: {vision_dim} must be divisible by "
+                                  f"model.vision_heads {vision_heads}, and model.vision_depth "
+                                  f"{vision_depth} >= 1")
+            self.visual: nn.Module = ViT(embed_dim, image_size, patch_size, vision_dim,
+                                         vision_depth, vision_heads, mlp_ratio)
+        else:
+            self.visual = ResNet(embed_dim, vision_channels, vision_blocks)
         self.tok = nn.Embedding(EOT + 1, text_dim)
         self.pos = nn.Embedding(context_length, text_dim)
         init.normal_(self.tok.weight, std=0.02)
@@ -159,31 +180,31 @@ class CLIP(nn.Module):
         to_images = -(target * F.log_softmax(logits, 0)).sum(0).mean()
         return (to_texts + to_images) / 2
 
-    def class_embeddings(self, prompts: Any) -> Tensor:
-        """(C, embed_dim): per class, the normalised mean of its prompts' normalised
-        embeddings; prompts (C, P) texts."""
+    def classifier(self, prompts: Any) -> Callable[[Tensor], Tensor]:
+        """Zero-shot: a function from images (N, 3, size, size) to class scores (N, C): for
+        class c, log sum over its prompts p of exp(logit(image, p)), the logits those of
+        `forward` against all C * P prompts (prompts (C, P): texts naming each class). Under
+        the softmax over every prompt, class c's probability is the summed probability of
+        its own prompts. The prompts are embedded once, here."""
         prompts = np.asarray(prompts)
         if prompts.ndim != 2:
             raise ShapeError(f"CLIP: expected prompts (classes, prompts per class), got shape "
                              f"{prompts.shape}")
         C, P = prompts.shape
-        return _normalize(self.encode_text(prompts.reshape(-1)).reshape(C, P, -1).mean(1))
+        texts = self.encode_text(prompts.reshape(-1)).transpose(0, 1)
 
-    def classifier(self, prompts: Any) -> Callable[[Tensor], Tensor]:
-        """Zero-shot: a function from images (N, 3, size, size) to class scores (N, C),
-        exp(logit_scale) times the cosine with each class's prompt ensemble (see
-        class_embeddings); the classes are embedded once, here."""
-        classes = self.class_embeddings(prompts).transpose(0, 1)
-        return lambda images: self.scale() * (self.encode_image(images) @ classes)
+        def scores(images: Tensor) -> Tensor:
+            logits = (self.scale() * (self.encode_image(images) @ texts)).reshape(-1, C, P)
+            peak = logits.detach().max(-1, keepdim=True)[0]  # a constant shift: exp stays finite
+            return (logits - peak).exp().sum(-1).log() + peak.reshape(-1, C)
+
+        return scores
 
 
-@register_model("clip", {"embed_dim": int, "image_size": int, "patch_size": int,
+@register_model("clip", {"embed_dim": int, "vision": str, "image_size": int, "patch_size": int,
                          "vision_dim": int, "vision_depth": int, "vision_heads": int,
+                         "vision_channels": list[int], "vision_blocks": list[int],
                          "context_length": int, "text_dim": int, "text_depth": int,
                          "text_heads": int, "mlp_ratio": int, "soft_targets": bool})
-def _build(embed_dim: int = 64, image_size: int = 32, patch_size: int = 4, vision_dim: int = 64,
-           vision_depth: int = 4, vision_heads: int = 4, context_length: int = 32,
-           text_dim: int = 64, text_depth: int = 2, text_heads: int = 4, mlp_ratio: int = 2,
-           soft_targets: bool = True) -> CLIP:
-    return CLIP(embed_dim, image_size, patch_size, vision_dim, vision_depth, vision_heads,
-                context_length, text_dim, text_depth, text_heads, mlp_ratio, soft_targets)
+def _build(**options: Any) -> CLIP:
+    return CLIP(**options)

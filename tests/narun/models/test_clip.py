@@ -21,24 +21,29 @@ from narun.train import build_job, check_job, train
 torch = pytest.importorskip("torch")
 tnn = torch.nn
 TF = torch.nn.functional
+from tests.narun.models.test_resnet import TorchResNet  # noqa: E402
 from tests.narun.models.test_vit import TorchViT  # noqa: E402
 from tests.narun.models.torch_encoder import TorchBlock  # noqa: E402
 
 SIZES = {"embed_dim": 16, "image_size": 16, "patch_size": 4, "vision_dim": 32,
-         "vision_depth": 2, "vision_heads": 4, "context_length": 16, "text_dim": 24,
-         "text_depth": 2, "text_heads": 3, "mlp_ratio": 2}
+         "vision_depth": 2, "vision_heads": 4, "vision_channels": [4, 8], "vision_blocks": [1, 2],
+         "context_length": 16, "text_dim": 24, "text_depth": 2, "text_heads": 3, "mlp_ratio": 2}
 
 
 class TorchCLIP(tnn.Module):
-    def __init__(self, embed, size, patch, vdim, vdepth, vheads, context, tdim, tdepth, theads,
-                 ratio):
+    def __init__(self, vision, embed_dim, image_size, patch_size, vision_dim, vision_depth,
+                 vision_heads, vision_channels, vision_blocks, context_length, text_dim,
+                 text_depth, text_heads, mlp_ratio):
         super().__init__()
-        self.visual = TorchViT(embed, size, patch, vdim, vdepth, vheads, ratio)
-        self.tok, self.pos = tnn.Embedding(257, tdim), tnn.Embedding(context, tdim)
-        self.text_blocks = tnn.Sequential(*(TorchBlock(tdim, theads, ratio * tdim, causal=True)
-                                            for _ in range(tdepth)))
-        self.ln_final = tnn.LayerNorm(tdim)
-        self.text_proj = tnn.Linear(tdim, embed, bias=False)
+        self.visual = (TorchResNet(embed_dim, vision_channels, vision_blocks) if vision == "resnet"
+                       else TorchViT(embed_dim, image_size, patch_size, vision_dim, vision_depth,
+                                     vision_heads, mlp_ratio))
+        self.tok, self.pos = tnn.Embedding(257, text_dim), tnn.Embedding(context_length, text_dim)
+        self.text_blocks = tnn.Sequential(*(TorchBlock(text_dim, text_heads, mlp_ratio * text_dim,
+                                                       causal=True)
+                                            for _ in range(text_depth)))
+        self.ln_final = tnn.LayerNorm(text_dim)
+        self.text_proj = tnn.Linear(text_dim, embed_dim, bias=False)
         self.logit_scale = tnn.Parameter(torch.tensor(0.0))
 
     def forward(self, images, ids):
@@ -59,20 +64,21 @@ class TorchCLIP(tnn.Module):
         return logits, (TF.cross_entropy(logits, target) + TF.cross_entropy(logits.T, target)) / 2
 
 
-def float64_clip(**options):
+def float64_clip(vision="vit", **options):
     narun.set_default_dtype(narun.float64)
     try:
         narun.manual_seed(0)
-        return CLIP(**SIZES, **options)
+        return CLIP(vision=vision, **SIZES, **options)
     finally:
         narun.set_default_dtype(narun.float32)
 
 
-@pytest.mark.parametrize("soft", [True, False])
-def test_clip_matches_torch(soft):
-    ours = float64_clip(soft_targets=soft)
-    theirs = TorchCLIP(*SIZES.values()).double()
+@pytest.mark.parametrize("vision, soft", [("resnet", True), ("resnet", False), ("vit", True)])
+def test_clip_matches_torch(vision, soft):
+    ours = float64_clip(vision, soft_targets=soft)
+    theirs = TorchCLIP(vision, **SIZES).double()
     theirs.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in ours.state_dict().items()})
+    theirs.train()  # a ResNet's BatchNorm: batch statistics, as ours in training mode
     rng = np.random.default_rng(0)
     images = rng.standard_normal((6, 3, 16, 16))
     # a repeated caption (rows 0 and 3) is where soft and hard targets differ
@@ -135,20 +141,25 @@ def test_padding_after_the_end_of_text_token_cannot_change_a_caption():
     assert not np.allclose(model.encode_text(ids).numpy(), model.encode_text(other).numpy())
 
 
-def test_zero_shot_scores_are_the_prompt_ensembles_cosines():
+def test_zero_shot_scores_sum_each_class_prompts_probabilities():
     model = float64_clip()
     prompts = np.array([["a red circle", "a blue circle"], ["red stripes", "blue stripes"],
                         ["a red square", "a blue square"]])
     images = narun.tensor(np.random.default_rng(2).standard_normal((5, 3, 16, 16)))
+    model.logit_scale.data[...] = np.log(50.0)  # peaked softmaxes: the shift must hold
     scores = model.classifier(prompts)(images).numpy()
 
     def unit(v):
         return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
-    txt = model.encode_text(prompts.reshape(-1)).numpy().reshape(3, 2, -1)
-    classes = unit(unit(txt).mean(axis=1))  # the mean of unit vectors, normalised again
-    img = unit(model.visual(images).numpy())
-    np.testing.assert_allclose(scores, (1 / 0.07) * img @ classes.T, rtol=1e-10)
+    logits = 50.0 * unit(model.visual(images).numpy()) @ unit(
+        model.encode_text(prompts.reshape(-1)).numpy()).T
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)  # over all 6 prompts
+    class_p = p.reshape(5, 3, 2).sum(axis=2)
+    np.testing.assert_allclose(np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True),
+                               class_p, rtol=1e-10)
+    np.testing.assert_allclose(scores, np.log(np.exp(logits).reshape(5, 3, 2).sum(axis=2)),
+                               rtol=1e-10)
 
 
 def tiny_config(tmp_path, **training):
@@ -167,9 +178,12 @@ def test_job_accuracy_is_zero_shot_on_the_validation_split(tmp_path):
     job = build_job(tiny_config(tmp_path))
     arrays = np.load(tmp_path / "shapes.npz")
     x, y = arrays["x"][72:], arrays["y"][72:]  # the last quarter: the validation rows
+    accuracy = job.accuracy()
+    assert job.model.training  # accuracy puts it back
+    job.model.eval()  # the ResNet's BatchNorm with its running statistics, as accuracy does
     with narun.no_grad():
         scores = job.model.classifier(shape_prompts())(narun.tensor(x)).numpy()
-    assert job.accuracy() == pytest.approx(np.mean(scores.argmax(axis=1) == y))
+    assert accuracy == pytest.approx(np.mean(scores.argmax(axis=1) == y))
     assert len(job.val_data) == 24 and job.val_data.names == ("x", "captions")
 
 
@@ -201,3 +215,14 @@ def test_modes_that_split_the_batch_are_refused(tmp_path, runtime, training, mat
             "runtime": runtime, "training": training}
     with pytest.raises(ConfigError, match=match):
         check_job(config_from_dict(data))
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"vision": "cnn"}, "model.vision: expected one of resnet, vit, got 'cnn'"),
+    ({"vision": "vit", "vision_dim": 30}, "model.vision_dim: 30 must be divisible by "
+                                          "model.vision_heads 4"),
+    ({"text_dim": 30}, "model.text_dim: 30 is not divisible by model.text_heads 4"),
+])
+def test_sizes_that_do_not_fit_are_refused_naming_the_key(options, match):
+    with pytest.raises(ConfigError, match=match):
+        CLIP(**options)
