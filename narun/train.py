@@ -63,8 +63,7 @@ class Job:
 
     @property
     def target(self) -> str:
-        """The array of an array dataset the model learns from: `y` (class labels), or the
-        one its `targets` attribute names (CLIP: `captions`), which its own `loss` scores."""
+        """The array of an array dataset the model learns from (see target_name)."""
         return target_name(self.model)
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -270,8 +269,9 @@ def build_job(cfg: JobConfig) -> Job:
 
 
 def target_name(model: Any) -> str:
-    """The array a model learns from in an array dataset: its `targets` attribute (CLIP's is
-    "captions"), else `y`, the class labels cross-entropy scores its logits against."""
+    """The array a model learns from in an array dataset: `y`, the class labels
+    cross-entropy scores its logits against, or the one its `targets` attribute names
+    (CLIP: `captions`), which its own `loss(inputs, targets)` scores as read."""
     return getattr(model, "targets", "y")
 
 
