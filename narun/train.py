@@ -24,7 +24,7 @@ from narun import checkpoint as ckpt
 from narun import optim
 from narun.amp import MixedPrecision, at_least_float32, low_precision_dtype
 from narun.config import JobConfig, _choice_message, check_trainable_device, to_dict
-from narun.data import ArrayDataset, ShardedSampler, TextDataset, WindowSampler
+from narun.data import ArrayDataset, ShardedSampler, TextDataset, WindowSampler, class_prompts
 from narun.data._arrays import missing_arrays
 from narun.errors import CheckpointError, ConfigError, DeviceError
 from narun.events import Reporter
@@ -61,6 +61,11 @@ class Job:
     def text(self) -> bool:
         return self.config.data.kind == "text"
 
+    @property
+    def target(self) -> str:
+        """The array of an array dataset the model learns from (see target_name)."""
+        return target_name(self.model)
+
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """The global batch of `step`: token windows, or rows of an array dataset."""
         if self.text:
@@ -73,18 +78,23 @@ class Job:
         if self.text:
             return self.model.loss(narun.tensor(x, device=self.device),
                                    narun.tensor(y, device=self.device))
+        if self.target != "y":  # e.g. captions: the model's loss takes them as read
+            return self.model.loss(narun.tensor(x, device=self.device), y)
         return F.cross_entropy(at_least_float32(self.model(narun.tensor(x, device=self.device))),
                                narun.tensor(y, device=self.device))
 
-    def _val_batches(self, max_batches: int | None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    def _val_batches(self, max_batches: int | None, data: Any = None
+                     ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        """Batches of the validation split (of `data`, another view of it, if given)."""
         bs = self.config.training.batch_size
         if self.text:
             return self.val_data.iter_eval_batches(bs, max_batches=max_batches)
-        n = len(self.val_data)
+        data = self.val_data if data is None else data
+        n = len(data)
         stops = range(0, n, bs)
         if max_batches is not None:
             stops = stops[:max_batches]
-        return (self.val_data.batch(np.arange(s, min(s + bs, n))) for s in stops)
+        return (data.batch(np.arange(s, min(s + bs, n))) for s in stops)
 
     @narun.no_grad()
     def evaluate(self, max_batches: int | None = EVAL_BATCHES) -> float:
@@ -104,16 +114,24 @@ class Job:
 
     @narun.no_grad()
     def accuracy(self, max_batches: int | None = None) -> float:
-        """Fraction of validation rows whose highest-scoring class is the label (array data:
-        classifiers); language models are judged by loss, perplexity and bits per byte."""
+        """Fraction of validation rows whose highest-scoring class is the label `y` (array
+        data: classifiers); language models are judged by loss, perplexity and bits per byte.
+        A model with a `classifier(prompts)` (CLIP) is scored zero-shot against the data's
+        texts for each class (narun.data.class_prompts)."""
         if self.text:
             raise ConfigError("data.kind: accuracy is for classifiers (data.kind: arrays); "
                               "a language model reports perplexity")
         self.model.eval()
         try:
+            path, labelled, score = self.config.data.path, self.val_data, self.model
+            if self.target != "y":
+                labelled = ArrayDataset(path, names=("x", "y"), split="val",
+                                        val_fraction=self.config.data.val_fraction)
+            if hasattr(self.model, "classifier"):
+                score = self.model.classifier(class_prompts(path))
             right = total = 0
-            for x, y in self._val_batches(max_batches):
-                logits = self.model(narun.tensor(x, device=self.device)).numpy()
+            for x, y in self._val_batches(max_batches, labelled):
+                logits = score(narun.tensor(x, device=self.device)).numpy()
                 right += int((logits.argmax(axis=-1) == y).sum())
                 total += len(y)
             if not total:
@@ -151,6 +169,17 @@ def check_job(cfg: JobConfig, here: bool = True) -> None:
                           f"{t.batch_size} / {rt.workers} workers)")
     if cfg.model.name not in model_names():
         raise ConfigError(_choice_message("model.name", cfg.model.name, model_names()))
+    if cfg.model.name == "clip":  # its loss compares every image with every caption of a batch
+        if distributed:
+            raise ConfigError(f"model.name: clip's contrastive loss compares each image with "
+                              f"every caption of the whole batch, which mode {rt.mode} splits "
+                              f"over processes (each would see only its share); train it in "
+                              f"mode local")
+        if t.grad_accum != 1:
+            raise ConfigError(f"training.grad_accum: clip's contrastive loss compares each "
+                              f"image with every caption of the whole batch, so micro-batches "
+                              f"would change the loss, not only the memory; set grad_accum 1 "
+                              f"(got {t.grad_accum})")
     if rt.mode == "pipeline":
         _check_pipeline_job(cfg)
     if distributed and cfg.model.name == "resnet":
@@ -228,14 +257,22 @@ def build_job(cfg: JobConfig) -> Job:
         train, val = TextDataset.splits(cfg.data.path, cfg.data.seq_len, cfg.data.val_fraction)
         sampler: Any = WindowSampler(len(train), t.batch_size, seed=t.seed)
     else:
-        train = ArrayDataset(cfg.data.path, names=("x", "y"),
+        names = ("x", target_name(model))
+        train = ArrayDataset(cfg.data.path, names=names,
                              val_fraction=cfg.data.val_fraction, split="train")
-        val = ArrayDataset(cfg.data.path, names=("x", "y"),
+        val = ArrayDataset(cfg.data.path, names=names,
                            val_fraction=cfg.data.val_fraction, split="val")
         sampler = ShardedSampler(len(train), t.batch_size, seed=t.seed, drop_last=True)
     amp = MixedPrecision(model, t.precision) if t.precision != "fp32" else None
     opt = make_optimizer(amp.parameters() if amp else model.parameters(), cfg)
     return Job(cfg, model, opt, make_scheduler(opt, cfg), train, val, sampler, amp=amp)
+
+
+def target_name(model: Any) -> str:
+    """The array a model learns from in an array dataset: `y`, the class labels
+    cross-entropy scores its logits against, or the one its `targets` attribute names
+    (CLIP: `captions`), which its own `loss(inputs, targets)` scores as read."""
+    return getattr(model, "targets", "y")
 
 
 def make_optimizer(params: Iterable[Any], cfg: JobConfig) -> Any:

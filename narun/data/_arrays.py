@@ -81,6 +81,21 @@ def missing_arrays(path: str | os.PathLike[str]) -> ConfigError:
                        f"file with arrays x and y")
 
 
+def class_prompts(path: str | os.PathLike[str]) -> np.ndarray:
+    """The texts naming each class of an array dataset, (classes, P), for zero-shot
+    classification (CLIP): its `prompts` array (row c: P texts naming class c, as `narun
+    data shapes` writes), else its `classes` names, one prompt each. ConfigError if it has
+    neither."""
+    with np.load(Path(path), allow_pickle=False) as arrays:
+        if "prompts" in arrays.files:
+            return np.asarray(arrays["prompts"])
+        if "classes" in arrays.files:
+            return np.asarray(arrays["classes"])[:, None]
+        raise ConfigError(f"data.path: {str(path)!r} has no array `prompts` or `classes` "
+                          f"(texts naming each class), which zero-shot accuracy scores "
+                          f"images against; `narun data shapes` writes both")
+
+
 def load_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Named arrays of a .npz file, or {"x": array} for a .npy file (no pickled objects)."""
     p = Path(path)

@@ -90,15 +90,28 @@ def render_shapes(n: int = 4096, size: int = 32, seed: int = 0) -> dict[str, Any
 
     colors = color_names[color_idx]
     sizes = np.where(large, "large", "small")
-    names = np.array(CLASSES)[y]
-    article = np.where(y == CLASSES.index("stripes"), "", "a ")
-    captions = np.char.add(np.char.add(np.char.add(np.char.add(article, sizes), " "),
-                                       np.char.add(colors, " ")), names)
+    captions = _captions(sizes, colors, y)
     return {
         "images": images, "masks": masks, "y": y, "colors": colors.astype(str),
         "sizes": sizes.astype(str), "captions": captions.astype(str),
         "background": background.astype(np.float32), "noise_rng": rng,
     }
+
+
+def _captions(sizes: np.ndarray, colors: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """"a small red circle", "large yellow stripes": elementwise over the arrays."""
+    article = np.where(y == CLASSES.index("stripes"), "", "a ")
+    words = np.char.add(np.char.add(sizes, " "), np.char.add(colors, " "))
+    return np.char.add(np.char.add(article, words), np.array(CLASSES)[y])
+
+
+def shape_prompts() -> np.ndarray:
+    """Every caption the renderer writes for each class, (classes, sizes * colours): row c
+    names class c in each size and colour (the texts CLIP's zero-shot scores images
+    against)."""
+    y, size, color = np.meshgrid(np.arange(len(CLASSES)), np.array(SIZES),
+                                 np.array(list(COLORS)), indexing="ij")
+    return _captions(size, color, y).reshape(len(CLASSES), -1).astype(str)
 
 
 def make_shapes_npz(path: str | os.PathLike[str], n: int = 4096, size: int = 32,
@@ -112,8 +125,9 @@ def make_shapes_npz(path: str | os.PathLike[str], n: int = 4096, size: int = 32,
     values, then clipped to [0, 1]). Writes `x` float32 (n, 3, size, size) standardised
     per channel (zero mean, unit variance over the set), `y` int64 (n,), `captions`
     (e.g. "a small red circle", "large yellow stripes"), `colors`, `sizes` (unicode
-    (n,)), `classes` (the 4 names) and `mean` / `std` float32 (3,) (the per-channel
-    statistics x was standardised with). No pickled objects. Deterministic per seed.
+    (n,)), `classes` (the 4 names), `prompts` (4, 16) (every caption of each class:
+    `shape_prompts`) and `mean` / `std` float32 (3,) (the per-channel statistics x was
+    standardised with). No pickled objects. Deterministic per seed.
     """
     _check(n, size, "make_shapes_npz")
     r = render_shapes(n, size, seed)
@@ -126,6 +140,6 @@ def make_shapes_npz(path: str | os.PathLike[str], n: int = 4096, size: int = 32,
     p = Path(path)
     with open(p, "wb") as f:  # a file object keeps np.savez from appending ".npz"
         np.savez(f, x=x, y=r["y"], captions=r["captions"], colors=r["colors"],
-                 sizes=r["sizes"], classes=np.array(CLASSES),
+                 sizes=r["sizes"], classes=np.array(CLASSES), prompts=shape_prompts(),
                  mean=mean.astype(np.float32), std=std.astype(np.float32))
     return p

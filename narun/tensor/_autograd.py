@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from narun.errors import GradError
 
 if TYPE_CHECKING:
@@ -207,6 +209,8 @@ def _add_grad(grads: dict[int, tuple[Any, bool]], p: Tensor, pg: Any, exclusive:
               op: str) -> None:
     """Add `pg` into the pending gradient of `p`, in place only into an exclusive buffer."""
     prev, prev_exclusive = grads.get(id(p), (None, False))
+    if isinstance(pg, np.generic):  # NumPy's 0-d arithmetic gives scalars, which `+=` rebinds
+        pg, exclusive = np.asarray(pg), True  # instead of adding into: a fresh 0-d array
     if isinstance(pg, IndexGrad):
         if not prev_exclusive:
             buf = p.xp.zeros(p.shape, dtype=pg.value.dtype)

@@ -128,7 +128,7 @@ def test_config_check_on_a_missing_file_exits_2(tmp_path):
 
 # What `train` refuses, `config check` refuses: the same message, exit 2, before any step.
 REFUSED = [
-    (["--set", "model.name=gtp"], "model.name: must be one of bert, gpt, mlp, resnet, vit, "
+    (["--set", "model.name=gtp"], "model.name: must be one of bert, clip, gpt, mlp, resnet, vit, "
      "got 'gtp'; did you mean 'gpt'?"),
     (["--set", "data.path=no/such/corpus.txt"], "data.path: no such file "
      "'no/such/corpus.txt'"),

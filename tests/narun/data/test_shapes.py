@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from narun import cli
-from narun.data import ArrayDataset, make_shapes_npz, render_shapes
+from narun.data import ArrayDataset, class_prompts, make_shapes_npz, render_shapes
 from narun.data._shapes import CLASSES, COLORS
+from narun.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_arrays_shapes_dtypes_balance(shapes):
     assert np.bincount(y, minlength=4).tolist() == [128] * 4
     assert y[:16].tolist() != sorted(y[:16].tolist())  # rows shuffled
     assert shapes["classes"].tolist() == list(CLASSES)
-    for key in ("captions", "colors", "sizes", "classes"):
+    for key in ("captions", "colors", "sizes", "classes", "prompts"):
         assert shapes[key].dtype.kind == "U"  # fixed-width unicode, never objects
     # standardised per channel; the stored statistics undo it into [0, 1]
     np.testing.assert_allclose(x.mean(axis=(0, 2, 3)), 0.0, atol=1e-4)
@@ -96,6 +97,22 @@ def test_pixels_colours_and_captions():
     small = np.array([m.sum() for m, s in zip(masks, r["sizes"], strict=True) if s == "small"])
     large = np.array([m.sum() for m, s in zip(masks, r["sizes"], strict=True) if s == "large"])
     assert large.mean() > 2.5 * small.mean()
+
+
+def test_prompts_are_every_caption_of_each_class(shapes, tmp_path):
+    prompts = shapes["prompts"]
+    assert prompts.shape == (4, 16) and len(set(prompts.ravel())) == 64
+    assert prompts[0, 0] == "a small red circle" and prompts[3, -1] == "large orange stripes"
+    for caption, y in zip(shapes["captions"], shapes["y"], strict=True):
+        assert caption in prompts[y]  # every caption is one of its own class's prompts
+    np.testing.assert_array_equal(class_prompts(make_shapes_npz(tmp_path / "s.npz", n=8)),
+                                  prompts)
+    only_names = tmp_path / "names.npz"
+    np.savez(only_names, x=shapes["x"], classes=shapes["classes"])
+    assert class_prompts(only_names).tolist() == [[c] for c in CLASSES]
+    np.savez(only_names, x=shapes["x"])
+    with pytest.raises(ConfigError, match="no array `prompts` or `classes`"):
+        class_prompts(only_names)
 
 
 def test_noisy_pixels_keep_the_shape(tmp_path):

@@ -1,4 +1,4 @@
-"""PyTorch's side of the encoder tests (ViT, BERT): an independent pre-norm encoder block with
+"""PyTorch's side of the encoder tests (ViT, BERT, CLIP): an independent pre-norm encoder block with
 narun's parameter names, so a state dict loads into both."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from torch import nn as tnn
 
 
 class TorchBlock(tnn.Module):
-    def __init__(self, dim, heads, hidden, gelu="none"):
+    def __init__(self, dim, heads, hidden, gelu="none", causal=False):
         super().__init__()
-        self.heads, self.gelu = heads, gelu
+        self.heads, self.gelu, self.causal = heads, gelu, causal
         self.ln_1, self.ln_2 = tnn.LayerNorm(dim), tnn.LayerNorm(dim)
         self.qkv, self.proj = tnn.Linear(dim, 3 * dim), tnn.Linear(dim, dim)
         self.fc, self.out = tnn.Linear(dim, hidden), tnn.Linear(hidden, dim)
@@ -21,7 +21,7 @@ class TorchBlock(tnn.Module):
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln_1(x)).reshape(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        y = TF.scaled_dot_product_attention(q, k, v)
+        y = TF.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.out(TF.gelu(self.fc(self.ln_2(x)), approximate=self.gelu))
 

@@ -24,6 +24,14 @@ def test_gradients_accumulate_across_backward_calls():
     np.testing.assert_allclose(w.grad.numpy(), [3 + 2, 3 + 4])
 
 
+def test_a_0d_leaf_used_twice_gets_both_gradients():
+    # NumPy returns scalars, not 0-d arrays, from 0-d arithmetic: they must still add up
+    x = narun.tensor(2.0, dtype="float64", requires_grad=True)
+    (x.exp() + x.exp()).backward()
+    assert isinstance(x.grad.numpy(), np.ndarray)
+    assert x.grad.item() == pytest.approx(2 * np.exp(2.0), rel=1e-12)
+
+
 def test_pass_through_gradients_are_not_aliased_between_leaves():
     a = narun.tensor([1.0, 2.0], requires_grad=True)
     b = narun.tensor([3.0, 4.0], requires_grad=True)

@@ -233,19 +233,24 @@ def test_bad_config_fails_fast_with_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "mlp.yaml", "resnet.yaml", "vit.yaml",
-                                  "bert.yaml"])
+                                  "bert.yaml", "clip.yaml"])
 def test_shipped_configs_pass_config_check(name, tmp_path):
     root = Path(__file__).resolve().parents[3]
     check = [sys.executable, "-m", "narun.cli", "config", "check", str(root / "configs" / name)]
-    data = {"mlp.yaml": "blobs", "resnet.yaml": "shapes", "vit.yaml": "shapes"}.get(name)
+    env = {**os.environ, "PYTHONPATH": str(root)}  # this checkout's narun, whatever cwd is
+    data = {"mlp.yaml": "blobs", "resnet.yaml": "shapes", "vit.yaml": "shapes",
+            "clip.yaml": "shapes"}.get(name)
     if data:  # made by `narun data blobs|shapes runs/NAME.npz`, in cwd
-        missing = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        missing = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                 timeout=60)
         assert missing.returncode == 2
         assert f"data.path: no such file 'runs/{data}.npz'" in missing.stderr
         assert f"narun data {data}" in missing.stderr
         made = subprocess.run([sys.executable, "-m", "narun.cli", "data", data,
-                               f"runs/{data}.npz", "--n", "64"], cwd=tmp_path, timeout=60)
+                               f"runs/{data}.npz", "--n", "64"], cwd=tmp_path, env=env,
+                              timeout=60)
         assert made.returncode == 0
-    out = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 0, out.stderr
     assert "training:" in out.stdout and "model:" in out.stdout
