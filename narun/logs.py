@@ -28,6 +28,12 @@ def configure(json_lines: bool | None = None, level: str = "info") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+
+
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    # sys.stderr as it is at each log call, not at configure(): whoever replaced it since
+    # (pytest's capture, a redirect) gets the lines, and a closed replacement never does.
+    return structlog.PrintLogger(file=sys.stderr)
