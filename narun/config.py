@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from narun.data._augment import AUGMENTATIONS
 from narun.errors import ConfigError
 
 __all__ = [
@@ -82,6 +83,21 @@ class DataConfig(_Section):
     path: str | None = None  # null: the CPython docs text (kind text); arrays need a file
     seq_len: int = _key(128, gt=0)
     val_fraction: float = _key(0.05, ge=0, lt=1)
+    # arrays of images (N, C, H, W): training batches get these, drawn per (seed, step)
+    # (narun.data.augment_images): hflip, vflip, shift (by up to max_shift pixels)
+    augment: list[str] = field(default_factory=list)
+    max_shift: int = _key(2, ge=0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, str):  # --set data.augment=hflip,shift
+            self.augment = [a.strip() for a in self.augment.split(",") if a.strip()]
+        super().__post_init__()
+        for name in self.augment:
+            if name not in AUGMENTATIONS:
+                raise ConfigError(_choice_message("data.augment", name, AUGMENTATIONS))
+        if self.augment and self.kind != "arrays":
+            raise ConfigError(f"data.augment: flips and shifts are for images (data.kind "
+                              f"arrays), got data.kind {self.kind!r}; set data.augment: []")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from narun.amp import MixedPrecision, at_least_float32, low_precision_dtype
 from narun.config import JobConfig, _choice_message, check_trainable_device, to_dict
 from narun.data import ArrayDataset, ShardedSampler, TextDataset, WindowSampler, class_prompts
 from narun.data._arrays import missing_arrays
+from narun.data._augment import augment_images
 from narun.errors import CheckpointError, ConfigError, DeviceError
 from narun.events import Reporter
 from narun.models import bert, build_from_config, gpt_config, model_names
@@ -72,6 +73,9 @@ class Job:
             return self.train_data.batch(self.sampler.offsets(step))
         self.sampler.seek(step)  # the batch of `step` whatever ran before (a restart)
         x, y = self.train_data.batch(self.sampler.next_batch())
+        d = self.config.data
+        if d.augment:  # drawn per (seed, step): the same after a restart, on every trainer
+            x = augment_images(x, d.augment, d.max_shift, self.config.training.seed, step)
         return x, y
 
     def loss(self, x: np.ndarray, y: np.ndarray) -> narun.Tensor:

@@ -7,13 +7,15 @@
 """
 
 from narun.data._arrays import ArrayDataset, class_prompts, load_arrays, make_classification_npz
+from narun.data._augment import AUGMENTATIONS, augment_images
 from narun.data._sampler import ShardedSampler, WindowSampler
 from narun.data._shapes import make_shapes_npz, render_shapes, shape_prompts
 from narun.data._text import TextDataset, default_corpus, load_corpus
 from narun.data._tokenizer import ByteTokenizer
 
 __all__ = [
-    "ArrayDataset", "ByteTokenizer", "ShardedSampler", "TextDataset", "WindowSampler",
-    "class_prompts", "default_corpus", "load_arrays", "load_corpus", "make_classification_npz",
-    "make_shapes_npz", "render_shapes", "shape_prompts",
+    "AUGMENTATIONS", "ArrayDataset", "ByteTokenizer", "ShardedSampler", "TextDataset",
+    "WindowSampler", "augment_images", "class_prompts", "default_corpus", "load_arrays",
+    "load_corpus", "make_classification_npz", "make_shapes_npz", "render_shapes",
+    "shape_prompts",
 ]

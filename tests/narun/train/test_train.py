@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 import narun.models  # noqa: F401  (registers model fields)
 from narun.checkpoint import latest_good, list_checkpoints, load_checkpoint, run_id_of
 from narun.config import config_from_dict
+from narun.data import augment_images, make_shapes_npz
 from narun.errors import CheckpointError, ConfigError
 from narun.events import JsonLinesReporter
 from narun.train import build_job, train
@@ -119,6 +120,41 @@ def test_extending_a_finished_run_rebuilds_the_schedule(tmp_path):
     with pytest.raises(ConfigError, match=r"training.steps: 10 is below step 14 of the "
                        r"checkpoint"):
         train(cfg(tmp_path, steps=10), Events(), resume="auto")
+
+
+def vit_cfg(tmp_path, data, **training):
+    return config_from_dict({
+        "model": {"name": "vit", "num_classes": 4, "image_size": 16, "patch_size": 4,
+                  "dim": 16, "depth": 1, "heads": 2},
+        "data": {"kind": "arrays", "path": str(data), "val_fraction": 0.25,
+                 "augment": ["hflip", "vflip", "shift"], "max_shift": 2},
+        "training": {"steps": 8, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2,
+                     "eval_every": 0, "checkpoint_every": 0, "out_dir": str(tmp_path),
+                     **training},
+    })
+
+
+def test_augmented_batches_are_drawn_per_step_and_resume_bit_exact(tmp_path):
+    data = make_shapes_npz(tmp_path / "shapes.npz", n=64, size=16, seed=0)
+    job = build_job(vit_cfg(tmp_path / "j", data))
+    unaugmented = vit_cfg(tmp_path / "p", data)
+    unaugmented.data.augment = []
+    plain = build_job(unaugmented)
+    for step in (5, 0, 5):  # any order: a step's batch is a function of (seed, step)
+        x, y = job.batch(step)
+        px, py = plain.batch(step)
+        np.testing.assert_array_equal(y, py)
+        np.testing.assert_array_equal(x, augment_images(px, ("hflip", "vflip", "shift"), 2,
+                                                        seed=0, step=step))
+        assert not np.array_equal(x, px)
+    straight = train(vit_cfg(tmp_path / "a", data), Events())
+    first = train(vit_cfg(tmp_path / "b", data), Events(), stop_at=4)
+    assert first["step"] == 4 and first["interrupted"]
+    second = train(vit_cfg(tmp_path / "b", data), Events(), resume="auto")
+    a, b = final_params(straight["checkpoint"]), final_params(second["checkpoint"])
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 @pytest.mark.parametrize("optimizer, lr", [("adamw", 1e-3), ("sgd", 0.1)])
