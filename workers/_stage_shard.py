@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from narun.runtime.buckets import Bucket, Plan, pack, unpack
+from narun.runtime.buckets import Bucket, Plan, pack_grads, unpack
 from narun.runtime.mailbox import Mailbox, new_id
 from protocol import Message, message
 
@@ -77,16 +77,10 @@ class StageShard:
                                           f"replica {self.replica}")
 
     def _pack(self) -> None:
-        # only the stage's own parameters: the others have no gradient here
-        grads = {j: self._grad(j) for b in self.buckets for j in {p.index for p in b.pieces}}
-        for b, buf in zip(self.buckets, self.bufs):
-            pack(b, grads, buf)
+        for b, buf in zip(self.buckets, self.bufs):  # the stage's own buckets only
+            pack_grads(b, self.params, buf)
         for p in self.params:  # the shard steps the values; nothing accumulates here
             p.grad = None
-
-    def _grad(self, j: int) -> np.ndarray:
-        p = self.params[j]
-        return p.grad.data if p.grad is not None else np.zeros(p.shape, np.float32)
 
     def _load(self, answer: Message) -> None:
         arrays = [p.data for p in self.params]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -174,6 +175,21 @@ def pack(bucket: Bucket, arrays: Sequence[np.ndarray] | Mapping[int, np.ndarray]
     all, or a mapping of at least those the bucket holds) into `out`."""
     for p in bucket.pieces:
         out[p.offset:p.offset + p.size] = arrays[p.index].reshape(-1)[p.start:p.stop]
+    return out
+
+
+def pack_grads(bucket: Bucket, params: Sequence[Any], out: Any) -> Any:
+    """Copy the gradients of the bucket's pieces of `params` (tensors, indexed like the
+    plan's parameters) into `out`; a parameter without a gradient (the loss did not reach
+    it) packs as zeros. Only the bucket's own parameters are read: mid-backward most others
+    have no gradient yet."""
+    for p in bucket.pieces:
+        grad = params[p.index].grad
+        dst = out[p.offset:p.offset + p.size]
+        if grad is None:
+            dst.fill(0)
+        else:
+            dst[...] = grad.data.reshape(-1)[p.start:p.stop]
     return out
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from narun.errors import ConfigError, ShapeError
-from narun.runtime.buckets import join, make_plan, make_stage_plan, pack, split, unpack
+from narun.runtime.buckets import join, make_plan, make_stage_plan, pack, pack_grads, split, unpack
+from narun.tensor._tensor import Tensor
 
 SHAPES = [("emb", (50, 8)), ("w1", (8, 16)), ("b1", (16,)), ("scale", ()), ("w2", (16, 3)),
           ("b2", (3,))]
@@ -72,6 +73,21 @@ def test_pack_unpack_round_trip_into_parameter_arrays():
         unpack(b, buf, arrays)
     for a, s in zip(arrays, source):
         np.testing.assert_array_equal(a, s)
+
+
+def test_pack_grads_packs_each_gradient_and_zeros_where_there_is_none():
+    state = random_state(SHAPES, seed=2)
+    plan = make_plan(SHAPES, 3, 64)
+    params = []
+    for i, a in enumerate(state.values()):
+        t = Tensor._wrap(np.zeros_like(a))
+        t.grad = None if i == 1 else Tensor._wrap(a)  # the loss did not reach parameter 1
+        params.append(t)
+    grads = [np.zeros_like(a) if i == 1 else a for i, a in enumerate(state.values())]
+    flat = np.concatenate([g.reshape(-1) for g in grads])
+    for b in plan.buckets:
+        buf = np.full(b.size, np.nan, np.float32)  # stale values must not survive
+        np.testing.assert_array_equal(pack_grads(b, params, buf), flat[b.start:b.stop])
 
 
 def test_errors_name_what_is_wrong():
