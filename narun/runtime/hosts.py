@@ -7,9 +7,12 @@ import ipaddress
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+import zmq
 
 from narun.errors import ConfigError
 
@@ -143,10 +146,6 @@ def local_endpoint(name: str) -> str | None:
 
     Bulk tensors cross a Unix socket without the TCP stack: 100 MB of 4 MB frames each way
     moved 1.7x faster than over 127.0.0.1 here (raw pyzmq, paired rounds)."""
-    import tempfile
-
-    import zmq
-
     if not zmq.has("ipc"):
         return None
     directory = tempfile.mkdtemp(prefix="narun-")  # mode 0700
