@@ -186,10 +186,6 @@ def check_job(cfg: JobConfig, here: bool = True) -> None:
                               f"(got {t.grad_accum})")
     if rt.mode == "pipeline":
         _check_pipeline_job(cfg)
-    if distributed and cfg.model.name == "resnet":
-        raise ConfigError(f"model.name: resnet's BatchNorm keeps running statistics, which "
-                          f"mode {rt.mode} does not gather from its processes yet; train it "
-                          f"in mode local")
     if t.precision != "fp32":
         if rt.mode != "local":
             raise ConfigError(f"training.precision: {t.precision} trains in mode local; mode "

@@ -91,7 +91,8 @@ _SPECS = (
     MessageSpec("hello", "any peer -> the server it connects to", (
         _f("role: str", ROLES), _f("rank: int"), _f("software: str"))),
     MessageSpec("welcome", "server -> peer, reply to hello", (
-        _f("role: str", ROLES), _f("software: str"), _f("heartbeat_interval: float"))),
+        _f("role: str", ROLES), _f("software: str"), _f("heartbeat_interval: float"),
+        _f("buffers?: tensors"))),
     MessageSpec("heartbeat", "actor -> coordinator, coordinator -> agent, and the echo", (
         _f("role: str", ROLES), _f("rank: int"), _f("step: int"), _f("time: float"))),
     MessageSpec("push_grads", "trainer -> ps shard", (
@@ -114,7 +115,7 @@ _SPECS = (
         _f("step: int"), _f("grads: tensors"))),
     MessageSpec("step_done", "trainer or stage -> coordinator", (
         _f("step: int"), _f("rank: int"), _f("loss: float"), _f("samples: int"),
-        _f("timings: map"))),
+        _f("timings: map"), _f("buffers?: tensors"))),
     MessageSpec("checkpoint", "coordinator -> ps shard, and the shard's reply", (
         _f("step: int"), _f("path: str"))),
     MessageSpec("members", "coordinator -> ps shard, and the shard's reply", (

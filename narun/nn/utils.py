@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
 from narun.errors import ConfigError, GradError
 from narun.tensor._tensor import Tensor
 
-__all__ = ["clip_coefficient", "clip_grad_norm_", "clip_grad_value_", "zero_grads"]
+__all__ = ["clip_coefficient", "clip_grad_norm_", "clip_grad_value_", "persistent_buffers",
+           "zero_grads"]
 
 
 def zero_grads(parameters: Iterable[Tensor], set_to_none: bool = True) -> None:
@@ -90,3 +92,10 @@ def clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float) -
         raise ConfigError(f"clip_grad_value_: clip_value must be >= 0, got {clip_value}")
     for g in _grads(parameters):
         g.xp.clip(g.data, -clip_value, clip_value, out=g.data)
+
+
+def persistent_buffers(module: Any) -> dict[str, Tensor]:
+    """The buffers `module.state_dict()` holds (a BatchNorm's running statistics), by dotted
+    name, sharing memory with the module: what a checkpoint keeps besides the parameters."""
+    params = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    return {k: v for k, v in module.state_dict().items() if k not in params}

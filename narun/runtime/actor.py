@@ -62,6 +62,7 @@ class Actor:
         self.leaving = False  # set by SIGTERM: stop like a drain, exit EXIT_LEFT
         self.context: zmq.asyncio.Context | None = None
         self.control: Mailbox | None = None
+        self.welcome: Message | None = None  # the coordinator's answer to hello
         self.tasks = Background(self.name, on_error=self.fail)
         self.job_keys: JobKeys | None = None  # set across hosts: every socket uses CURVE
         self.authenticator: Authenticator | None = None  # admits the job's key (servers)
@@ -126,7 +127,7 @@ class Actor:
                                    on_error=self.fail).start()
             # Bounded like every wait: a wrong address, a closed port or a coordinator of
             # another protocol version fail here within seconds, named.
-            await self.control.call(
+            self.welcome = await self.control.call(
                 message("hello", new_id(), role=self.role, rank=self.rank,
                         software=narun.__version__),
                 timeout=self.heartbeat_timeout,

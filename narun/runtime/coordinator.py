@@ -47,6 +47,7 @@ from narun.checkpoint import latest_good, save_checkpoint
 from narun.config import JobConfig, to_dict
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
 from narun.events import Reporter
+from narun.nn.utils import persistent_buffers
 from narun.runlog import record_run
 from narun.runtime.actor import EXIT_LEFT
 from narun.runtime.assemble import assemble
@@ -142,6 +143,8 @@ class Coordinator:
         self._tasks = Background("coordinator", on_error=self._fail, expected=(_Rollback,))
         self._reports: dict[int, dict[int, Message]] = {}
         self._latest: dict[int, int] = {}  # trainer rank -> the last step it reported
+        # step -> trainer 0's persistent buffers (BatchNorm statistics) after that step
+        self._buffers: dict[int, dict[str, np.ndarray]] = {}
         self._hello: set[int] = set()  # pids that joined
         self._seen: dict[int, float] = {}  # pid -> last message
         self._exited: dict[int, int] = {}  # pid -> exit status
@@ -608,6 +611,9 @@ class Coordinator:
                 self._last_step[child.pid] = step
             if step > self._completed:
                 self._reports.setdefault(step, {})[rank] = msg
+            buffers = msg.get("buffers")
+            if buffers is not None:
+                self._buffers[step] = buffers
             self._changed.notify()
         elif msg.type == "shutdown" and child is not None:  # a worker's own SIGTERM
             log.warning("coordinator.leave_requested", role=child.role, rank=child.rank,
@@ -634,8 +640,11 @@ class Coordinator:
             # still averages in when they come before the others' (or answers them late).
             self._tasks.spawn(self._send_members(), f"send members (trainer {rank} is back)")
         self._changed.notify()
+        extra = {}
+        if msg["role"] == "trainer" and rank == 0 and self._buffers:
+            extra["buffers"] = self._buffers[max(self._buffers)]  # a replacement goes on
         return reply(msg, "welcome", role="coordinator", software=narun.__version__,
-                     heartbeat_interval=self.cfg.runtime.heartbeat_interval)
+                     heartbeat_interval=self.cfg.runtime.heartbeat_interval, **extra)
 
     def _on_signal(self, signum: int) -> None:
         if self._signal is not None:
@@ -659,11 +668,22 @@ class Coordinator:
             link.call(m, timeout=self.wait_timeout, step=step, what="every bucket for eval")
             for link, m in zip(self.shard_links, msg)))
         flats = {k: v for r in replies for k, v in r["params"].items()}
-        self._load(join(self.plan, flats))
+        self._load(join(self.plan, flats), step)
 
-    def _load(self, state: dict[str, np.ndarray]) -> None:
+    def _load(self, state: dict[str, np.ndarray], step: int) -> None:
+        """The shards' parameters, and trainer 0's buffers as of `step` (the latest it
+        reported up to then; none reported yet: the model's own, fresh or resumed)."""
         for name, p in self.job.model.named_parameters():
             p.data[...] = state[name]
+        reported = [s for s in self._buffers if s <= step]
+        if reported:
+            latest = max(reported)
+            buffers = persistent_buffers(self.job.model)
+            for name, value in self._buffers[latest].items():
+                buffers[name].data[...] = value
+            for s in reported:  # older ones are of no further use
+                if s < latest:
+                    del self._buffers[s]
 
     async def _checkpoint(self, step: int) -> Path:
         """Every shard's slice of `step`, then one checkpoint written whole (manifest last):
@@ -693,7 +713,7 @@ class Coordinator:
     def _save(self, step: int, files: list[Path]) -> Path:
         job, cfg = self.job, self.cfg
         model_state, opt_state = self._assemble(files)
-        self._load(model_state)
+        self._load(model_state, step)
         extra = {"config": to_dict(cfg), "rng": narun.get_rng_state(),
                  "scheduler": job.scheduler.state_dict()}
         if not job.text:

@@ -185,7 +185,7 @@ class PipelineCoordinator(Coordinator):
             return await super()._pull_model(step)
         try:
             state, _ = await asyncio.to_thread(self._assemble, await self._slices(step))
-            self._load(state)
+            self._load(state, step)
         finally:
             await asyncio.to_thread(shutil.rmtree, self._staging(step), True)
 

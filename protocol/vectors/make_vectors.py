@@ -95,6 +95,10 @@ VECTORS: dict[str, dict[str, Any]] = {
                                         for i in range(64)])}),
     "step_done": _v("step_done", 15, step=12, rank=1, loss=2.75, samples=16, timings={
         "compute": 0.125, "push": 0.0625, "pull": 0.03125, "wait": 0.0}),
+    "step_done_buffers": _v("step_done", 15, step=12, rank=0, loss=2.75, samples=16,
+                            timings={"compute": 0.125}, buffers={
+                                "bn.running_mean": _t("float32", [2], [0.5, -0.25]),
+                                "bn.num_batches_tracked": _t("int64", [], 12)}),
     "checkpoint": _v("checkpoint", 16, step=500, path="runs/quickstart/step-000500"),
     "members": _v("members", 23, ranks=[0, 2, 3]),
     "shutdown": _v("shutdown", 17, reason="job cancelled by user", drain=True),

@@ -117,14 +117,3 @@ def test_bad_shapes_and_sizes_are_refused():
         ResNet(4, channels=(8, 16), blocks=(1,))
     with pytest.raises(ConfigError, match=r"BatchNorm2d: expected \(N, C, H, W\)"):
         BatchNorm2d(3)(narun.randn(2, 3))
-
-
-def test_distributed_modes_refuse_batchnorm_models_they_cannot_checkpoint_whole():
-    from narun.config import config_from_dict
-    from narun.train import check_job
-
-    cfg = config_from_dict({"model": {"name": "resnet"},
-                            "data": {"kind": "arrays", "path": "shapes.npz"},
-                            "runtime": {"mode": "ps-sync", "workers": 2}})
-    with pytest.raises(ConfigError, match="running statistics.*mode local"):
-        check_job(cfg)
