@@ -116,3 +116,17 @@ def test_a_replaced_trainer_zero_goes_on_from_the_statistics_it_reported(tmp_pat
                delays={0: 0.5})
     assert [(r["rank"], r["rejoins_at"]) for r in reporter.of("restart")] == [(0, 2)]
     assert_trainer_zeros_statistics(done, replicas)
+
+
+@pytest.mark.timeout(90)
+def test_ps_async_checkpoints_and_evaluates_with_trainer_zeros_statistics(tmp_path):
+    """No one-process equal in ps-async; what must hold: the checkpoint holds trainer 0's
+    statistics (it took all STEPS steps), and the final validation loss is that checkpoint's."""
+    data = make_shapes_npz(tmp_path / "shapes.npz", n=64, size=16)
+    done = run(resnet_config(data, tmp_path / "dist", "ps-async", 2), Faults({}))
+    ckpt = load_checkpoint(done["checkpoint"])
+    assert int(ckpt.model["bn.num_batches_tracked"]) == STEPS
+    assert np.abs(ckpt.model["bn.running_var"] - 1.0).max() > 1e-3  # moved from the start
+    job = build_job(resnet_config(data, tmp_path / "check", "local", 1))
+    job.model.load_state_dict(ckpt.model)
+    assert done["val_loss"] == pytest.approx(job.evaluate(None), rel=1e-5)
