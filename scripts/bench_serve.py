@@ -323,7 +323,9 @@ def main() -> int:
                     help="open loop: Poisson arrivals per second (0: skip the mode)")
     ap.add_argument("--poisson-requests", type=int, default=64)
     ap.add_argument("--min-requests", type=int, default=16,
-                    help="closed loop: each mode sends max(2 x streams, this) requests")
+                    help="closed loop: each mode sends max(P x streams, this) requests")
+    ap.add_argument("--per-stream", type=int, default=2,
+                    help="closed loop: requests per stream (P above)")
     ap.add_argument("--prompt-bytes", type=int, default=64)
     ap.add_argument("--new", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--threads", type=int, default=1,
@@ -344,7 +346,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.rounds < 1 or args.clients < 1 or min(args.streams) < 1:
         ap.error("--rounds, --clients and every --streams must be >= 1")
-    per_stream, minimum = 2, args.min_requests
+    per_stream, minimum = args.per_stream, args.min_requests
     if args.quick:
         if args.streams == ap.get_default("streams"):
             args.streams = [1, 8, 32]
