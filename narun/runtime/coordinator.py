@@ -614,6 +614,9 @@ class Coordinator:
             buffers = msg.get("buffers")
             if buffers is not None:
                 self._buffers[step] = buffers
+                # of those up to the last completed step, only the latest can still be used
+                for old in sorted(s for s in self._buffers if s <= self._completed)[:-1]:
+                    del self._buffers[old]
             self._changed.notify()
         elif msg.type == "shutdown" and child is not None:  # a worker's own SIGTERM
             log.warning("coordinator.leave_requested", role=child.role, rank=child.rank,
