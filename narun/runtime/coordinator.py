@@ -349,6 +349,9 @@ class Coordinator:
             reports = list(self._reports.pop(step, {}).values())
             for old in [s for s in self._reports if s <= step]:
                 del self._reports[old]
+            # trainer 0's statistics: of those up to this step only the latest can be used
+            for old in sorted(s for s in self._buffers if s <= step)[:-1]:
+                del self._buffers[old]
             lr = job.scheduler.get_last_lr()[0]
             job.scheduler.step()
             if not text:
@@ -614,9 +617,6 @@ class Coordinator:
             buffers = msg.get("buffers")
             if buffers is not None:
                 self._buffers[step] = buffers
-                # of those up to the last completed step, only the latest can still be used
-                for old in sorted(s for s in self._buffers if s <= self._completed)[:-1]:
-                    del self._buffers[old]
             self._changed.notify()
         elif msg.type == "shutdown" and child is not None:  # a worker's own SIGTERM
             log.warning("coordinator.leave_requested", role=child.role, rank=child.rank,

@@ -63,6 +63,20 @@ def simulate(cfg, workers: int):
     return job, replicas, evals
 
 
+class Held(Faults):
+    """Counts the statistics the coordinator holds at each step."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.held: list[int] = []
+
+    def emit(self, event: str, **fields) -> None:
+        super().emit(event, **fields)
+        if event == "step":
+            ahead = self.coordinator._latest[0] - fields["step"]
+            self.held.append((len(self.coordinator._buffers), ahead))
+
+
 def run(cfg, reporter, **options):
     coordinator = Coordinator(cfg, reporter, wait_timeout=30.0, **options)
     reporter.coordinator = coordinator
@@ -95,9 +109,12 @@ def test_ps_sync_resnet_keeps_trainer_zeros_batchnorm_statistics(tmp_path):
     data = make_shapes_npz(tmp_path / "shapes.npz", n=64, size=16)
     job, replicas, evals = simulate(resnet_config(data, tmp_path / "sim", "local", 1), 2)
     want_val = job.evaluate(None)
-    reporter = Faults({})
+    reporter = Held()
     done = run(resnet_config(data, tmp_path / "dist", "ps-sync", 2), reporter)
     assert_trainer_zeros_statistics(done, replicas)
+    # the coordinator keeps the statistics of the last completed step (or the latest before
+    # it) and those of steps trainer 0 finished since, no more
+    assert all(held <= 1 + ahead for held, ahead in reporter.held), reporter.held
     # evaluation in the middle and at the end ran with those statistics
     assert [e["step"] for e in reporter.of("eval")] == [EVAL_AT]
     assert reporter.of("eval")[0]["val_loss"] == pytest.approx(evals[EVAL_AT], rel=1e-5)
