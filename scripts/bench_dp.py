@@ -12,7 +12,9 @@
    bucket left), wait (backward done -> last reply) with what the shards spent in it
    (skew: a bucket's first push to its last, i.e. waiting for the other trainer; mean of
    the pushes; optimizer), and unpack (new values into the model). The shards' figures come
-   from their `ps.step` log lines.
+   from their `ps.step` log lines. Beside it, the CPU time a trainer and a shard spend per
+   step, user and system (mostly ZeroMQ's I/O threads copying through the socket), read
+   from /proc at each step.
 2. Moving a 100 MB parameter set: the runtime's push + pull (25 buckets of 4 MB, each a
    push_grads request answered by a params reply, through narun's Mailbox) against raw
    pyzmq moving the same bytes both ways (DEALER/ROUTER, zero-copy frames; the server
@@ -51,6 +53,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from narun.events import ListReporter  # noqa: E402
+
 GPT = dict(n_layer=4, n_embd=256, n_head=4, seq=128, batch=16, vocab=256)
 # gpt-modern-tiny blocks (SwiGLU MLPs): 2.7, 26.4 and 82.8 M parameters
 SIZES = {"3M": GPT, "25M": {**GPT, "n_layer": 10, "n_embd": 512, "n_head": 8},
@@ -85,11 +89,10 @@ def bench_gpt(workers: int, shards: int, steps: int, warmup: int,
     (narun launch) instead of local processes (scripts/bench_hosts.py). `threads`: BLAS
     threads of the in-process run (workers == 0); runtime processes get 1 each."""
     from narun._process import tune_process
-    from narun.events import ListReporter
 
     tune_process(threads)  # as `narun train` and every worker do: malloc kept, BLAS threads
     out = tempfile.mkdtemp(prefix="bench_dp_")
-    rep = ListReporter()
+    rep = ChildCpu() if workers else ListReporter()
     tokens = gpt["batch"] * gpt["seq"]
     phases: dict[str, list[float]] = {}
     if workers == 0:
@@ -120,6 +123,9 @@ def bench_gpt(workers: int, shards: int, steps: int, warmup: int,
                     phases.setdefault(k, []).append(t.get(k, 0.0))
         for k, v in _shard_steps(Path(out) / "logs").items():
             phases[k] = v
+        assert isinstance(rep, ChildCpu)
+        for k, v in rep.per_step().items():
+            phases[k] = v
     times, comm = times[warmup:], comm[warmup:]
     step = statistics.median(times)
     # the critical path, median per phase over the steps after warm-up
@@ -128,6 +134,54 @@ def bench_gpt(workers: int, shards: int, steps: int, warmup: int,
             "tokens_per_s": tokens / step,
             "comm_share": statistics.median(c / t for c, t in zip(comm, times)),
             "path": path}
+
+
+class ChildCpu(ListReporter):
+    """A ListReporter that also reads, at each step event, the CPU seconds (user, and
+    system: chiefly the socket copies of ZeroMQ's I/O threads) of this process's children,
+    the job's trainers and shards, from /proc (Linux; nothing elsewhere)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.samples: list[dict[int, tuple[str, float, float]]] = []
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def emit(self, event: str, **fields) -> None:
+        super().emit(event, **fields)
+        if event == "step" and os.path.isdir("/proc"):
+            self.samples.append(self._children())
+
+    def _children(self) -> dict[int, tuple[str, float, float]]:
+        me, out = os.getpid(), {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                if int(stat[1]) != me:
+                    continue
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            role = next((a.decode() for a in argv if a in (b"trainer", b"ps")), None)
+            if role is not None:
+                out[int(entry)] = (role, int(stat[11]) / self._tick, int(stat[12]) / self._tick)
+        return out
+
+    def per_step(self) -> dict[str, list[float]]:
+        """Per step: CPU seconds of a trainer and of a shard (mean over the role's
+        processes that lived through the step), user and system."""
+        out: dict[str, list[float]] = {}
+        for before, after in zip(self.samples, self.samples[1:]):
+            sums: dict[str, list[float]] = {}
+            for pid, (role, user, system) in after.items():
+                if pid in before:
+                    _, user0, system0 = before[pid]
+                    sums.setdefault(f"{role}_user", []).append(user - user0)
+                    sums.setdefault(f"{role}_sys", []).append(system - system0)
+            for k, v in sums.items():
+                out.setdefault(k, []).append(sum(v) / len(v))
+        return out
 
 
 def _shard_steps(log_dir: Path) -> dict[str, list[float]]:
@@ -401,6 +455,18 @@ def print_table(results: dict[str, dict], transfer: dict) -> None:
     for size, res in results.items():
         path = res["configs"]["2x2"]["path"]
         print(f"{size:<6}" + "".join(f"{path.get(k, 0.0) * 1e3:>13.1f}" for k in keys))
+    cpu = ("trainer_user", "trainer_sys", "ps_user", "ps_sys")
+    if any(k in res["configs"]["2x2"]["path"] for res in results.values() for k in cpu):
+        tick = 1e3 / os.sysconf("SC_CLK_TCK")
+        print(f"\nCPU ms per step of one process in the 2-trainer job (system time is mostly "
+              f"ZeroMQ's socket copies; /proc counts in {tick:.0f} ms ticks); one process at 1 "
+              f"thread: its whole step")
+        print(f"{'GPT':<6}" + "".join(f"{k.replace('_', ' '):>13}" for k in cpu)
+              + f"{'1 process':>13}")
+        for size, res in results.items():
+            path = res["configs"]["2x2"]["path"]
+            print(f"{size:<6}" + "".join(f"{path.get(k, 0.0) * 1e3:>13.1f}" for k in cpu)
+                  + f"{res['configs']['1t']['step_s'] * 1e3:>13.1f}")
     lo, hi = transfer["paired_quartiles"]
     print(f"\n100 MB push + pull   raw pyzmq {transfer['raw']['gb_per_s']:.2f} GB/s, "
           f"narun {transfer['narun']['gb_per_s']:.2f} GB/s  -> {transfer['ratio']:.2f} of raw"
