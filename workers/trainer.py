@@ -43,7 +43,7 @@ import numpy as np
 import structlog
 
 from narun.errors import ConfigError, Refused, WaitTimeout
-from narun.nn.utils import clip_grad_norm_, persistent_buffers
+from narun.nn.utils import clip_grad_norm_, load_buffers, persistent_buffers
 from narun.runtime.buckets import pack_grads, plan_for, unpack
 from narun.runtime.mailbox import Mailbox, new_id
 from narun.runtime.spec import WorkerSpec
@@ -81,7 +81,7 @@ class Trainer(JobActor):
         # Trainer 0's running statistics (BatchNorm) are the job's: each trainer keeps its
         # own, as DDP without SyncBatchNorm does, and the coordinator evaluates and
         # checkpoints with the ones trainer 0 reports after each step.
-        self.buffer_names = list(persistent_buffers(self.job.model)) if rank == 0 else []
+        self.sends_buffers = rank == 0 and bool(persistent_buffers(self.job.model))
         self.buckets_of = self.plan.buckets_of()
         self.counts = [len(b.pieces) for b in self.plan.buckets]
         self.bufs = [np.empty(b.size, np.float32) for b in self.plan.buckets]
@@ -129,11 +129,8 @@ class Trainer(JobActor):
     # -- the loop ----------------------------------------------------------------------
     async def main(self) -> None:
         reported = self.welcome.get("buffers") if self.welcome is not None else None
-        if self.buffer_names and reported:  # trainer 0, replaced: on from its statistics
-            state = self.job.model.state_dict()
-            for name, value in reported.items():
-                data = state[name].data
-                data[...] = get_array_module(data).asarray(value)
+        if self.sends_buffers and reported:  # trainer 0, replaced: on from its statistics
+            load_buffers(self.job.model, reported)
         await self._pull(range(len(self.plan.buckets)), self.start)
         steps = self.cfg.training.steps
         if self.spec.stop_at is not None:
@@ -160,9 +157,9 @@ class Trainer(JobActor):
             self.step = step
             timings["stale"] = self.stale
             extra = {}
-            if self.buffer_names:  # copied: the next step updates them while this is sent
-                state = self.job.model.state_dict()
-                extra["buffers"] = {k: np.array(state[k].numpy()) for k in self.buffer_names}
+            if self.sends_buffers:  # copied: the next step updates them while this is sent
+                extra["buffers"] = {k: np.array(v.numpy())
+                                    for k, v in persistent_buffers(self.job.model).items()}
             assert self.control is not None
             await self.control.send(message(
                 "step_done", new_id(), step=step, rank=self.rank, loss=loss,

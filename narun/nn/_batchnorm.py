@@ -3,9 +3,9 @@
 In training mode each batch is normalized by its own statistics and the running mean and
 variance move toward them by `momentum`; in eval mode the running statistics are used, so
 a model's outputs no longer depend on what else is in the batch. The running statistics
-are buffers, not parameters: the parameter servers do not hold them, so narun's
-distributed modes refuse models with BatchNorm (`narun.train.check_job`) until trainers
-gather them; they train in mode local.
+are buffers, not parameters: the parameter servers do not hold them. In ps-sync and
+ps-async each trainer keeps its own and trainer 0 reports them with each step, for the
+coordinator to evaluate and checkpoint with (workers/trainer.py).
 """
 
 from __future__ import annotations

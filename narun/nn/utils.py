@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from narun.errors import ConfigError, GradError
+from narun.errors import CheckpointError, ConfigError, GradError
 from narun.tensor._tensor import Tensor
 
-__all__ = ["clip_coefficient", "clip_grad_norm_", "clip_grad_value_", "persistent_buffers",
-           "zero_grads"]
+__all__ = ["clip_coefficient", "clip_grad_norm_", "clip_grad_value_", "load_buffers",
+           "persistent_buffers", "zero_grads"]
 
 
 def zero_grads(parameters: Iterable[Tensor], set_to_none: bool = True) -> None:
@@ -99,3 +99,14 @@ def persistent_buffers(module: Any) -> dict[str, Tensor]:
     name, sharing memory with the module: what a checkpoint keeps besides the parameters."""
     params = {name for name, _ in module.named_parameters(remove_duplicate=False)}
     return {k: v for k, v in module.state_dict().items() if k not in params}
+
+
+def load_buffers(module: Any, values: dict[str, Any]) -> None:
+    """Copy `values` (name -> array, named as `persistent_buffers` names them) into the
+    module's buffers in place, on its device (`load_state_dict`'s shape and dtype checks
+    apply); CheckpointError naming any value that is not one of its persistent buffers."""
+    foreign = sorted(set(values) - persistent_buffers(module).keys())
+    if foreign:
+        raise CheckpointError(f"load_buffers: {', '.join(map(repr, foreign))} are not "
+                              f"persistent buffers of {type(module).__name__}")
+    module.load_state_dict(values, strict=False)

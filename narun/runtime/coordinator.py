@@ -47,7 +47,7 @@ from narun.checkpoint import latest_good, save_checkpoint
 from narun.config import JobConfig, to_dict
 from narun.errors import ActorDiedError, ConfigError, WaitTimeout
 from narun.events import Reporter
-from narun.nn.utils import persistent_buffers
+from narun.nn.utils import load_buffers
 from narun.runlog import record_run
 from narun.runtime.actor import EXIT_LEFT
 from narun.runtime.assemble import assemble
@@ -678,15 +678,9 @@ class Coordinator:
         reported up to then; none reported yet: the model's own, fresh or resumed)."""
         for name, p in self.job.model.named_parameters():
             p.data[...] = state[name]
-        reported = [s for s in self._buffers if s <= step]
+        reported = [s for s in self._buffers if s <= step]  # _follow keeps one of these
         if reported:
-            latest = max(reported)
-            buffers = persistent_buffers(self.job.model)
-            for name, value in self._buffers[latest].items():
-                buffers[name].data[...] = value
-            for s in reported:  # older ones are of no further use
-                if s < latest:
-                    del self._buffers[s]
+            load_buffers(self.job.model, self._buffers[max(reported)])
 
     async def _checkpoint(self, step: int) -> Path:
         """Every shard's slice of `step`, then one checkpoint written whole (manifest last):
