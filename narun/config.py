@@ -187,19 +187,14 @@ class JobConfig:
             )
 
 
-def check_trainable_device(device: str, distributed: bool = True) -> None:
+def check_trainable_device(device: str) -> None:
     """Refuse a `runtime.device` narun cannot train on, with one message wherever it is
     checked (config check, one-process training, the coordinator, each trainer): the engine
-    computes with NumPy or CuPy, so 'mps' (MLX) cannot train until MLX training lands, and
-    one process (`distributed` False) trains on the cpu only."""
+    computes with NumPy or CuPy, so 'mps' (MLX) cannot train until MLX training lands."""
     if device == "mps":
         raise ConfigError("runtime.device: 'mps' cannot train yet: narun's engine computes "
                           "with NumPy (cpu) or CuPy (cuda:N), and MLX training has not "
-                          "landed; use cpu or auto (or cuda:N with --workers N)")
-    if not distributed and device not in ("cpu", "auto"):
-        raise ConfigError(f"runtime.device: one process (--workers 0) trains on the cpu; "
-                          f"for {device!r} train with --workers N, which puts each "
-                          f"trainer's model there")
+                          "landed; use cpu, cuda:N or auto")
 
 
 SECTIONS: dict[str, type[_Section]] = {

@@ -33,6 +33,7 @@ from narun.models import bert, build_from_config, gpt_config, model_names
 from narun.nn import functional as F
 from narun.nn.utils import clip_grad_norm_
 from narun.runlog import check_tensorboard, record_run
+from narun.tensor import _backend
 
 log = structlog.get_logger("narun.train")
 
@@ -159,8 +160,8 @@ def check_job(cfg: JobConfig, here: bool = True) -> None:
                           f"workers; use mode ps-sync / ps-async with workers >= 1")
     if rt.mode in ("ps-sync", "ps-async") and rt.workers < 1:
         raise ConfigError(f"runtime.workers: expected >= 1 in mode {rt.mode}, got {rt.workers}")
-    check_trainable_device(rt.device, distributed)
-    if distributed and here:
+    check_trainable_device(rt.device)
+    if here:
         from workers.executor import check_device_here  # the executors know the devices
 
         try:
@@ -248,11 +249,17 @@ def _check_pipeline_job(cfg: JobConfig) -> None:
     check_pipeline(rt.stages, rt.micro_batches, rt.schedule, share, blocks)
 
 
-def build_job(cfg: JobConfig) -> Job:
-    """Model, data, optimizer and schedule from a config (seeded by training.seed)."""
+def build_job(cfg: JobConfig, device: str = "cpu") -> Job:
+    """Model, data, optimizer and schedule from a config (seeded by training.seed), the
+    model on `device` ("cpu" or "cuda:N", which becomes this thread's current GPU): built
+    and initialised on the host, as everywhere, so every device starts from the same
+    values, then moved before the optimizer and mixed precision take its parameters."""
     t = cfg.training
     narun.manual_seed(t.seed)
     model = build_from_config(cfg.model)
+    if device != "cpu":
+        _backend.use_device(device)
+        model.to(device)
     if cfg.data.kind == "text":
         train, val = TextDataset.splits(cfg.data.path, cfg.data.seq_len, cfg.data.val_fraction)
         sampler: Any = WindowSampler(len(train), t.batch_size, seed=t.seed)
@@ -265,7 +272,8 @@ def build_job(cfg: JobConfig) -> Job:
         sampler = ShardedSampler(len(train), t.batch_size, seed=t.seed, drop_last=True)
     amp = MixedPrecision(model, t.precision) if t.precision != "fp32" else None
     opt = make_optimizer(amp.parameters() if amp else model.parameters(), cfg)
-    return Job(cfg, model, opt, make_scheduler(opt, cfg), train, val, sampler, amp=amp)
+    return Job(cfg, model, opt, make_scheduler(opt, cfg), train, val, sampler, device=device,
+               amp=amp)
 
 
 def target_name(model: Any) -> str:
@@ -435,8 +443,10 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
     changing the schedule (which is laid out for `training.steps`). A fresh run refuses an
     out_dir that holds another run's checkpoints unless `overwrite` (see claim_out_dir).
     """
+    from workers.executor import training_device  # the executors know the devices
+
     check_job(cfg)
-    job = build_job(cfg)
+    job = build_job(cfg, training_device(cfg.runtime.device))
     t = cfg.training
     start = 0
     path = resolve_resume(cfg, resume)

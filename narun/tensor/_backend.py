@@ -113,6 +113,15 @@ def to_device(array: Any, device: str) -> Any:
         return cp.asarray(array)
 
 
+def use_device(device: str) -> None:
+    """Make `device` the calling thread's current GPU, where CuPy puts new arrays and runs
+    kernels (the current device is per thread); nothing to do for the cpu. A process that
+    trains on cuda:N calls it once, so the ops' results land beside their inputs."""
+    device = normalize_device(device)
+    if device != "cpu":
+        _require_cupy(device).cuda.Device(int(device.split(":")[1])).use()
+
+
 def module_for_device(device: str) -> ModuleType:
     device = normalize_device(device)
     return np if device == "cpu" else _require_cupy(device)

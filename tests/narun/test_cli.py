@@ -134,9 +134,9 @@ REFUSED = [
      "'no/such/corpus.txt'"),
     (["--set", "data.seq_len=64"], "data.seq_len: 64 exceeds the model's block_size 32"),
     (["--set", "runtime.device=mps"], "runtime.device: 'mps' cannot train yet"),
-    (["--set", "runtime.device=cuda:0"], "runtime.device: one process (--workers 0) trains "
-     "on the cpu"),
-    # No CuPy here, or no 99th GPU where there is: the trainers would fail to start.
+    # No CuPy here, or no 99th GPU where there is: one process would fail to put its model
+    # there, and a job's trainers would fail to start.
+    (["--set", "runtime.device=cuda:99"], "runtime.device: device 'cuda"),
     (["--set", "runtime.device=cuda:99", "--set", "runtime.mode=ps-sync", "--set",
       "runtime.workers=2"], "runtime.device: device 'cuda"),
 ]
@@ -233,12 +233,13 @@ def test_data_blobs_writes_a_balanced_known_answer_npz(blobs, tmp_path):
         np.testing.assert_array_equal(f["x"], x)
 
 
-def test_one_process_training_on_a_gpu_exits_2_pointing_at_workers(blobs):
-    out = narun_cli("train", ROOT / "configs" / "mlp.yaml", "--set", "runtime.device=cuda:0",
+def test_one_process_training_on_a_gpu_this_machine_lacks_exits_2_naming_it(blobs):
+    out = narun_cli("train", ROOT / "configs" / "mlp.yaml", "--set", "runtime.device=cuda:99",
                     "--set", f"data.path={blobs}")
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "runtime.device: one process (--workers 0) trains on the cpu" in out.stderr
-    assert "--workers N" in out.stderr
+    # no CuPy (this machine), or CuPy and fewer than 100 GPUs
+    assert ("runtime.device: device 'cuda' needs CuPy" in out.stderr
+            or "runtime.device: device 'cuda:99' is out of range" in out.stderr)
 
 
 def test_data_blobs_with_a_bad_size_exits_2(tmp_path):
