@@ -117,19 +117,24 @@ def forward_rows(weights: InferenceWeights, ids: Any, positions: Any, caches: li
                                         dtype=x.dtype, device=weights.device)
         dpos = xp.asarray(pos)
         rope = (cos.data[dpos][:, None, :], sin.data[dpos][:, None, :])  # (T, 1, D)
-    for block, cache in zip(weights.blocks, caches, strict=True):
+    last = len(weights.blocks) - 1
+    R = T
+    for i, (block, cache) in enumerate(zip(weights.blocks, caches, strict=True)):
         qkv = _linear(_norm_rows(xp, block.ln_1, x), block.qkv).reshape(B, T, 3, H, D)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if rope is not None:
             q = _rope.rotate_forward(xp, q, rope[0], rope[1], q.shape)
             k = _rope.rotate_forward(xp, k, rope[0], rope[1], k.shape)
         y = cache.attend_arrays(q, k, v).reshape(B * T, C)
+        if i == last and rows is not None:
+            # Every column's keys and values are in the cache now; past this point a column
+            # only feeds its own logits, so the last block's projection and MLP run for the
+            # wanted rows alone (a prefill chunk's other tokens skip 1/n_layer of their work)
+            R = len(rows)
+            x = x.reshape(B, T, C)[:, rows].reshape(B * R, C)
+            y = y.reshape(B, T, C)[:, rows].reshape(B * R, C)
         x += _linear(y, block.proj)
         x += _mlp(xp, block, _norm_rows(xp, block.ln_2, x))
-    x = x.reshape(B, T, C)
-    if rows is not None:
-        x = x[:, rows]
-    R = x.shape[1]
     h = _norm_rows(xp, weights.ln_f, x.reshape(B * R, C))
     return _linear(h, weights.head).reshape(B, R, weights.head.wt.shape[1])
 
