@@ -22,6 +22,9 @@ import numpy as np
 from narun.data import ByteTokenizer
 from narun.errors import NarunError
 
+_WIRE_INT_MAX = (1 << 64) - 1  # the largest int the protocol carries (msgpack's uint64)
+_FLOAT_MAX = float.fromhex("0x1.fffffffffffffp+1023")  # the largest finite float
+
 
 class RequestError(NarunError):
     """A request refused before it ran: `code` is the protocol error code (`invalid`: the
@@ -136,14 +139,22 @@ def check_request(req: Request, info: ModelInfo, tok: Tokenizer) -> np.ndarray:
                                       f"{info.context}; ask for at most "
                                       f"{info.context - len(ids)} tokens")
     t = req.temperature
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+    # an int beyond float's range (JSON's 1e400 written out in digits) is refused before
+    # math.isfinite, which raises OverflowError on it: a 500 instead of this message
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0 or t > _FLOAT_MAX \
+            or not math.isfinite(t):
         raise RequestError("invalid", f"temperature must be a finite number >= 0 (0 is "
                                       f"greedy), got {t!r}")
+    # top_k and seed travel to the worker as msgpack ints: one beyond 2**64 - 1 cannot be
+    # sent, and would fail in dispatch after the stream was queued (leaking it)
     k = req.top_k
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise RequestError("invalid", f"top_k must be an int >= 0 (0: no limit), got {k!r}")
-    if isinstance(req.seed, bool) or not isinstance(req.seed, int) or req.seed < 0:
-        raise RequestError("invalid", f"seed must be an int >= 0, got {req.seed!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= _WIRE_INT_MAX:
+        raise RequestError("invalid", f"top_k must be an int >= 0 (0: no limit) and at "
+                                      f"most {_WIRE_INT_MAX}, got {k!r}")
+    seed = req.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _WIRE_INT_MAX:
+        raise RequestError("invalid", f"seed must be an int >= 0 and at most "
+                                      f"{_WIRE_INT_MAX}, got {seed!r}")
     for i, s in enumerate(req.stop):
         if not isinstance(s, str) or not s:
             raise RequestError("invalid", f"stop[{i}] must be a non-empty string, got {s!r}")

@@ -274,6 +274,11 @@ BAD = [
     ({"prompt": "a", "max_tokens": 49}, 400, "above this server's cap of 48"),
     ({"prompt": "x" * 60, "max_tokens": 10}, 400, "ask for at most 4 tokens"),
     ({"prompt": "a", "temperature": -1}, 400, "temperature must be a finite number >= 0"),
+    ({"prompt": "a", "temperature": 10 ** 400}, 400,
+     "temperature must be a finite number >= 0"),
+    ({"prompt": "a", "top_k": 2 ** 64}, 400, "top_k must be an int >= 0 (0: no limit) and at "
+                                             "most 18446744073709551615"),
+    ({"prompt": "a", "seed": 2 ** 64}, 400, "seed must be an int >= 0 and at most"),
     ({"prompt": "a", "top_p": 0.9}, 400, "top_p=0.9 is not supported"),
     ({"prompt": "a", "top_k": "5"}, 400, "top_k must be an int >= 0"),
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 strings"),

@@ -1,0 +1,29 @@
+"""Review regressions of narun serve, over real workers."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.integration.serving import make_checkpoint, running_server
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("serve") / "gpt", block_size=64)
+
+
+@pytest.mark.parametrize("field", ["seed", "top_k"])
+async def test_an_int_beyond_the_wire_range_is_a_400_and_leaves_no_stream(run, field):
+    async with running_server(run, http="127.0.0.1:0") as server:
+        async with httpx.AsyncClient(base_url=server.http_address, timeout=30) as http:
+            r = await http.post("/v1/completions", json={
+                "prompt": "The ", "max_tokens": 4, "temperature": 0.5, field: 2 ** 64})
+            ok = await http.post("/v1/completions", json={
+                "prompt": "The ", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 400, r.text
+        assert field in r.json()["error"]["message"]
+        assert ok.status_code == 200
+        assert server.in_flight == 0
