@@ -275,12 +275,13 @@ def _token_text(raw: bytes) -> str:
 
 class HTTPEndpoint:
     """The listening socket and the connections of one `serve_http`. `close()` stops
-    taking connections; `await wait_closed()` then ends the connections still open (idle
-    keep-alive ones, by the time a drained server calls it) and waits for their tasks, so
-    none outlives the server's event loop."""
+    taking connections; `await wait_closed()` then ends the connections still open and
+    waits for their tasks, so none outlives the server's event loop: an idle keep-alive
+    one at once, one in the middle of a request after its reply (at most `timeout` s)."""
 
-    def __init__(self, server: asyncio.Server, connections: set[asyncio.Task[Any]]) -> None:
-        self.server, self.connections = server, connections
+    def __init__(self, server: asyncio.Server,
+                 connections: dict[asyncio.Task[Any], _Connection], timeout: float) -> None:
+        self.server, self.connections, self.timeout = server, connections, timeout
 
     @property
     def sockets(self) -> Any:
@@ -291,6 +292,15 @@ class HTTPEndpoint:
 
     async def wait_closed(self) -> None:
         self.server.close()
+        # A drained server has ended every stream, but a connection whose stream ended in
+        # the drain's last step has not yet written its reply (its task wakes a few loop
+        # turns later): cancelling it now would cut that reply short.
+        busy = [asyncio.create_task(c.idle.wait()) for c in self.connections.values()
+                 if not c.idle.is_set()]
+        if busy:
+            await asyncio.wait(busy, timeout=self.timeout)
+            for waiter in busy:
+                waiter.cancel()
         tasks = list(self.connections)
         for task in tasks:
             task.cancel()
@@ -302,18 +312,19 @@ async def serve_http(server: Any, host: str, port: int, *, timeout: float = TIME
     """Serve `server` (see the module docstring) over HTTP/1.1 on host:port (0: any free
     port; the bound one is `http.sockets[0].getsockname()[1]`)."""
     created = int(time.time())
-    connections: set[asyncio.Task[Any]] = set()
+    connections: dict[asyncio.Task[Any], _Connection] = {}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        connections.add(task)
+        connection = _Connection(server, reader, writer, created, timeout, max_buffered)
+        connections[task] = connection
         try:
-            await _Connection(server, reader, writer, created, timeout, max_buffered).run()
+            await connection.run()
         finally:
-            connections.discard(task)
+            connections.pop(task, None)
 
-    return HTTPEndpoint(await asyncio.start_server(handle, host, port), connections)
+    return HTTPEndpoint(await asyncio.start_server(handle, host, port), connections, timeout)
 
 
 class _Gone(Exception):
@@ -328,6 +339,8 @@ class _Connection:
         self.created, self.timeout, self.max_buffered = created, timeout, max_buffered
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.overflowed = False  # a stream's client stopped reading
+        self.idle = asyncio.Event()  # clear from a request's head to the end of its reply
+        self.idle.set()
 
     async def run(self) -> None:
         try:
@@ -352,6 +365,7 @@ class _Connection:
                 request = await self._read_head()
                 if request is None:
                     return False  # closed between requests
+                self.idle.clear()
                 body = await self._read_body(request)
             await self._route(request, body)
         except h11.RemoteProtocolError as e:
@@ -373,6 +387,8 @@ class _Connection:
             await self._reply(_HTTPError(500, "the server failed to answer this request (a bug: "
                                               "its log has the traceback); retry, and report "
                                               "it if it persists").body(), 500, close=True)
+        finally:
+            self.idle.set()
         return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
 
     async def _next_event(self) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -27,3 +29,20 @@ async def test_an_int_beyond_the_wire_range_is_a_400_and_leaves_no_stream(run, f
         assert field in r.json()["error"]["message"]
         assert ok.status_code == 200
         assert server.in_flight == 0
+
+
+async def test_a_stream_in_flight_at_sigterm_gets_its_whole_reply(run):
+    # A stream that ends in the drain's last step used to lose its reply: the endpoint's
+    # wait_closed cancelled its connection before the connection's task woke to write it.
+    lines = []
+    async with running_server(run, http="127.0.0.1:0", max_batch=4) as server, \
+            httpx.AsyncClient(base_url=server.http_address, timeout=30) as http, \
+            http.stream("POST", "/v1/completions", json={
+                "prompt": "The ", "max_tokens": 48, "temperature": 0, "stream": True}) as sse:
+        async for line in sse.aiter_lines():
+            if line.startswith("data: "):
+                if not lines:
+                    server.stop()  # drain while this stream runs
+                lines.append(line[6:])
+    assert lines[-1] == "[DONE]", lines[-3:]
+    assert json.loads(lines[-2])["choices"][0]["finish_reason"] == "length"
