@@ -408,7 +408,11 @@ def _sample(logits: np.ndarray, temperature: float, top_k: int | None,
 def sampling_probs(logits: np.ndarray, temperature: float, top_k: int | None) -> np.ndarray:
     """The distribution (B, V) that `generate` samples from at temperature > 0:
     softmax(logits / temperature), restricted to the top_k logits of each row."""
-    logits = logits / temperature
+    # the max is taken out before dividing: a tiny temperature (5e-324) turned the top
+    # logits into inf, and inf - inf made every probability NaN; this way they stay 0,
+    # and the others may overflow to -inf: probability 0, as meant
+    with np.errstate(over="ignore"):
+        logits = (logits - logits.max(axis=-1, keepdims=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
         logits = np.where(logits < kth, -np.inf, logits)

@@ -183,6 +183,20 @@ def test_stop_sequences_end_a_request_with_its_last_token():
         assert [o.finished for o in outs[rid]] == [None] * (n - 1) + ["stop"], rid
 
 
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324])
+def test_a_tiny_temperature_samples_the_argmax_with_a_finite_logprob(temperature):
+    # logits / temperature overflowed to inf, and inf - inf made every probability NaN:
+    # token 0 each time, logprob NaN (which the HTTP endpoint wrote as bare NaN: not JSON)
+    model = make_model("gpt2")
+    p = prompts()[1]
+    greedy = model.generate(p[None], 6, temperature=0.0)[0, len(p):].tolist()
+    engine = Engine(model, max_batch=1)
+    engine.add("t", p, max_new_tokens=6, temperature=temperature, seed=1)
+    outs, _ = run(engine, {0: []})
+    assert tokens(outs["t"]) == greedy
+    assert all(np.isfinite(o.logprob) for o in outs["t"])
+
+
 def test_cancel_frees_the_slot_for_a_queued_request_and_leaves_the_others_alone():
     model = make_model("modern")
     ps = prompts(5)
