@@ -262,6 +262,21 @@ def test_the_text_of_byte_tokens_with_a_multibyte_stop():
     assert out.offsets == [0, 1, 2, 2, 3, 4, 4, 5]
 
 
+def test_long_stop_strings_cost_each_token_little():
+    # _release tried every prefix length of every stop string at each token: with the four
+    # 250 000-character stops a 1 MiB body allows, about a second per token, spent on the
+    # event loop that serves every other client. Only prefixes as long as the held text
+    # can match, and held text is at most what was generated.
+    import time
+
+    out = _Output(Tokenizer(), tuple(c * 250_000 for c in "abcd"))
+    start = time.perf_counter()
+    for i, t in enumerate(ByteTokenizer().encode("abcdabcdabcdabcd")):
+        out.token(i, int(t), -0.5, "")
+    assert time.perf_counter() - start < 1.0
+    assert out.pieces == ["", "a", "b", "c"] + ["d", "a", "b", "c"] * 3  # nothing lost
+
+
 # ---- refusals ----------------------------------------------------------------------------
 
 BAD = [
