@@ -42,7 +42,7 @@ import h11
 import numpy as np
 import structlog
 
-from narun.serve.streams import Request, RequestError, Tokenizer
+from narun.serve.streams import MAX_STOPS, Request, RequestError, Tokenizer
 
 __all__ = ["HTTPEndpoint", "serve_http"]
 
@@ -128,9 +128,9 @@ def _parse_completion(body: bytes, model: str) -> _Completion:
     text, ids = _prompt(doc.get("prompt"))
     stop = doc.get("stop")
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if not (stop is None or isinstance(stop, (str, list))) or len(stops) > 4:
-        raise _HTTPError(400, f"stop must be a string or a list of at most 4 strings, got "
-                              f"{stop!r}", "stop")
+    if not (stop is None or isinstance(stop, (str, list))) or len(stops) > MAX_STOPS:
+        raise _HTTPError(400, f"stop must be a string or a list of at most {MAX_STOPS} "
+                              f"strings, got {stop!r}", "stop")
     stream = _flag(doc, "stream")
     options = doc.get("stream_options")
     if options is not None and not (stream and isinstance(options, dict)

@@ -24,6 +24,10 @@ from narun.errors import NarunError
 
 _WIRE_INT_MAX = (1 << 64) - 1  # the largest int the protocol carries (msgpack's uint64)
 _FLOAT_MAX = float.fromhex("0x1.fffffffffffffp+1023")  # the largest finite float
+# Stop strings a request may give (OpenAI's bound): the worker compares each one with the
+# stream's last tokens at every step, so a generate with the 65 536 the wire allows slowed
+# the step of every stream on its worker ~10 ms per token.
+MAX_STOPS = 4
 
 
 class RequestError(NarunError):
@@ -155,6 +159,9 @@ def check_request(req: Request, info: ModelInfo, tok: Tokenizer) -> np.ndarray:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _WIRE_INT_MAX:
         raise RequestError("invalid", f"seed must be an int >= 0 and at most "
                                       f"{_WIRE_INT_MAX}, got {seed!r}")
+    if len(req.stop) > MAX_STOPS:
+        raise RequestError("invalid", f"stop holds {len(req.stop)} strings; at most "
+                                      f"{MAX_STOPS} are accepted")
     for i, s in enumerate(req.stop):
         if not isinstance(s, str) or not s:
             raise RequestError("invalid", f"stop[{i}] must be a non-empty string, got {s!r}")

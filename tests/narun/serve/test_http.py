@@ -327,6 +327,15 @@ async def test_bad_requests_get_openai_errors_that_say_what_to_fix(served, body,
     assert server.submitted == []  # refused before the engine saw it
 
 
+def test_the_socket_s_requests_have_the_http_bound_on_stop_strings():
+    # the ZeroMQ front passes a generate's stop list to check_request as it came: up to the
+    # wire's 65 536 strings, each compared with the last tokens at every step of its worker
+    info = ModelInfo(NAME, 256, CONTEXT, max_tokens=48)
+    check_request(Request(text="a", stop=("x",) * 4), info, Tokenizer())
+    with pytest.raises(RequestError, match="stop holds 5 strings; at most 4 are accepted"):
+        check_request(Request(text="a", stop=("x",) * 5), info, Tokenizer())
+
+
 async def test_accepted_defaults_of_openai_clients(served):
     _, base, _ = served
     r = await post(base, {"prompt": "a", "max_tokens": 2, "user": "me", "n": 1, "best_of": 1,
