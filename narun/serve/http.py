@@ -103,7 +103,8 @@ def _parse_completion(body: bytes, model: str) -> _Completion:
     check_request's, which the server runs on submit."""
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        # RecursionError: arrays nested ~100 000 deep, which fit in the body's bound
         raise _HTTPError(400, f"the request body is not valid JSON ({e}); send a JSON "
                               f"object such as {{\"prompt\": \"Once\", \"max_tokens\": 16}}"
                          ) from None
@@ -127,7 +128,8 @@ def _parse_completion(body: bytes, model: str) -> _Completion:
                               f"top_k to limit sampling", "top_p", "unsupported_value")
     text, ids = _prompt(doc.get("prompt"))
     stop = doc.get("stop")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    # checked before tuple(), which raised TypeError (a 500) on a number or a bool
+    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else ()
     if not (stop is None or isinstance(stop, (str, list))) or len(stops) > MAX_STOPS:
         raise _HTTPError(400, f"stop must be a string or a list of at most {MAX_STOPS} "
                               f"strings, got {stop!r}", "stop")

@@ -298,6 +298,8 @@ BAD = [
     ({"prompt": "a", "top_k": "5"}, 400, "top_k must be an int >= 0"),
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 strings"),
     ({"prompt": "a", "stop": [""]}, 400, "stop[0] must be a non-empty string"),
+    ({"prompt": "a", "stop": 5}, 400, "stop must be a string or a list of at most 4"),
+    ({"prompt": "a", "stop": True}, 400, "stop must be a string or a list of at most 4"),
     ({"prompt": "a", "n": 2}, 400, "n=2 is not supported; leave it out or send 1"),
     ({"prompt": "a", "echo": True}, 400, "echo=True is not supported"),
     ({"prompt": "a", "best_of": 3}, 400, "best_of=3 is not supported"),
@@ -334,6 +336,14 @@ def test_the_socket_s_requests_have_the_http_bound_on_stop_strings():
     check_request(Request(text="a", stop=("x",) * 4), info, Tokenizer())
     with pytest.raises(RequestError, match="stop holds 5 strings; at most 4 are accepted"):
         check_request(Request(text="a", stop=("x",) * 5), info, Tokenizer())
+
+
+async def test_json_nested_too_deep_is_a_400_not_a_server_bug(served):
+    _, base, _ = served
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        r = await client.post("/v1/completions", content=b"[" * 200_000 + b"]" * 200_000)
+    assert r.status_code == 400, r.text
+    assert "not valid JSON" in r.json()["error"]["message"]
 
 
 async def test_accepted_defaults_of_openai_clients(served):
