@@ -40,7 +40,7 @@ import zmq
 import zmq.asyncio
 
 import narun
-from narun.errors import ConfigError, DeviceError
+from narun.errors import ConfigError, DeviceError, ProtocolError
 from narun.runtime.hosts import host_port, listen_host
 from narun.runtime.sdnotify import Notifier
 from narun.runtime.tasks import Background, Shutdown
@@ -381,10 +381,18 @@ class InferenceServer:
             fields: dict[str, Any] = {"prompt": s.ids}
             if req.stop:
                 fields["stop"] = list(req.stop)
-            sent = internal.try_send(
-                message("generate", s.handle, max_tokens=req.max_tokens,
-                        temperature=req.temperature, top_k=req.top_k, seed=req.seed, **fields),
-                to=r.route)
+            try:
+                sent = internal.try_send(
+                    message("generate", s.handle, max_tokens=req.max_tokens,
+                            temperature=req.temperature, top_k=req.top_k, seed=req.seed,
+                            **fields), to=r.route)
+            except ProtocolError as exc:
+                # check_request should have refused it; raised from here, the stream was off
+                # the queue and stayed in _streams for good (and crashed the drain)
+                log.error("serve.unsendable", error=str(exc))
+                self._fail_stream(s, "invalid", f"the request cannot be sent to a worker: "
+                                                f"{exc}; fix that field and resend it")
+                continue
             if not sent:  # the worker is gone (its loss is being handled) or not reading
                 self._fail_stream(s, "internal", f"inference worker {r.rank} did not take "
                                                  f"the request; resend it")

@@ -165,4 +165,9 @@ def check_request(req: Request, info: ModelInfo, tok: Tokenizer) -> np.ndarray:
     for i, s in enumerate(req.stop):
         if not isinstance(s, str) or not s:
             raise RequestError("invalid", f"stop[{i}] must be a non-empty string, got {s!r}")
+        try:  # JSON's "\ud800" is a str no UTF-8 encoder takes: the worker's message neither
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError("invalid", f"stop[{i}] is not valid Unicode text (it holds a "
+                                          f"lone surrogate), got {s!r}") from None
     return ids

@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 
+from narun.serve.streams import Request
 from tests.integration.serving import make_checkpoint, running_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -46,3 +47,34 @@ async def test_a_stream_in_flight_at_sigterm_gets_its_whole_reply(run):
                 lines.append(line[6:])
     assert lines[-1] == "[DONE]", lines[-3:]
     assert json.loads(lines[-2])["choices"][0]["finish_reason"] == "length"
+
+
+async def test_a_stop_string_with_a_lone_surrogate_is_a_400_and_leaves_no_stream(run):
+    # JSON's "\ud800" escape decodes to a str that is not UTF-8: the generate's msgpack
+    # header raised on it in dispatch, a 500 and a stream left behind that the SIGTERM
+    # drain then crashed on
+    async with running_server(run, http="127.0.0.1:0") as server:
+        async with httpx.AsyncClient(base_url=server.http_address, timeout=30) as http:
+            r = await http.post("/v1/completions", content=json.dumps(
+                {"prompt": "a", "max_tokens": 4, "stop": ["\ud800"]}).encode())
+        assert r.status_code == 400, r.text
+        assert "stop[0] is not valid Unicode" in r.json()["error"]["message"]
+        assert server.in_flight == 0
+
+
+async def test_a_request_that_cannot_be_sent_to_a_worker_fails_and_is_forgotten(
+        run, monkeypatch):
+    # whatever check_request misses and the wire refuses must end the stream, not leak it
+    import narun.serve.server as server_module
+
+    checked = server_module.check_request
+    monkeypatch.setattr(server_module, "check_request",
+                        lambda req, info, tok: checked(
+                            Request(text=req.text, max_tokens=req.max_tokens), info, tok))
+    async with running_server(run, http="127.0.0.1:0") as server:
+        async with httpx.AsyncClient(base_url=server.http_address, timeout=30) as http:
+            r = await http.post("/v1/completions", json={
+                "prompt": "a", "max_tokens": 4, "seed": 2 ** 64})
+        assert r.status_code == 500, r.text
+        assert "cannot be sent to a worker" in r.json()["error"]["message"]
+        assert server.in_flight == 0
