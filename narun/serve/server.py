@@ -168,7 +168,9 @@ class InferenceServer:
                 raise RequestError("busy", "this server is stopping; send the request to "
                                            "another server")
             ids = check_request(request, self.info, self.tokenizer)
-            if len(self._queue) >= self.max_queue:
+            # one a free slot takes at once does not wait: --max-queue 0 means no waiting,
+            # and comparing the queue alone (0 >= 0) refused every request as busy
+            if len(self._queue) >= self.max_queue and not self._slot_free():
                 raise RequestError("busy", f"the queue is full ({self.max_queue} requests "
                                            f"wait for a slot); retry later, or start the "
                                            f"server with more --replicas or a larger "
@@ -185,6 +187,10 @@ class InferenceServer:
         self._idle.clear()
         self._dispatch()
         return stream.handle
+
+    def _slot_free(self) -> bool:
+        return self.pool is not None and any(r.ready and r.load < self.max_batch
+                                             for r in self.pool.replicas)
 
     def cancel(self, handle: int) -> None:
         """End a stream with done `cancelled` (at once if queued, else at the worker's next

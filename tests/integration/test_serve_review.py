@@ -78,3 +78,22 @@ async def test_a_request_that_cannot_be_sent_to_a_worker_fails_and_is_forgotten(
         assert r.status_code == 500, r.text
         assert "cannot be sent to a worker" in r.json()["error"]["message"]
         assert server.in_flight == 0
+
+
+async def test_max_queue_0_runs_requests_that_find_a_free_slot(run):
+    # --max-queue 0 is accepted (no request waits), but submit compared the queue's length
+    # with the bound before looking for a free slot: 0 >= 0 refused every request as busy
+    from narun.client import GenerationError, InferenceClient
+
+    async with running_server(run, max_batch=1, max_queue=0) as server, \
+            InferenceClient(server.endpoint) as client:
+        first = client.generate([72, 101], max_tokens=30)
+        it = aiter(first)
+        await anext(it)  # running: the one slot is taken
+        with pytest.raises(GenerationError) as err:
+            await client.complete([84], max_tokens=2)
+        assert err.value.code == "busy"
+        rest = [t async for t in it]
+        assert len(rest) == 29 and first.done.reason == "length"
+        text, done = await client.complete([84], max_tokens=2)
+        assert done.reason == "length" and server.in_flight == 0
