@@ -127,6 +127,14 @@ class InferenceServer:
             raise ConfigError(f"{checkpoint}: holds a {trained.config.model.name!r} model, "
                               f"which does not generate text; serve a language model's "
                               f"checkpoint (model.name: gpt)")
+        # every streamed token is decoded with the byte tokenizer: an id past its 256
+        # entries raised IndexError in the workers' message loop, which stopped the server
+        tokens = Tokenizer().inner.vocab_size
+        if model.config.vocab_size > tokens:
+            raise ConfigError(f"{checkpoint}: the model has a vocabulary of "
+                              f"{model.config.vocab_size} tokens, and narun serve decodes "
+                              f"with the byte tokenizer's {tokens}; serve a byte-level model "
+                              f"(model.vocab_size <= {tokens})")
         context = model.config.block_size
         if max_tokens is not None and not 1 <= max_tokens < context:
             raise ConfigError(f"--max-tokens: expected 1 .. {context - 1} (the model's context "

@@ -97,3 +97,15 @@ async def test_max_queue_0_runs_requests_that_find_a_free_slot(run):
         assert len(rest) == 29 and first.done.reason == "length"
         text, done = await client.complete([84], max_tokens=2)
         assert done.reason == "length" and server.in_flight == 0
+
+
+def test_a_model_whose_vocabulary_is_not_the_byte_tokenizer_s_is_refused(tmp_path):
+    # The server decodes every token with the 256-entry byte tokenizer: a model with a
+    # larger vocabulary (gpt2-small's 50257) generated ids past it, token_bytes raised
+    # IndexError in the workers' message loop, and the whole server stopped.
+    from narun.errors import ConfigError
+    from narun.serve.server import InferenceServer
+
+    run = make_checkpoint(tmp_path / "gpt", block_size=64, vocab_size=512)
+    with pytest.raises(ConfigError, match="vocabulary of 512"):
+        InferenceServer(str(run), "tcp://127.0.0.1:0", signals=False)
