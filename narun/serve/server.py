@@ -272,6 +272,14 @@ class InferenceServer:
         finally:
             self.accepting = False
             self._tasks.cancel()
+            if self._streams:  # the server failed (a drain ends them all): say so to each,
+                # or a queued stream's client waits for tokens until its own timeout
+                self._dispatching = True  # and hand nothing more to the workers
+                why = self._shutdown.failure or "stopped"
+                for s in list(self._streams.values()):
+                    self._fail_stream(s, "internal", f"the inference server failed ({why}) "
+                                                     f"before this stream ended; resend the "
+                                                     f"request once it is back")
             if http_server is not None:
                 await http_server.wait_closed()
             if self.pool is not None:

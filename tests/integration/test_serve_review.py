@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -109,3 +110,40 @@ def test_a_model_whose_vocabulary_is_not_the_byte_tokenizer_s_is_refused(tmp_pat
     run = make_checkpoint(tmp_path / "gpt", block_size=64, vocab_size=512)
     with pytest.raises(ConfigError, match="vocabulary of 512"):
         InferenceServer(str(run), "tcp://127.0.0.1:0", signals=False)
+
+
+async def test_a_server_that_fails_ends_its_queued_streams_with_an_error(run):
+    # The last replica died with the restart budget spent: the server stops with
+    # ReplicasLost. Its running stream got an error, but one waiting in the queue got
+    # nothing, and its client waited for tokens until its own timeout.
+    from narun.client import GenerationError, InferenceClient
+    from narun.serve.pool import ReplicasLost
+
+    errors = []
+
+    async def outcome(coro):
+        try:
+            await asyncio.wait_for(coro, 10)
+        except GenerationError as exc:
+            errors.append((exc.code, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - the test reports what it was
+            errors.append((type(exc).__name__, str(exc)))
+
+    async def drain(stream):
+        async for _ in stream:
+            pass
+
+    with pytest.raises(ReplicasLost):
+        async with running_server(run, max_batch=1, max_restarts=0) as server, \
+                InferenceClient(server.endpoint, timeout=20) as client:
+            running = client.generate([72, 101], max_tokens=60)
+            it = aiter(running)
+            await anext(it)
+            queued = asyncio.create_task(outcome(client.complete([84], max_tokens=5)))
+            while server.in_flight < 2:
+                await asyncio.sleep(0.005)
+            server.pool.replicas[0].proc.kill()
+            await outcome(drain(it))
+            await queued
+    assert [code for code, _ in errors] == ["internal", "internal"], errors
+    assert "restart budget is spent" in errors[1][1]
