@@ -1,4 +1,6 @@
-"""Review regressions of narun serve, over real workers."""
+"""narun serve at its edges, over real workers: ints past the wire's range, text no
+encoder takes, --max-queue 0, a vocabulary the tokenizer lacks, a server that fails with
+streams queued."""
 
 from __future__ import annotations
 
