@@ -5,7 +5,10 @@ check_op(fn, ref, inputs) checks, for each case:
   * backward in float64 against central differences of narun's own forward, for a random
     upstream gradient (so every output element's gradient path is exercised);
   * the same, with inputs passed as non-contiguous views;
-  * forward and backward against PyTorch when it is importable (`torch_fn`).
+  * forward and backward against PyTorch when it is importable (`torch_fn`);
+  * when MLX imports, the same op on device mlx:cpu: forward in float64 and float32 against
+    the NumPy reference (or NumPy-run narun where there is none), backward in float64
+    against the gradients the NumPy run computed for the same upstream gradient.
 
 Without torch a comparison against it cannot run: `compare_with_torch` (which check_op
 calls) notes it, and tests/conftest.py reports the test as skipped with the reason once its
@@ -32,6 +35,13 @@ except ImportError as exc:  # torch is an optional oracle
     TORCH_MISSING = f"torch is not installed ({exc})"
 
 HAS_TORCH = torch is not None
+
+try:
+    import mlx.core  # noqa: F401
+
+    HAS_MLX = True
+except ImportError:
+    HAS_MLX = False
 
 #: What the running test could not compare against torch (tests/conftest.py empties it
 #: before each test and reports the test as skipped when it is not empty).
@@ -94,14 +104,16 @@ def check_op(
     diff = [x.dtype.kind == "f" for x in inputs] if grad is None else list(grad)
     x64 = [x.astype(np.float64) if x.dtype.kind == "f" else x for x in inputs]
 
-    def run(arrays: Sequence[np.ndarray], dtype: Any = np.float64, requires_grad: bool = True):
+    def run(arrays: Sequence[np.ndarray], dtype: Any = np.float64, requires_grad: bool = True,
+            device: str = "cpu"):
         ts = [narun.tensor(a.astype(dtype) if a.dtype.kind == "f" else a,
-                           requires_grad=requires_grad and d)
+                           requires_grad=requires_grad and d, device=device)
               for a, d in zip(arrays, diff)]
         return ts, _as_list(fn(*ts))
 
     # forward, float64 and float32, against NumPy
     ts, outs = run(x64)
+    expected = None
     if ref is not None:
         expected = _as_list(ref(*x64))
         assert len(expected) == len(outs), f"{len(outs)} outputs vs {len(expected)} expected"
@@ -160,6 +172,11 @@ def check_op(
             np.testing.assert_allclose(nt.grad.numpy(), t.grad.numpy(), rtol=1e-10,
                                        atol=1e-12, err_msg="non-contiguous input changed grads")
 
+    if HAS_MLX:
+        _check_mlx(run, x64, diff, [o.numpy() for o in outs], expected if ref else None,
+                   weights, [t.grad.numpy() if t.grad is not None else None for t in ts],
+                   float32)
+
     # PyTorch, when installed
     if torch_fn is not None and compare_with_torch("check_op's forward and backward"):
         tts = [torch.tensor(a, requires_grad=bool(d)) if a.dtype.kind == "f"
@@ -180,3 +197,46 @@ def check_op(
                     mine = t.grad.numpy() if t.grad is not None else np.zeros_like(tg)
                     np.testing.assert_allclose(mine, tg, rtol=1e-7, atol=1e-10,
                                                err_msg="gradient differs from torch")
+
+
+_MLX64_RTOL, _MLX64_ATOL = 1e-6, 1e-6
+
+
+def _check_mlx(run: Callable[..., Any], x64: Sequence[np.ndarray], diff: Sequence[bool],
+               numpy_outs: Sequence[np.ndarray], expected: Sequence[Any] | None,
+               weights: Sequence[np.ndarray], numpy_grads: Sequence[Any],
+               float32: bool) -> None:
+    """The op on mlx:cpu: forward against NumPy, backward against the NumPy run's grads.
+
+    MLX 0.32 computes some float64 functions (exp, erf, sin) at float32 accuracy on its CPU
+    (exp: 9e-8 relative against NumPy, erf: 2.5e-7 absolute), so float64 here is held to
+    1e-6, not 1e-9."""
+    reference = numpy_outs if expected is None else expected
+    ts, outs = run(x64, device="mlx:cpu")
+    assert len(outs) == len(reference)
+    for o, e in zip(outs, reference):
+        assert o.device == "mlx:cpu", f"an op on mlx:cpu returned a tensor on {o.device}"
+        np.testing.assert_allclose(o.numpy(), e, rtol=_MLX64_RTOL, atol=_MLX64_ATOL,
+                                   err_msg="mlx:cpu float64 forward differs from NumPy")
+    if float32:
+        _, outs32 = run(x64, np.float32, requires_grad=False, device="mlx:cpu")
+        for o, e in zip(outs32, reference):
+            assert o.dtype == np.float32 or o.dtype.kind != "f", f"float32 gave {o.dtype}"
+            np.testing.assert_allclose(o.numpy(), e, rtol=2e-4, atol=2e-5,
+                                       err_msg="mlx:cpu float32 forward differs from NumPy")
+    total = None
+    for o, w in zip(outs, weights):
+        if o.requires_grad:
+            term = (o * narun.tensor(w, device="mlx:cpu")).sum()
+            total = term if total is None else total + term
+    if total is None:
+        return
+    total.backward()
+    for i, (t, d, g) in enumerate(zip(ts, diff, numpy_grads)):
+        if not d:
+            continue
+        mine = t.grad.numpy() if t.grad is not None else np.zeros_like(x64[i])
+        np.testing.assert_allclose(mine, g if g is not None else np.zeros_like(x64[i]),
+                                   rtol=_MLX64_RTOL, atol=_MLX64_ATOL,
+                                   err_msg=f"mlx:cpu gradient of input {i} differs from "
+                                           "NumPy's")

@@ -1,9 +1,10 @@
 """Array-module choice and devices.
 
 An op picks its array module once, from its inputs (`get_array_module`), and then runs the
-same code for NumPy and CuPy: CuPy mirrors NumPy's API, so there is one implementation per
-op and the NumPy path is the reference. CuPy is imported lazily, only when a CUDA device is
-asked for or a CuPy array shows up.
+same code for NumPy, CuPy and MLX: CuPy mirrors NumPy's API and narun.tensor._mlx presents
+MLX through the same API, so there is one implementation per op and the NumPy path is the
+reference. CuPy and MLX are imported lazily, only when their device is asked for or one of
+their arrays shows up.
 """
 
 from __future__ import annotations
@@ -54,27 +55,50 @@ def _cupy() -> ModuleType | None:
     return cupy
 
 
+@functools.cache
+def _mlx_module() -> ModuleType | None:
+    try:
+        from narun.tensor import _mlx
+    except ImportError:
+        return None
+    return _mlx
+
+
+MLX_DEVICES = ("mlx:cpu", "mps")
+
+
 def is_cupy_array(x: Any) -> bool:
     return type(x).__module__.startswith("cupy")
 
 
+def is_mlx_array(x: Any) -> bool:
+    return type(x).__module__ == "narun.tensor._mlx"
+
+
 def get_array_module(*arrays: Any) -> ModuleType:
-    """The array module (numpy or cupy) that owns `arrays`; numpy for plain Python values."""
+    """The array module (numpy, cupy or narun's MLX adapter) that owns `arrays`; numpy for
+    plain Python values."""
     for a in arrays:
         if is_cupy_array(a):
             return _cupy()  # type: ignore[return-value]
+        if is_mlx_array(a):
+            return _mlx_module()  # type: ignore[return-value]
     return np
 
 
 def device_of(array: Any) -> str:
-    """"cpu" for a NumPy array, "cuda:N" for a CuPy array on device N."""
+    """"cpu" for a NumPy array, "cuda:N" for a CuPy array on device N, "mlx:cpu" or "mps"
+    for an MLX array (MLX's default device, which runs every MLX op in the process)."""
     if is_cupy_array(array):
         return f"cuda:{array.device.id}"
+    if is_mlx_array(array):
+        return _mlx_module().device_name()  # type: ignore[union-attr]
     return "cpu"
 
 
 def normalize_device(device: str | None) -> str:
-    """Canonical device name: "cpu" or "cuda:N". Raises DeviceError for anything else."""
+    """Canonical device name: "cpu", "cuda:N", "mlx:cpu" or "mps". Raises DeviceError for
+    anything else."""
     if device is None or device == "cpu":
         return "cpu"
     if not isinstance(device, str):
@@ -83,12 +107,19 @@ def normalize_device(device: str | None) -> str:
         return "cuda:0"
     if device.startswith("cuda:") and device[5:].isdigit():
         return device
-    if device == "mps":
-        raise DeviceError(
-            "device 'mps' is run by the mps executor through MLX, not by tensors directly; "
-            "use device='cpu' or 'cuda:N' for narun tensors"
-        )
-    raise DeviceError(f"unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'")
+    if device in MLX_DEVICES:
+        return device
+    raise DeviceError(f"unknown device {device!r}; expected 'cpu', 'cuda', 'cuda:N', "
+                      "'mlx:cpu' or 'mps'")
+
+
+def _require_mlx(device: str) -> ModuleType:
+    m = _mlx_module()
+    if m is None:
+        raise DeviceError(f"device {device!r} needs MLX, which is not installed; "
+                          "install mlx (pip install mlx)")
+    m.use(device)
+    return m
 
 
 def _require_cupy(device: str) -> ModuleType:
@@ -102,12 +133,17 @@ def _require_cupy(device: str) -> ModuleType:
 
 
 def to_device(array: Any, device: str) -> Any:
-    """Copy `array` to `device` ("cpu" or "cuda:N"); returns it unchanged if already there."""
+    """Copy `array` to `device`; returns it unchanged if already there."""
     device = normalize_device(device)
     if device_of(array) == device:
         return array
     if device == "cpu":
         return array.get()
+    if device in MLX_DEVICES:
+        m = _require_mlx(device)
+        return m.asarray(array.get() if is_cupy_array(array) else array)
+    if is_mlx_array(array):
+        array = array.get()
     cp = _require_cupy(device)
     with cp.cuda.Device(int(device.split(":")[1])):
         return cp.asarray(array)
@@ -118,12 +154,16 @@ def use_device(device: str) -> None:
     kernels (the current device is per thread); nothing to do for the cpu. A process that
     trains on cuda:N calls it once, so the ops' results land beside their inputs."""
     device = normalize_device(device)
-    if device != "cpu":
+    if device in MLX_DEVICES:
+        _require_mlx(device)
+    elif device != "cpu":
         _require_cupy(device).cuda.Device(int(device.split(":")[1])).use()
 
 
 def module_for_device(device: str) -> ModuleType:
     device = normalize_device(device)
+    if device in MLX_DEVICES:
+        return _require_mlx(device)
     return np if device == "cpu" else _require_cupy(device)
 
 

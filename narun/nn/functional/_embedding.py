@@ -39,7 +39,10 @@ def _row_sums(xp: Any, index: Any, rows: Any, n: int) -> Any:
     acc = xp.take(rows, order, axis=0)
     first = xp.empty(M, dtype=bool)
     first[0] = True
-    xp.not_equal(keys[1:], keys[:-1], out=first[1:])
+    tail = first[1:]
+    xp.not_equal(keys[1:], keys[:-1], out=tail)
+    if tail.base is None:  # a copy, not a view (MLX): put it in place
+        first[1:] = tail
     starts = xp.flatnonzero(first)
     lens = xp.diff(xp.append(starts, M))
     rank = xp.arange(M) - xp.repeat(starts, lens)  # position within its run of equal keys

@@ -154,7 +154,10 @@ def cross_entropy(input: Tensor, target: Any, weight: Any = None, *,  # noqa: A0
                 at_target *= 1.0 - eps
             a = at_target + c * (eps / C * w_total) if eps else at_target
         grad *= (a / s)[..., None]
-        grad.reshape(-1)[_flat_targets(xp, ts, C)] -= at_target.ravel()
+        flat = grad.reshape(-1)
+        flat[_flat_targets(xp, ts, C)] -= at_target.ravel()
+        if flat.base is None:  # a copy, not a view (MLX): the update is only in `flat`
+            grad = flat.reshape(grad.shape)
         if eps:
             if w is None:
                 grad -= (c * (eps / C))[..., None]
@@ -190,7 +193,10 @@ def nll_loss(input: Tensor, target: Any, weight: Any = None, *,  # noqa: A002 - 
     def backward(g: Any) -> tuple[Any]:
         grad = xp.zeros(xm.shape, dtype=input.dtype)
         c = g * wt if inv is None else (g * inv) * wt
-        grad.reshape(-1)[_flat_targets(xp, ts, C)] = -c.ravel()
+        flat = grad.reshape(-1)
+        flat[_flat_targets(xp, ts, C)] = -c.ravel()
+        if flat.base is None:  # a copy, not a view (MLX): the update is only in `flat`
+            grad = flat.reshape(grad.shape)
         return (grad if input.ndim <= 2 else xp.moveaxis(grad, -1, 1),)
 
     return make(out, (input,), backward, "nll_loss")

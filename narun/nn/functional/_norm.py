@@ -74,6 +74,8 @@ def _backward_rows(xp: Any, g2: Any, xhat: Any, rstd: Any, w: Any, x_shape: tupl
         xp.multiply(xhat, b[:, None], out=t)
         dx -= t
         dx *= rstd[:, None]
+        if dx.base is None:  # a copy, not a view (MLX): the result is only in `dx`
+            gx = dx.reshape(x_shape)
     return gx, gw
 
 

@@ -70,19 +70,20 @@ def rotate_forward(xp: Any, X: Any, c: Any, s: Any, shape: tuple[int, ...]) -> A
     out = xp.empty(shape, dtype=X.dtype)
     xp.multiply(X, c, out=out)
     h = X.shape[-1] // 2
-    _add_swapped(xp, out, X, xp.concatenate([-s[..., :h], s[..., h:]], axis=-1))
-    return out
+    return _add_swapped(xp, out, X, xp.concatenate([-s[..., :h], s[..., h:]], axis=-1))
 
 
-def _add_swapped(xp: Any, out: Any, a: Any, signed: Any) -> None:
+def _add_swapped(xp: Any, out: Any, a: Any, signed: Any) -> Any:
     """out += a with its last axis's halves swapped, times `signed`, in one product: seen
     as (..., 2, D/2), the swap is a reversed view, so nothing is copied and no pass runs on
     half-width rows (rotate_half(a) * s is swap(a) * (-s1, s2); the same value, as a - b is
-    a + (-b) in floating point)."""
+    a + (-b) in floating point). Returns `out` (or, where reshape copies, as in MLX, the
+    updated copy)."""
     h = a.shape[-1] // 2
     out2 = out.reshape(out.shape[:-1] + (2, h))
     out2 += xp.multiply(a.reshape(a.shape[:-1] + (2, h))[..., ::-1, :],
                         signed.reshape(signed.shape[:-1] + (2, h)))
+    return out if out2.base is not None else out2.reshape(out.shape)
 
 
 def apply_rotary_emb(x: Tensor, cos: Any, sin: Any) -> Tensor:
@@ -117,8 +118,7 @@ def apply_rotary_emb(x: Tensor, cos: Any, sin: Any) -> Tensor:
         g1, g2 = _halves(g, h)
         grads = []
         if x.requires_grad:  # g * c + rotate_half^T(g * s) = g * c + swap(g) * (s2, -s1)
-            gx = g * c
-            _add_swapped(xp, gx, g, xp.concatenate([s[..., h:], -s[..., :h]], axis=-1))
+            gx = _add_swapped(xp, g * c, g, xp.concatenate([s[..., h:], -s[..., :h]], axis=-1))
             grads.append(gx)
         else:
             grads.append(None)
@@ -126,9 +126,12 @@ def apply_rotary_emb(x: Tensor, cos: Any, sin: Any) -> Tensor:
             grads.append(g * X)
         if tensors[1][1]:
             gs = xp.empty(g.shape, dtype=g.dtype)
-            xp.multiply(g1, x2, out=gs[..., :h])
-            gs[..., :h] *= -1
-            xp.multiply(g2, x1, out=gs[..., h:])
+            lo, hi = gs[..., :h], gs[..., h:]
+            xp.multiply(g1, x2, out=lo)
+            lo *= -1
+            xp.multiply(g2, x1, out=hi)
+            if lo.base is None:  # copies, not views (MLX): join them
+                gs = xp.concatenate([lo, hi], axis=-1)
             grads.append(gs)
         return tuple(grads)
 

@@ -97,7 +97,7 @@ def test_embedding_forward_padding_and_init():
 def test_embedding_gradient():
     emb = nn.Embedding(5, 3)
     idx = np.array([[1, 4], [1, 0]])
-    check_op(lambda w: _bind(emb, weight=w)(narun.tensor(idx)),
+    check_op(lambda w: _bind(emb, weight=w)(narun.tensor(idx, device=w.device)),
              lambda w: w[idx], [np.random.default_rng(2).standard_normal((5, 3))],
              torch_fn=lambda w: torch.nn.functional.embedding(torch.tensor(idx), w))
 
