@@ -39,7 +39,7 @@ __all__ = [
     "load_config", "parse_yaml", "register_model_fields", "to_dict", "validate_model_overrides",
 ]
 
-_DEVICE = re.compile(r"cpu|cuda|cuda:\d+|mps|auto")
+_DEVICE = re.compile(r"cpu|cuda|cuda:\d+|mps|mlx:cpu|auto")
 
 
 def _key(default: Any, *, gt: float | None = None, ge: float | None = None,
@@ -134,7 +134,7 @@ class RuntimeConfig(_Section):
     stages: int = _key(0, ge=0)
     micro_batches: int = _key(1, gt=0)
     schedule: str = _key("1f1b", choices=("gpipe", "1f1b"))
-    device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto
+    device: str = "cpu"  # cpu | cuda | cuda:N | mps | mlx:cpu | auto
     heartbeat_interval: float = _key(1.0, gt=0)
     heartbeat_timeout: float = _key(10.0, gt=0)
     max_restarts: int = _key(3, ge=0)  # restarts of any process, for the whole job
@@ -155,7 +155,8 @@ class RuntimeConfig(_Section):
         super().__post_init__()
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(
-                f"runtime.device: must be one of cpu, cuda, cuda:N, mps, auto, got {self.device!r}"
+                f"runtime.device: must be one of cpu, cuda, cuda:N, mps, mlx:cpu, auto, "
+                f"got {self.device!r}"
             )
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError(
@@ -187,14 +188,18 @@ class JobConfig:
             )
 
 
-def check_trainable_device(device: str) -> None:
-    """Refuse a `runtime.device` narun cannot train on, with one message wherever it is
-    checked (config check, one-process training, the coordinator, each trainer): the engine
-    computes with NumPy or CuPy, so 'mps' (MLX) cannot train until MLX training lands."""
-    if device == "mps":
-        raise ConfigError("runtime.device: 'mps' cannot train yet: narun's engine computes "
-                          "with NumPy (cpu) or CuPy (cuda:N), and MLX training has not "
-                          "landed; use cpu, cuda:N or auto")
+MLX_DEVICES = ("mps", "mlx:cpu")
+
+
+def check_trainable_device(device: str, mode: str = "local") -> None:
+    """Refuse a `runtime.device` narun cannot train on in `mode`, with one message wherever
+    it is checked (config check, one-process training, the coordinator, each trainer): the
+    engine runs on MLX ('mps', 'mlx:cpu') in one process only, because the distributed
+    modes' trainers, parameter servers and stages exchange NumPy or CuPy arrays."""
+    if device in MLX_DEVICES and mode != "local":
+        raise ConfigError(f"runtime.device: {device!r} (MLX) trains in mode local only; "
+                          f"mode {mode} exchanges NumPy or CuPy arrays between processes; "
+                          "use cpu, cuda:N or auto there")
 
 
 SECTIONS: dict[str, type[_Section]] = {

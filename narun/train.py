@@ -160,7 +160,7 @@ def check_job(cfg: JobConfig, here: bool = True) -> None:
                           f"workers; use mode ps-sync / ps-async with workers >= 1")
     if rt.mode in ("ps-sync", "ps-async") and rt.workers < 1:
         raise ConfigError(f"runtime.workers: expected >= 1 in mode {rt.mode}, got {rt.workers}")
-    check_trainable_device(rt.device)
+    check_trainable_device(rt.device, rt.mode)
     if here:
         from workers.executor import check_device_here  # the executors know the devices
 
@@ -251,7 +251,8 @@ def _check_pipeline_job(cfg: JobConfig) -> None:
 
 def build_job(cfg: JobConfig, device: str = "cpu") -> Job:
     """Model, data, optimizer and schedule from a config (seeded by training.seed), the
-    model on `device` ("cpu" or "cuda:N", which becomes this thread's current GPU): built
+    model on `device` ("cpu", "cuda:N", which becomes this thread's current GPU, or an MLX
+    device, "mlx:cpu" or "mps", which becomes the process's MLX default device): built
     and initialised on the host, as everywhere, so every device starts from the same
     values, then moved before the optimizer and mixed precision take its parameters."""
     t = cfg.training
@@ -446,7 +447,7 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
     from workers.executor import training_device  # the executors know the devices
 
     check_job(cfg)
-    job = build_job(cfg, training_device(cfg.runtime.device))
+    job = build_job(cfg, training_device(cfg.runtime.device, cfg.runtime.mode))
     t = cfg.training
     start = 0
     path = resolve_resume(cfg, resume)

@@ -105,7 +105,7 @@ class Trainer(JobActor):
     async def setup(self) -> None:
         assert self.context is not None
         self._loop = asyncio.get_running_loop()
-        device = training_device(self.cfg.runtime.device)
+        device = training_device(self.cfg.runtime.device, self.cfg.runtime.mode)
         self.executor = (CpuExecutor(blas_threads=self.spec.blas_threads) if device == "cpu"
                          else make_executor(device))
         if device != "cpu":

@@ -136,6 +136,8 @@ class Optimizer:
                     if state is None:
                         state = self.state[p] = {}
                     self._update(group, p.data, p.grad.data, state)
+        _backend.settle(a for group in self.param_groups for p in group["params"]
+                        for a in (p.data, *self.state.get(p, {}).values()))
         return loss
 
     def _update(self, group: dict[str, Any], param: Any, grad: Any,

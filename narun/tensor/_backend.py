@@ -71,17 +71,21 @@ def is_cupy_array(x: Any) -> bool:
     return type(x).__module__.startswith("cupy")
 
 
+_MLX_ARRAY_MODULE = "narun.tensor._mlx"
+
+
 def is_mlx_array(x: Any) -> bool:
-    return type(x).__module__ == "narun.tensor._mlx"
+    return type(x).__module__ == _MLX_ARRAY_MODULE
 
 
 def get_array_module(*arrays: Any) -> ModuleType:
     """The array module (numpy, cupy or narun's MLX adapter) that owns `arrays`; numpy for
     plain Python values."""
     for a in arrays:
-        if is_cupy_array(a):
+        owner = type(a).__module__  # read once: this runs for every op
+        if owner.startswith("cupy"):
             return _cupy()  # type: ignore[return-value]
-        if is_mlx_array(a):
+        if owner == _MLX_ARRAY_MODULE:
             return _mlx_module()  # type: ignore[return-value]
     return np
 
@@ -89,9 +93,10 @@ def get_array_module(*arrays: Any) -> ModuleType:
 def device_of(array: Any) -> str:
     """"cpu" for a NumPy array, "cuda:N" for a CuPy array on device N, "mlx:cpu" or "mps"
     for an MLX array (MLX's default device, which runs every MLX op in the process)."""
-    if is_cupy_array(array):
+    owner = type(array).__module__
+    if owner.startswith("cupy"):
         return f"cuda:{array.device.id}"
-    if is_mlx_array(array):
+    if owner == _MLX_ARRAY_MODULE:
         return _mlx_module().device_name()  # type: ignore[union-attr]
     return "cpu"
 
@@ -111,6 +116,16 @@ def normalize_device(device: str | None) -> str:
         return device
     raise DeviceError(f"unknown device {device!r}; expected 'cpu', 'cuda', 'cuda:N', "
                       "'mlx:cpu' or 'mps'")
+
+
+def settle(arrays: Any) -> None:
+    """Compute MLX's pending work for `arrays` now (MLX is lazy: without this, each
+    optimizer step would extend a graph through every earlier step). NumPy and CuPy
+    compute eagerly: nothing to do, and nothing is even looked at unless MLX was used."""
+    if _mlx_module.cache_info().currsize:
+        m = _mlx_module()
+        if m is not None:
+            m.evaluate(arrays)
 
 
 def _require_mlx(device: str) -> ModuleType:

@@ -63,6 +63,10 @@ def use(device: str) -> None:
         mx.set_default_device(mx.cpu)
 
 
+def evaluate(arrays: Any) -> None:
+    mx.eval([a.a for a in arrays if isinstance(a, MLXArray)])
+
+
 # ---- the array -----------------------------------------------------------------------------
 class _Flags:
     # MLX exposes no memory layout and its slices are copies: reporting every array as

@@ -152,14 +152,15 @@ def test_a_device_this_machine_lacks_stops_the_job_before_any_process_starts(mak
                     JsonLinesReporter(io.StringIO()), wait_timeout=30.0)
 
 
-def test_auto_trains_on_the_cpu_without_a_gpu_and_mps_is_refused(make_config, monkeypatch):
+def test_auto_trains_on_the_cpu_without_a_gpu_and_mlx_is_refused(make_config, monkeypatch):
     from narun.errors import ConfigError
     from workers.executor import training_device
 
     monkeypatch.setitem(__import__("sys").modules, "cupy", None)
     assert training_device("auto") == "cpu"
     assert training_device("cuda") == "cuda:0"
-    with pytest.raises(ConfigError, match="'mps' cannot train yet"):
-        training_device("mps")
-    with pytest.raises(ConfigError, match="'mps' cannot train yet"):
+    assert training_device("mlx:cpu") == "mlx:cpu"  # in mode local
+    with pytest.raises(ConfigError, match="'mps' \\(MLX\\) trains in mode local only"):
+        training_device("mps", "ps-sync")
+    with pytest.raises(ConfigError, match="'mps' \\(MLX\\) trains in mode local only"):
         Coordinator(make_config("ps-sync", 2, device="mps"), JsonLinesReporter(io.StringIO()))

@@ -133,7 +133,11 @@ REFUSED = [
     (["--set", "data.path=no/such/corpus.txt"], "data.path: no such file "
      "'no/such/corpus.txt'"),
     (["--set", "data.seq_len=64"], "data.seq_len: 64 exceeds the model's block_size 32"),
-    (["--set", "runtime.device=mps"], "runtime.device: 'mps' cannot train yet"),
+    # MLX trains in one process only; and mps needs Metal (or MLX itself), which no Linux
+    # machine has.
+    (["--set", "runtime.device=mps"], "runtime.device: device 'mps' needs"),
+    (["--set", "runtime.device=mlx:cpu", "--set", "runtime.mode=ps-sync", "--set",
+      "runtime.workers=2"], "runtime.device: 'mlx:cpu' (MLX) trains in mode local only"),
     # No CuPy here, or no 99th GPU where there is: one process would fail to put its model
     # there, and a job's trainers would fail to start.
     (["--set", "runtime.device=cuda:99"], "runtime.device: device 'cuda"),
@@ -162,11 +166,12 @@ def test_overwrite_with_resume_is_a_usage_error_not_a_silent_choice(gpt_config_f
     assert not (gpt_config_file.parent / "run").exists()
 
 
-def test_mps_is_refused_with_one_message_in_one_process_and_distributed(gpt_config_file):
-    one = narun_cli("train", gpt_config_file, "--set", "runtime.device=mps")
-    two = narun_cli("train", gpt_config_file, "--set", "runtime.device=mps", "--workers", 2)
-    assert one.returncode == two.returncode == 2
-    assert "'mps' cannot train yet" in one.stderr and one.stderr == two.stderr
+def test_mlx_is_refused_with_one_message_in_every_distributed_mode(gpt_config_file):
+    for mode in ("ps-sync", "ps-async"):
+        out = narun_cli("train", gpt_config_file, "--set", "runtime.device=mlx:cpu", "--set",
+                        f"runtime.mode={mode}", "--workers", 2)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert "'mlx:cpu' (MLX) trains in mode local only; mode ps-" in out.stderr
 
 
 def test_an_empty_config_file_is_an_error_not_a_default_run(tmp_path):

@@ -98,7 +98,7 @@ def test_bad_enum_lists_valid_values_with_nested_path():
     assert error_of({"training": {"schedule": "exp"}}) == (
         "training.schedule: must be one of cosine, linear, constant, step, got 'exp'")
     assert error_of({"runtime": {"device": "gpu"}}) == (
-        "runtime.device: must be one of cpu, cuda, cuda:N, mps, auto, got 'gpu'")
+        "runtime.device: must be one of cpu, cuda, cuda:N, mps, mlx:cpu, auto, got 'gpu'")
     for device in ("cpu", "cuda", "cuda:3", "mps", "auto"):
         assert config_from_dict({"runtime": {"device": device}}).runtime.device == device
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 from narun.config import check_trainable_device
 from narun.errors import ConfigError, DeviceError
@@ -15,7 +16,7 @@ __all__ = [
     "check_device_here", "make_executor", "parse_device", "resolve_device", "training_device",
 ]
 
-_FORMS = "cpu, cuda, cuda:N, mps or auto"
+_FORMS = "cpu, cuda, cuda:N, mps, mlx:cpu or auto"
 _CUDA = re.compile(r"cuda:(\d+)")
 
 
@@ -28,7 +29,7 @@ def parse_device(device: str) -> tuple[str, int | None]:
     if not isinstance(device, str):
         raise ConfigError(f"runtime.device: expected a string ({_FORMS}), "
                           f"got {type(device).__name__} {device!r}")
-    if device in ("cpu", "mps", "auto"):
+    if device in ("cpu", "mps", "mlx:cpu", "auto"):
         return device, None
     if device == "cuda":
         return "cuda", 0
@@ -54,15 +55,17 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
-def training_device(device: str) -> str:
-    """Where narun's engine trains for a `runtime.device` value: 'cpu' or 'cuda:N' ('auto'
-    is cuda:0 where CuPy sees a GPU, else cpu). The engine computes with NumPy or CuPy, so
-    'mps' (MLX) cannot train; it is refused with what to use instead."""
+def training_device(device: str, mode: str = "local") -> str:
+    """Where narun's engine trains for a `runtime.device` value in `mode`: 'cpu', 'cuda:N',
+    or in mode local 'mps' / 'mlx:cpu' (MLX). 'auto' is cuda:0 where CuPy sees a GPU, else
+    mps in mode local where MLX sees Metal, else cpu; MLX elsewhere is refused."""
     kind, index = parse_device(device)
-    check_trainable_device(kind)
+    check_trainable_device(kind, mode)
     if kind == "auto":
-        return "cuda:0" if _probe_cuda() else "cpu"
-    return "cpu" if kind == "cpu" else f"cuda:{index}"
+        if _probe_cuda():
+            return "cuda:0"
+        return "mps" if mode == "local" and _probe_metal() else "cpu"
+    return f"cuda:{index}" if kind == "cuda" else kind
 
 
 def check_device_here(device: str) -> None:
@@ -71,6 +74,11 @@ def check_device_here(device: str) -> None:
     kind, index = parse_device(resolve_device(device))
     if kind == "cuda":
         cuda_device(index or 0)
+    elif kind in ("mps", "mlx:cpu"):
+        mx = import_mlx()
+        if kind == "mps" and not metal_available(mx):
+            raise DeviceError(f"device 'mps' needs a Metal GPU, which MLX does not see here "
+                              f"(platform {sys.platform}); use 'mlx:cpu' for MLX's CPU device")
 
 
 def make_executor(device: str = "cpu", *, blas_threads: int | None = None) -> Executor:
@@ -85,7 +93,7 @@ def make_executor(device: str = "cpu", *, blas_threads: int | None = None) -> Ex
         return CpuExecutor(blas_threads=blas_threads)
     if kind == "cuda":
         return CudaExecutor(index or 0)
-    return MpsExecutor()
+    return MpsExecutor(mlx_device="cpu" if kind == "mlx:cpu" else "gpu")
 
 
 def _probe_cuda() -> bool:

@@ -1,4 +1,4 @@
-"""One process trains where `runtime.device` says: the cpu, or a GPU through CuPy."""
+"""One process trains where `runtime.device` says: the cpu, a GPU through CuPy, or MLX."""
 
 from pathlib import Path
 
@@ -37,7 +37,7 @@ needs_gpu = pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA GPU and Cu
 def quickstart(out, device="cpu", steps=20, **training):
     sets = [f"training.steps={steps}", "training.eval_every=0", "training.checkpoint_every=0",
             f"training.out_dir={out}", f"runtime.device={device}"]
-    sets += [f"training.{k}={v}" for k, v in training.items()]
+    sets += [f"{k}={v}" if "." in k else f"training.{k}={v}" for k, v in training.items()]
     return load_config(ROOT / "configs" / "quickstart.yaml", sets)
 
 
@@ -45,9 +45,25 @@ def losses(events):
     return np.array([e["loss"] for e in events if e["event"] == "step"])
 
 
-def test_mps_is_refused_and_a_missing_gpu_is_named_before_anything_is_built(tmp_path):
-    with pytest.raises(ConfigError, match="'mps' cannot train yet"):
-        check_job(quickstart(tmp_path, "mps"))
+def has_mlx() -> bool:
+    try:
+        import mlx.core  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_mlx_off_local_and_a_missing_device_are_named_before_anything_is_built(tmp_path):
+    for device in ("mps", "mlx:cpu"):
+        with pytest.raises(ConfigError, match=f"'{device}' \\(MLX\\) trains in mode local only"):
+            check_job(quickstart(tmp_path, device, **{"runtime.mode": "ps-sync",
+                                                      "runtime.workers": 1}))
+    if not has_mlx():
+        with pytest.raises(ConfigError, match="runtime.device: device 'mps' needs MLX"):
+            check_job(quickstart(tmp_path, "mlx:cpu"))
+    elif not __import__("mlx.core").core.metal.is_available():
+        with pytest.raises(ConfigError, match="runtime.device: device 'mps' needs a Metal"):
+            check_job(quickstart(tmp_path, "mps"))
     if gpu_count() == 0:  # no CuPy or no driver here: said so, with how to get it
         with pytest.raises(ConfigError, match=r"runtime.device: device 'cuda.*(needs CuPy|"
                                               r"not usable)"):
@@ -98,3 +114,22 @@ def test_fp16_on_the_gpu_follows_fp32(tmp_path):
     train(quickstart(tmp_path / "fp16", "cuda:0", precision="fp16"), half)
     np.testing.assert_allclose(losses(half.events), losses(cpu.events), rtol=2e-2)
     assert all("loss_scale" in e for e in half.events if e["event"] == "step")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_mlx(), reason="needs MLX (pip install 'mlx[cpu]')")
+@pytest.mark.timeout(900)
+def test_one_process_on_mlx_cpu_follows_the_numpy_losses(tmp_path):
+    """20 quickstart steps on mlx:cpu (model, batches and optimizer state as MLX arrays)
+    give the NumPy run's loss within 1e-3 relative at every step, and a checkpoint of host
+    arrays. MLX's CPU device is several times slower than NumPy here (its matmul is)."""
+    cpu, mlx = Events(), Events()
+    reference = train(quickstart(tmp_path / "cpu"), cpu)
+    done = train(quickstart(tmp_path / "mlx", "mlx:cpu"), mlx)
+    assert len(losses(mlx.events)) == 20
+    np.testing.assert_allclose(losses(mlx.events), losses(cpu.events), rtol=1e-3)
+    assert done["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-3)
+    a, b = load_checkpoint(reference["checkpoint"]), load_checkpoint(done["checkpoint"])
+    for name, value in a.model.items():
+        assert isinstance(b.model[name], np.ndarray)
+        np.testing.assert_allclose(b.model[name], value, rtol=1e-2, atol=1e-3, err_msg=name)
