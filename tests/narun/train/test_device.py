@@ -133,3 +133,35 @@ def test_one_process_on_mlx_cpu_follows_the_numpy_losses(tmp_path):
     for name, value in a.model.items():
         assert isinstance(b.model[name], np.ndarray)
         np.testing.assert_allclose(b.model[name], value, rtol=1e-2, atol=1e-3, err_msg=name)
+
+
+MODELS = {"mlp": "classification", "resnet": "shapes", "vit": "shapes", "clip": "shapes",
+          "bert": None}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_mlx(), reason="needs MLX (pip install 'mlx[cpu]')")
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_trains_on_mlx_cpu_as_on_numpy(tmp_path, name):
+    """3 steps of each other shipped config (convolutions, BatchNorm, patches, two towers,
+    masked language modelling) on mlx:cpu give the NumPy losses within 1e-3 relative."""
+    from narun.data import make_classification_npz, make_shapes_npz
+
+    sets = ["training.steps=3", "training.eval_every=0", "training.checkpoint_every=0",
+            "training.batch_size=8", "training.warmup_steps=0"]
+    if MODELS[name] == "shapes":
+        sets.append(f"data.path={make_shapes_npz(tmp_path / 'd.npz', n=64, size=32, seed=0)}")
+    elif MODELS[name]:
+        sets.append(f"data.path={make_classification_npz(tmp_path / 'd.npz', n=256, seed=0)}")
+    else:
+        sets += ["data.seq_len=32", "model.block_size=32"]
+    runs = {}
+    for device in ("cpu", "mlx:cpu"):
+        events = Events()
+        train(load_config(ROOT / "configs" / f"{name}.yaml", sets + [
+            f"training.out_dir={tmp_path / device.replace(':', '-')}",
+            f"runtime.device={device}"]), events)
+        runs[device] = losses(events.events)
+    assert len(runs["mlx:cpu"]) == 3
+    np.testing.assert_allclose(runs["mlx:cpu"], runs["cpu"], rtol=1e-3)
