@@ -135,6 +135,19 @@ def test_one_process_on_mlx_cpu_follows_the_numpy_losses(tmp_path):
         np.testing.assert_allclose(b.model[name], value, rtol=1e-2, atol=1e-3, err_msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not has_mlx(), reason="needs MLX (pip install 'mlx[cpu]')")
+@pytest.mark.timeout(300)
+def test_fp16_on_mlx_cpu_follows_fp32(tmp_path):
+    """training.precision fp16 on mlx:cpu: float16 MLX compute over float32 masters, with
+    loss scaling, stays within 2% of the float32 NumPy losses over 3 quickstart steps."""
+    cpu, half = Events(), Events()
+    train(quickstart(tmp_path / "cpu", steps=3), cpu)
+    train(quickstart(tmp_path / "fp16", "mlx:cpu", steps=3, precision="fp16"), half)
+    np.testing.assert_allclose(losses(half.events), losses(cpu.events), rtol=2e-2)
+    assert all("loss_scale" in e for e in half.events if e["event"] == "step")
+
+
 MODELS = {"mlp": "classification", "resnet": "shapes", "vit": "shapes", "clip": "shapes",
           "bert": None}
 
