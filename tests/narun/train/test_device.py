@@ -148,6 +148,20 @@ def test_fp16_on_mlx_cpu_follows_fp32(tmp_path):
     assert all("loss_scale" in e for e in half.events if e["event"] == "step")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not has_mlx(), reason="needs MLX (pip install 'mlx[cpu]')")
+@pytest.mark.timeout(300)
+def test_a_resumed_mlx_cpu_run_ends_where_the_unbroken_one_does(tmp_path):
+    """Stopped at step 2 and resumed: the checkpoint's host arrays go back onto mlx:cpu
+    (model and optimizer state) and step 4 holds the unbroken run's parameters exactly."""
+    straight = train(quickstart(tmp_path / "a", "mlx:cpu", steps=4), Events())
+    train(quickstart(tmp_path / "b", "mlx:cpu", steps=4), Events(), stop_at=2)
+    resumed = train(quickstart(tmp_path / "b", "mlx:cpu", steps=4), Events(), resume="auto")
+    a, b = load_checkpoint(straight["checkpoint"]), load_checkpoint(resumed["checkpoint"])
+    for name, value in a.model.items():
+        np.testing.assert_array_equal(b.model[name], value, err_msg=name)
+
+
 MODELS = {"mlp": "classification", "resnet": "shapes", "vit": "shapes", "clip": "shapes",
           "bert": None}
 
