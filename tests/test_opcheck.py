@@ -59,3 +59,26 @@ def test_an_op_without_gradients_is_still_compared_with_torch():
     with pytest.raises(AssertionError, match="forward differs from torch"):
         check_op(lambda a: a.argmax(-1), None, [x], grad=[False],
                  torch_fn=lambda a: a.argmin(-1))
+
+
+@pytest.mark.skipif(not opcheck.HAS_MLX, reason="needs MLX: checks that check_op runs ops "
+                                                "on mlx:cpu")
+def test_an_op_that_differs_on_mlx_fails_check_op():
+    """check_op runs every op on mlx:cpu too: a forward or a gradient that differs there
+    from NumPy's fails, though NumPy's own checks pass."""
+    x = np.array([[0.5, -1.0, 2.0], [3.0, 0.25, -2.0]])
+    check_op(lambda a: a * 2.0, lambda a: a * 2.0, [x])
+
+    def forward_off(a):
+        return a * (2.0 + 1e-4 * (a.device == "mlx:cpu"))
+
+    with pytest.raises(AssertionError, match="mlx:cpu float64 forward differs"):
+        check_op(forward_off, lambda a: a * 2.0, [x])
+
+    def backward_off(a):  # the same values, a gradient scaled by 1.001 on MLX only
+        if a.device != "mlx:cpu":
+            return a * 2.0
+        return a * 2.002 - (a * 0.002).detach()
+
+    with pytest.raises(AssertionError, match="mlx:cpu gradient of input 0 differs"):
+        check_op(backward_off, lambda a: a * 2.0, [x])

@@ -34,8 +34,7 @@ _MX_TO_NP = {v: k for k, v in _NP_TO_MX.items()}
 # every function here accepts as dtypes.
 float16, float32, float64 = np.float16, np.float32, np.float64
 int32, int64, bool_ = np.int32, np.int64, np.bool_
-inf, nan, pi, newaxis = np.inf, np.nan, np.pi, None
-finfo, iinfo = np.finfo, np.iinfo
+inf, nan, finfo = np.inf, np.nan, np.finfo
 
 
 def mx_dtype(dtype: Any) -> Any:
