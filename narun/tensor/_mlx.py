@@ -273,9 +273,29 @@ def _binary(fn: Any) -> tuple[Any, Any, Any]:
     return op, rop, iop
 
 
-for _name, _fn in {"add": mx.add, "sub": mx.subtract, "mul": mx.multiply,
-                   "truediv": mx.divide, "floordiv": mx.floor_divide, "mod": mx.remainder,
-                   "pow": mx.power, "matmul": mx.matmul, "and": mx.bitwise_and,
+def _floating(x: Any) -> bool:
+    return isinstance(x, mx.array) and mx.issubdtype(x.dtype, mx.floating)
+
+
+def _numpy_promotion(fn: Any, divides: bool = False) -> Any:
+    """`fn` with NumPy's result type where an integer array meets a Python float (or, for
+    division, an integer): NumPy computes in float64, MLX in float32. float64 wherever MLX
+    has it (its CPU), so integer tensors compute alike on cpu and mlx:cpu."""
+    def op(a: Any, b: Any) -> Any:
+        if (not _floating(a) and not _floating(b) and mx.default_device() == mx.cpu
+                and (divides or isinstance(a, float) or isinstance(b, float))):
+            a = mx.array(a).astype(mx.float64)
+        return fn(a, b)
+
+    return op
+
+
+for _name, _fn in {"add": _numpy_promotion(mx.add), "sub": _numpy_promotion(mx.subtract),
+                   "mul": _numpy_promotion(mx.multiply),
+                   "truediv": _numpy_promotion(mx.divide, divides=True),
+                   "floordiv": _numpy_promotion(mx.floor_divide),
+                   "mod": _numpy_promotion(mx.remainder), "pow": _numpy_promotion(mx.power),
+                   "matmul": mx.matmul, "and": mx.bitwise_and,
                    "or": mx.bitwise_or, "xor": mx.bitwise_xor}.items():
     _op, _rop, _iop = _binary(_fn)
     setattr(MLXArray, f"__{_name}__", _op)
@@ -283,7 +303,7 @@ for _name, _fn in {"add": mx.add, "sub": mx.subtract, "mul": mx.multiply,
     setattr(MLXArray, f"__i{_name}__", _iop)
 for _name, _fn in {"eq": mx.equal, "ne": mx.not_equal, "lt": mx.less, "le": mx.less_equal,
                    "gt": mx.greater, "ge": mx.greater_equal}.items():
-    setattr(MLXArray, f"__{_name}__", _binary(_fn)[0])
+    setattr(MLXArray, f"__{_name}__", _binary(_numpy_promotion(_fn))[0])
 MLXArray.__hash__ = None  # type: ignore[assignment]  # elementwise ==, as ndarray
 MLXArray.__neg__ = lambda self: MLXArray(-self.a)  # type: ignore[attr-defined]
 MLXArray.__abs__ = lambda self: MLXArray(mx.abs(self.a))  # type: ignore[attr-defined]
@@ -302,12 +322,17 @@ def _result(r: Any, out: Any, dtype: Any) -> Any:
     return out
 
 
-def __getattr__(name: str) -> Any:
-    """NumPy functions that mx.core has under the same name and meaning (exp, where,
-    maximum, ...): operands unwrapped, `out=` and `dtype=` emulated, results wrapped."""
+_PROMOTED = {"add", "subtract", "multiply", "divide", "true_divide", "floor_divide",
+             "remainder", "power", "equal", "not_equal", "less", "less_equal", "greater",
+             "greater_equal"}
+
+
+def _function(name: str) -> Any:
     fn = getattr(mx, name, None)
     if fn is None or not callable(fn) or name.startswith("_"):
         raise AttributeError(f"narun's MLX adapter has no {name!r}")
+    if name in _PROMOTED:
+        fn = _numpy_promotion(fn, divides=name in ("divide", "true_divide"))
 
     def call(*args: Any, out: Any = None, dtype: Any = None, **kw: Any) -> Any:
         if "axis" in kw:
@@ -315,7 +340,13 @@ def __getattr__(name: str) -> Any:
         return _result(fn(*(_u(a) for a in args), **kw), out, dtype)
 
     call.__name__ = name
-    globals()[name] = call
+    return call
+
+
+def __getattr__(name: str) -> Any:
+    """NumPy functions that mx.core has under the same name and meaning (exp, where,
+    maximum, ...): operands unwrapped, `out=` and `dtype=` emulated, results wrapped."""
+    call = globals()[name] = _function(name)
     return call
 
 
@@ -431,8 +462,10 @@ def flatnonzero(x: Any) -> MLXArray:  # data-dependent shape: MLX has no nonzero
 class _AddAt:
     """np.add.at: scatter-add where repeated indices accumulate."""
 
+    _add = staticmethod(_function("add"))
+
     def __call__(self, *args: Any, **kw: Any) -> Any:
-        return __getattr__("add")(*args, **kw)
+        return self._add(*args, **kw)
 
     @staticmethod
     def at(arr: MLXArray, index: Any, values: Any) -> None:

@@ -33,6 +33,17 @@ def test_tensors_move_and_keep_numpy_dtypes():
     assert "device='mlx:cpu'" in repr(x)
 
 
+def test_integer_tensors_promote_as_on_numpy():
+    """NumPy divides integers, and combines them with Python floats, in float64; MLX would
+    in float32 (and lose integers past 2**24)."""
+    for device in ("cpu", DEV):
+        i = narun.tensor(np.array([5, 16777217]), device=device)
+        assert [str(t.dtype) for t in (i / 2, i / i, 2 / i, i * 2.5, i + 1, i // 2)] == [
+            "float64", "float64", "float64", "float64", "int64", "int64"], device
+        np.testing.assert_array_equal((i / 2).numpy(), [2.5, 8388608.5])
+        np.testing.assert_array_equal((i > 16777216.5).numpy(), [False, True])
+
+
 def test_to_cpu_is_differentiable_and_grads_land_on_mlx():
     w = narun.tensor(np.array([1.0, 2.0, 3.0]), device=DEV, requires_grad=True)
     loss = (w.to("cpu") * narun.tensor(np.array([4.0, 5.0, 6.0]))).sum()
@@ -117,3 +128,15 @@ def test_state_dicts_and_checkpoints_cross_devices(tmp_path):
     opt2.load_state_dict(opt.state_dict())
     np.testing.assert_allclose(_steps(again, opt2, DEV, n=2), _steps(model, opt, DEV, n=2),
                                rtol=1e-6)
+
+
+def test_repeated_indices_accumulate_after_the_adapter_served_a_plain_add():
+    """xp.add(...) and xp.add.at(...) are one object: serving the first must not replace
+    the second, or an indexed gradient drops repeats."""
+    from narun.tensor import _backend
+
+    xp = _backend.module_for_device(DEV)
+    np.testing.assert_array_equal(xp.add(xp.zeros(2, np.float32), 1.0).get(), [1.0, 1.0])
+    w = narun.tensor(np.zeros(3), device=DEV, requires_grad=True)
+    w[narun.tensor(np.array([0, 0, 2]), device=DEV)].sum().backward()
+    np.testing.assert_array_equal(w.grad.numpy(), [2.0, 0.0, 1.0])
