@@ -193,13 +193,14 @@ MLX_DEVICES = ("mps", "mlx:cpu")
 
 def check_trainable_device(device: str, mode: str = "local") -> None:
     """Refuse a `runtime.device` narun cannot train on in `mode`, with one message wherever
-    it is checked (config check, one-process training, the coordinator, each trainer): the
-    engine runs on MLX ('mps', 'mlx:cpu') in one process only, because the distributed
-    modes' trainers, parameter servers and stages exchange NumPy or CuPy arrays."""
-    if device in MLX_DEVICES and mode != "local":
-        raise ConfigError(f"runtime.device: {device!r} (MLX) trains in mode local only; "
-                          f"mode {mode} exchanges NumPy or CuPy arrays between processes; "
-                          "use cpu, cuda:N or auto there")
+    it is checked (config check, one-process training, the coordinator, each trainer): MLX
+    ('mps', 'mlx:cpu') trains in one process and as parameter-server trainers, whose
+    gradients and values leave the device as NumPy arrays; a pipeline's stages hand
+    activations to each other as NumPy or CuPy arrays, so they do not run on MLX."""
+    if device in MLX_DEVICES and mode == "pipeline":
+        raise ConfigError(f"runtime.device: {device!r} (MLX) does not run mode pipeline, "
+                          "whose stages exchange NumPy or CuPy activations; train it in mode "
+                          "local, ps-sync or ps-async, or use cpu, cuda:N or auto")
 
 
 SECTIONS: dict[str, type[_Section]] = {

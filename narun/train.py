@@ -489,6 +489,8 @@ def train(cfg: JobConfig, reporter: Reporter, resume: str | None = None,
                     clip_grad_norm_(job.model.parameters(), t.grad_clip)
                 job.optimizer.step()
             job.scheduler.step()
+            # MLX is lazy: BatchNorm statistics would chain every step's update until read
+            _backend.settle(b.data for b in job.model.buffers())
             step += 1
             reporter.emit("step", step=step, loss=total, lr=lr,
                           **{speed_key: per_step / (time.perf_counter() - t0)}, **fields)

@@ -47,6 +47,7 @@ from narun.nn.utils import clip_grad_norm_, load_buffers, persistent_buffers
 from narun.runtime.buckets import pack_grads, plan_for, unpack
 from narun.runtime.mailbox import Mailbox, new_id
 from narun.runtime.spec import WorkerSpec
+from narun.tensor import _backend
 from narun.tensor._backend import get_array_module
 from narun.train import build_job, restore
 from protocol import Message, message, open_channel
@@ -89,7 +90,8 @@ class Trainer(JobActor):
         self.delay = float(spec.delays.get(str(rank), 0.0))
         self.shards: list[Mailbox] = []
         self.executor: Any = None
-        self.dev_bufs: list[Any] | None = None  # packing buffers on a GPU
+        self.dev_bufs: list[Any] | None = None  # packing buffers on a GPU or MLX
+        self.xp: Any = np  # the engine's array module there
         self.stale = 0
         self._pending: list[int] = []
         self._streaming = False
@@ -210,6 +212,8 @@ class Trainer(JobActor):
             (loss / accum).backward() if accum > 1 else loss.backward()
             total += loss.item() / accum
         self._streaming = False
+        # MLX is lazy: BatchNorm statistics would chain every step's update until read
+        _backend.settle(b.data for b in job.model.buffers())
         if self.clip and not self.sync:
             clip_grad_norm_(self.params, self.clip)
         for b, left in enumerate(self._pending):  # parameters the loss did not reach
@@ -230,7 +234,7 @@ class Trainer(JobActor):
         """On the executor thread: the model, the batches and the packing buffers there."""
         self.job.model.to(device)
         self.job.device = device
-        xp = get_array_module(self.params[0].data)
+        self.xp = xp = get_array_module(self.params[0].data)
         self.dev_bufs = [xp.empty(b.size, xp.float32) for b in self.plan.buckets]
 
     def _launch(self, b: int) -> None:
@@ -294,7 +298,7 @@ class Trainer(JobActor):
         for b, reply in replies:
             bucket = self.plan.buckets[b]
             flat = reply["params"][bucket.key]
-            if self.dev_bufs is not None:
-                flat = self.executor.to_device(np.asarray(flat))
+            if self.dev_bufs is not None:  # (the engine's array: MLX's is wrapped)
+                flat = self.xp.asarray(self.executor.to_device(np.asarray(flat)))
             unpack(bucket, flat, arrays)
             self.versions[b] = reply["version"]

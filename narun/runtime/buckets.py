@@ -183,13 +183,12 @@ def pack_grads(bucket: Bucket, params: Sequence[Any], out: Any) -> Any:
     plan's parameters) into `out`; a parameter without a gradient (the loss did not reach
     it) packs as zeros. Only the bucket's own parameters are read: mid-backward most others
     have no gradient yet."""
-    for p in bucket.pieces:
+    for p in bucket.pieces:  # assigned through `out` itself: an MLX slice is a copy
         grad = params[p.index].grad
-        dst = out[p.offset:p.offset + p.size]
         if grad is None:
-            dst.fill(0)
+            out[p.offset:p.offset + p.size] = 0
         else:
-            dst[...] = grad.data.reshape(-1)[p.start:p.stop]
+            out[p.offset:p.offset + p.size] = grad.data.reshape(-1)[p.start:p.stop]
     return out
 
 
@@ -199,7 +198,11 @@ def unpack(bucket: Bucket, flat: np.ndarray, arrays: Sequence[np.ndarray]) -> No
         raise ShapeError(f"bucket {bucket.key}: expected {bucket.size} values, got shape "
                          f"{flat.shape}")
     for p in bucket.pieces:
-        arrays[p.index].reshape(-1)[p.start:p.stop] = flat[p.offset:p.offset + p.size]
+        target = arrays[p.index]
+        values = target.reshape(-1)
+        values[p.start:p.stop] = flat[p.offset:p.offset + p.size]
+        if values.base is None:  # a copy, not a view (MLX): put it back
+            target[...] = values.reshape(target.shape)
 
 
 def split(plan: Plan, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -353,6 +353,8 @@ def __getattr__(name: str) -> Any:
 def asarray(x: Any, dtype: Any = None, **_: Any) -> MLXArray:
     if isinstance(x, MLXArray):
         return x if dtype is None else x.astype(dtype, copy=False)
+    if isinstance(x, mx.array) and dtype is None:  # an executor's transfer: wrapped as is
+        return MLXArray(x)
     arr = np.asarray(x, dtype=dtype)
     return MLXArray(mx.array(arr, dtype=mx_dtype(arr.dtype)))
 

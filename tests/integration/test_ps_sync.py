@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -152,15 +154,43 @@ def test_a_device_this_machine_lacks_stops_the_job_before_any_process_starts(mak
                     JsonLinesReporter(io.StringIO()), wait_timeout=30.0)
 
 
-def test_auto_trains_on_the_cpu_without_a_gpu_and_mlx_is_refused(make_config, monkeypatch):
+def test_auto_trains_on_the_cpu_without_a_gpu_and_mlx_not_in_a_pipeline(make_config,
+                                                                        monkeypatch):
     from narun.errors import ConfigError
     from workers.executor import training_device
 
     monkeypatch.setitem(__import__("sys").modules, "cupy", None)
     assert training_device("auto") == "cpu"
     assert training_device("cuda") == "cuda:0"
-    assert training_device("mlx:cpu") == "mlx:cpu"  # in mode local
-    with pytest.raises(ConfigError, match="'mps' \\(MLX\\) trains in mode local only"):
-        training_device("mps", "ps-sync")
-    with pytest.raises(ConfigError, match="'mps' \\(MLX\\) trains in mode local only"):
-        Coordinator(make_config("ps-sync", 2, device="mps"), JsonLinesReporter(io.StringIO()))
+    assert training_device("mlx:cpu") == training_device("mlx:cpu", "ps-sync") == "mlx:cpu"
+    with pytest.raises(ConfigError, match="'mps' \\(MLX\\) does not run mode pipeline"):
+        training_device("mps", "pipeline")
+    if not _metal():  # a job whose trainers could not start is refused before they do
+        with pytest.raises(ConfigError, match="runtime.device: device 'mps' needs"):
+            Coordinator(make_config("ps-sync", 2, device="mps"),
+                        JsonLinesReporter(io.StringIO()))
+
+
+def _metal() -> bool:
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return False
+    return sys.platform == "darwin" and bool(mx.metal.is_available())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlx") is None,
+                    reason="needs MLX (pip install 'mlx[cpu]')")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["ps-sync", "ps-async"])
+def test_trainers_on_mlx_equal_one_process_on_mlx(make_config, mode):
+    """Trainers on mlx:cpu (model, batches and bucket packing as MLX arrays; gradients
+    and values cross to the shards as NumPy) give one mlx:cpu process's parameters: ps-sync
+    always, ps-async with one trainer (no staleness), as on the cpu."""
+    workers = 2 if mode == "ps-sync" else 1
+    reference = local_train(make_config("local", 0, out="local", device="mlx:cpu"),
+                            JsonLinesReporter(io.StringIO()))
+    done, events = run(make_config(mode, workers, out="mlx", device="mlx:cpu"))
+    assert done["step"] == 10 and not done["interrupted"]
+    assert_same_checkpoint(reference["checkpoint"], done["checkpoint"])
+    assert done["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-4)

@@ -133,11 +133,11 @@ REFUSED = [
     (["--set", "data.path=no/such/corpus.txt"], "data.path: no such file "
      "'no/such/corpus.txt'"),
     (["--set", "data.seq_len=64"], "data.seq_len: 64 exceeds the model's block_size 32"),
-    # MLX trains in one process only; and mps needs Metal (or MLX itself), which no Linux
-    # machine has.
+    # MLX does not run a pipeline's stages; and mps needs Metal (or MLX itself), which no
+    # Linux machine has.
     (["--set", "runtime.device=mps"], "runtime.device: device 'mps' needs"),
-    (["--set", "runtime.device=mlx:cpu", "--set", "runtime.mode=ps-sync", "--set",
-      "runtime.workers=2"], "runtime.device: 'mlx:cpu' (MLX) trains in mode local only"),
+    (["--set", "runtime.device=mlx:cpu", "--set", "runtime.mode=pipeline", "--set",
+      "runtime.stages=2"], "runtime.device: 'mlx:cpu' (MLX) does not run mode pipeline"),
     # No CuPy here, or no 99th GPU where there is: one process would fail to put its model
     # there, and a job's trainers would fail to start.
     (["--set", "runtime.device=cuda:99"], "runtime.device: device 'cuda"),
@@ -164,14 +164,6 @@ def test_overwrite_with_resume_is_a_usage_error_not_a_silent_choice(gpt_config_f
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "--overwrite starts afresh and --resume auto continues a run" in out.stderr
     assert not (gpt_config_file.parent / "run").exists()
-
-
-def test_mlx_is_refused_with_one_message_in_every_distributed_mode(gpt_config_file):
-    for mode in ("ps-sync", "ps-async"):
-        out = narun_cli("train", gpt_config_file, "--set", "runtime.device=mlx:cpu", "--set",
-                        f"runtime.mode={mode}", "--workers", 2)
-        assert out.returncode == 2 and "Traceback" not in out.stderr
-        assert "'mlx:cpu' (MLX) trains in mode local only; mode ps-" in out.stderr
 
 
 def test_an_empty_config_file_is_an_error_not_a_default_run(tmp_path):

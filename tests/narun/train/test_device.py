@@ -55,9 +55,9 @@ def has_mlx() -> bool:
 
 def test_mlx_off_local_and_a_missing_device_are_named_before_anything_is_built(tmp_path):
     for device in ("mps", "mlx:cpu"):
-        with pytest.raises(ConfigError, match=f"'{device}' \\(MLX\\) trains in mode local only"):
-            check_job(quickstart(tmp_path, device, **{"runtime.mode": "ps-sync",
-                                                      "runtime.workers": 1}))
+        with pytest.raises(ConfigError, match=f"'{device}' \\(MLX\\) does not run mode pipeline"):
+            check_job(quickstart(tmp_path, device, **{"runtime.mode": "pipeline",
+                                                      "runtime.stages": 2}))
     if not has_mlx():
         with pytest.raises(ConfigError, match="runtime.device: device 'mps' needs MLX"):
             check_job(quickstart(tmp_path, "mlx:cpu"))
