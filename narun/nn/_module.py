@@ -37,7 +37,8 @@ class Parameter(Tensor):
             data = data.data
         elif not hasattr(data, "dtype"):
             probe = np.asarray(data)
-            data = probe.astype(_backend.DEFAULT_DTYPE) if probe.dtype.kind == "f" else probe
+            data = (probe.astype(_backend.DEFAULT_DTYPE) if _backend.is_floating(probe.dtype)
+                    else probe)
         super().__init__(data, requires_grad=requires_grad)
 
     def __repr__(self) -> str:
@@ -402,13 +403,13 @@ class Module:
                 dtype = a
         dev = None if device is None else _backend.normalize_device(device)
         dt = None if dtype is None else _backend.as_dtype(dtype)
-        if dt is not None and dt.kind not in "fc":
+        if dt is not None and not _backend.is_inexact(dt):
             raise DTypeError(f"Module.to only casts to floating dtypes, got {dt}")
 
         def convert(arr: Any) -> Any:
             if dev is not None:
                 arr = _backend.to_device(arr, dev)
-            if dt is not None and arr.dtype.kind in "fc" and arr.dtype != dt:
+            if dt is not None and _backend.is_inexact(arr.dtype) and arr.dtype != dt:
                 arr = arr.astype(dt)
             return arr
 

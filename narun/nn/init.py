@@ -76,7 +76,7 @@ def _check(tensor: Any, fn: str, need_float: bool) -> None:
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{fn} expects a narun Tensor (or Parameter), got "
                         f"{type(tensor).__name__}")
-    if need_float and tensor.dtype.kind != "f":
+    if need_float and not _backend.is_floating(tensor.dtype):
         raise DTypeError(f"{fn} draws floating-point values; the tensor is {tensor.dtype}")
 
 

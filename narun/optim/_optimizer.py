@@ -250,7 +250,7 @@ class Optimizer:
                             f"optimizer state {k!r} of parameter {idx} (group {gi}) has shape "
                             f"{tuple(arr.shape)}, the parameter has shape {tuple(p.shape)}")
                     src = _backend.to_device(_backend.to_device(arr, "cpu"), p.device)
-                    dtype = p.dtype if arr.dtype.kind == "f" else arr.dtype
+                    dtype = p.dtype if _backend.is_floating(arr.dtype) else arr.dtype
                     restored[k] = p.xp.array(src, dtype=dtype, copy=True, order="C")
                 elif hasattr(arr, "shape") and hasattr(arr, "dtype"):
                     restored[k] = _plain(_backend.to_device(arr, "cpu")[()])

@@ -22,6 +22,20 @@ DEFAULT_DTYPE = np.dtype(np.float32)  # read at each call; set_default_dtype cha
 _FLOATING = ("float16", "float32", "float64")
 
 
+def is_floating(dtype: Any) -> bool:
+    """Whether `dtype` (an np.dtype) holds real floating-point values: kind 'f', or
+    bfloat16, whose NumPy dtype (ml_dtypes', what MLX's bfloat16 arrays report) has kind
+    'V'. One string test on NumPy's dtypes; the name is read only for a 'V' dtype."""
+    kind = dtype.kind
+    return kind == "f" or (kind == "V" and dtype.name == "bfloat16")
+
+
+def is_inexact(dtype: Any) -> bool:
+    """Whether `dtype` is floating point or complex (what can carry a gradient)."""
+    kind = dtype.kind
+    return kind in "fc" or (kind == "V" and dtype.name == "bfloat16")
+
+
 def set_default_dtype(dtype: Any) -> None:
     """The dtype Python floats and the factories (zeros, randn, ...) use when no dtype is
     given, as torch.set_default_dtype: a floating dtype only (float16, float32, float64).

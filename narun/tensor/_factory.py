@@ -24,7 +24,7 @@ def tensor(data: Any, dtype: Any = None, requires_grad: bool = False,
         dtype = _backend.as_dtype(dtype)
     elif not hasattr(data, "dtype"):
         probe = np.asarray(data)
-        dtype = _backend.DEFAULT_DTYPE if probe.dtype.kind == "f" else probe.dtype
+        dtype = _backend.DEFAULT_DTYPE if _backend.is_floating(probe.dtype) else probe.dtype
     if _backend.is_cupy_array(data):
         data = data.get()
     arr = np.array(data, dtype=dtype, copy=True)
@@ -80,7 +80,7 @@ def arange(start: float, end: float | None = None, step: float = 1, dtype: Any =
         start, end = 0, start
     xp = _backend.module_for_device(device)
     probe = np.arange(start, end, step)
-    dtype = dtype or (_backend.DEFAULT_DTYPE if probe.dtype.kind == "f" else np.int64)
+    dtype = dtype or (_backend.DEFAULT_DTYPE if _backend.is_floating(probe.dtype) else np.int64)
     return Tensor._wrap(xp.arange(start, end, step, dtype=_backend.as_dtype(dtype)))
 
 

@@ -28,7 +28,34 @@ _NP_TO_MX = {
     np.dtype(np.uint16): mx.uint16, np.dtype(np.uint32): mx.uint32,
     np.dtype(np.uint64): mx.uint64,
 }
+# bfloat16: NumPy has none; ml_dtypes' (the extension JAX uses) is its NumPy-side dtype, so
+# an MLX bfloat16 array reports one and its values come to the host as one. Imported here,
+# with the adapter, so NumPy and CuPy runs never load it; without it MLX has no bfloat16
+# here (no `bfloat16` attribute, which training.precision bf16 names).
+try:
+    import ml_dtypes
+except ImportError:  # pragma: no cover - ml_dtypes comes with narun[mps]
+    ml_dtypes = None
+else:
+    bfloat16 = ml_dtypes.bfloat16
+    _NP_TO_MX[np.dtype(bfloat16)] = mx.bfloat16
 _MX_TO_NP = {v: k for k, v in _NP_TO_MX.items()}
+
+
+def _host(a: Any) -> np.ndarray:
+    """An mx.array's values as a NumPy array: bfloat16 through float32 (MLX's buffer export
+    has no bfloat16 format), exact, as every bfloat16 is a float32."""
+    if a.dtype == mx.bfloat16:
+        return np.array(a.astype(mx.float32)).astype(bfloat16)
+    return np.array(a)
+
+
+def _device(x: np.ndarray) -> Any:
+    """A NumPy array as an mx.array of the same dtype (bfloat16 through float32)."""
+    if x.dtype.kind == "V" and x.dtype.name == "bfloat16":
+        return mx.array(x.astype(np.float32)).astype(mx.bfloat16)
+    return mx.array(x, dtype=mx_dtype(x.dtype))
+
 
 # NumPy's names the ops read off `xp` (xp.float32, xp.inf, ...): the NumPy objects, which
 # every function here accepts as dtypes.
@@ -84,7 +111,7 @@ def _u(x: Any) -> Any:
     if isinstance(x, MLXArray):
         return x.a
     if isinstance(x, np.ndarray):
-        return mx.array(x, dtype=mx_dtype(x.dtype))
+        return _device(x)
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, (list, tuple)) and x and not builtins.all(
@@ -160,10 +187,10 @@ class MLXArray:
     # conversion
     def get(self) -> np.ndarray:
         """The values as a NumPy array (CuPy's name for it, which narun's code calls)."""
-        return np.array(self.a)
+        return _host(self.a)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = np.array(self.a)
+        out = _host(self.a)
         return out if dtype is None else out.astype(dtype)
 
     def item(self) -> Any:
@@ -185,7 +212,7 @@ class MLXArray:
         return self.shape[0]
 
     def __repr__(self) -> str:
-        return f"MLXArray({np.array(self.a)!r})"
+        return f"MLXArray({_host(self.a)!r})"
 
     def astype(self, dtype: Any, copy: bool = True, **_: Any) -> MLXArray:
         d = mx_dtype(dtype)
@@ -356,7 +383,7 @@ def asarray(x: Any, dtype: Any = None, **_: Any) -> MLXArray:
     if isinstance(x, mx.array) and dtype is None:  # an executor's transfer: wrapped as is
         return MLXArray(x)
     arr = np.asarray(x, dtype=dtype)
-    return MLXArray(mx.array(arr, dtype=mx_dtype(arr.dtype)))
+    return MLXArray(_device(arr))
 
 
 def array(x: Any, dtype: Any = None, copy: bool = True, **_: Any) -> MLXArray:

@@ -406,7 +406,7 @@ def bitwise_not(a: Tensor) -> Tensor:
 def cast(a: Tensor, dtype: Any) -> Tensor:
     src = a.dtype
     out = a.data.astype(dtype)
-    if out.dtype.kind not in "fc":
+    if not _backend.is_inexact(out.dtype):
         return Tensor._wrap(out)  # integer/bool results carry no gradient
     return make(out, (a,), lambda g: (g.astype(src),), "cast")
 

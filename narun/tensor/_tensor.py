@@ -31,7 +31,7 @@ class Tensor:
         self._node: _autograd.Node | None = None
         self._retains_grad = False
         self._grad_hooks: list[Callable[[Tensor], None]] = []
-        if self.requires_grad and data.dtype.kind not in "fc":
+        if self.requires_grad and not _backend.is_inexact(data.dtype):
             raise GradError(f"only floating-point tensors can require grad, got {data.dtype}")
 
     @classmethod
@@ -139,7 +139,7 @@ class Tensor:
     def requires_grad_(self, requires_grad: bool = True) -> Tensor:
         if not self.is_leaf:
             raise GradError("requires_grad_() is for leaf tensors; use detach() first")
-        if requires_grad and self.dtype.kind not in "fc":
+        if requires_grad and not _backend.is_inexact(self.dtype):
             raise GradError(f"only floating-point tensors can require grad, got {self.dtype}")
         self.requires_grad = requires_grad
         return self
@@ -229,6 +229,7 @@ def as_tensor_like(x: Any, like: Tensor) -> Tensor:
         raise DeviceMismatchError(f"a NumPy array (cpu) was mixed with a tensor on "
                                   f"{like.device}; move it with narun.tensor(x, device=...)")
     arr = xp.asarray(x)
-    if arr.dtype.kind == "f" and like.dtype.kind == "f" and not isinstance(x, np.ndarray):
+    if (_backend.is_floating(arr.dtype) and _backend.is_floating(like.dtype)
+            and not isinstance(x, np.ndarray)):
         arr = arr.astype(like.dtype)
     return Tensor._wrap(arr)

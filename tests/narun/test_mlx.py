@@ -140,3 +140,33 @@ def test_repeated_indices_accumulate_after_the_adapter_served_a_plain_add():
     w = narun.tensor(np.zeros(3), device=DEV, requires_grad=True)
     w[narun.tensor(np.array([0, 0, 2]), device=DEV)].sum().backward()
     np.testing.assert_array_equal(w.grad.numpy(), [2.0, 0.0, 1.0])
+
+
+def test_bfloat16_tensors_require_grad_and_backpropagate_close_to_float32():
+    """MLX's bfloat16 arrays report ml_dtypes' bfloat16 (NumPy has none) and count as
+    floating point: they require grad, and a matmul + sum backpropagates gradients within
+    bfloat16's rounding (8 mantissa bits: 2**-8 relative per value) of float32's."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(0)
+    x32 = narun.tensor(rng.standard_normal((16, 32)).astype(np.float32), device=DEV)
+    w32 = narun.tensor(rng.standard_normal((32, 8)).astype(np.float32), device=DEV,
+                       requires_grad=True)
+    x = x32.to(dtype=bf16)
+    w = w32.detach().to(dtype=bf16).requires_grad_()
+    assert x.dtype == bf16 and w.requires_grad and w.is_leaf
+    loss = (x @ w * 0.5).sum()
+    loss.backward()
+    (x32 @ w32 * 0.5).sum().backward()
+    assert loss.dtype == bf16 and w.grad.dtype == bf16 and w.grad.device == DEV
+    host = w.grad.numpy()
+    assert host.dtype == bf16  # values reach the host as ml_dtypes' bfloat16
+    # d/dw sum(x @ w * 0.5) = 0.5 * x.T @ ones: column sums of x, rounded to bfloat16
+    want = w32.grad.numpy()
+    np.testing.assert_allclose(host.astype(np.float32), want, rtol=2 ** -7, atol=2 ** -6)
+    assert not np.array_equal(host.astype(np.float32), want)  # bfloat16 really rounded
+    assert float(loss) == pytest.approx(float((x32 @ w32 * 0.5).sum()), rel=2e-2)
+    # and back: a bfloat16 host array goes onto MLX as bfloat16, values unchanged
+    again = narun.tensor(host, device=DEV)
+    assert again.dtype == bf16
+    np.testing.assert_array_equal(again.numpy().astype(np.float32), host.astype(np.float32))

@@ -75,7 +75,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Any
     mask = mask_t = None
     if attn_mask is not None:
         mask = raw(op, "attn_mask", attn_mask, q)
-        if mask.dtype.kind not in "bf":
+        if mask.dtype.kind != "b" and not _backend.is_floating(mask.dtype):
             raise DTypeError(f"{op}: attn_mask must be bool or floating point, got {mask.dtype}")
         try:
             fits = np.broadcast_shapes(scores_shape, mask.shape) == scores_shape
@@ -84,7 +84,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Any
         if not fits:
             raise ShapeError(f"{op}: attn_mask of shape {mask.shape} does not broadcast to "
                              f"the scores' shape {scores_shape} (batch + (L, S))")
-        if mask.dtype.kind == "f":
+        if _backend.is_floating(mask.dtype):
             mask = mask.astype(dtype, copy=False)
         if isinstance(attn_mask, Tensor) and attn_mask.requires_grad:
             mask_t = attn_mask

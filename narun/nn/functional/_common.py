@@ -16,7 +16,7 @@ REDUCTIONS = ("mean", "sum", "none")
 def require_float(op: str, name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: {name} must be a narun Tensor, got {type(t).__name__}")
-    if t.dtype.kind != "f":
+    if not _backend.is_floating(t.dtype):
         raise DTypeError(f"{op}: {name} must be floating point, got {t.dtype}")
 
 

@@ -18,6 +18,7 @@ from narun.nn.functional._common import (
     require_int,
     sum_last,
 )
+from narun.tensor import _backend
 from narun.tensor._tensor import Tensor, check_same_device, make
 
 
@@ -98,7 +99,7 @@ def cross_entropy(input: Tensor, target: Any, weight: Any = None, *,  # noqa: A0
         raise ConfigError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
     xp = input.xp
     t = raw(op, "target", target, input)
-    if t.dtype.kind == "f":
+    if _backend.is_floating(t.dtype):
         raise DTypeError(f"{op}: target must hold integer class indices, got {t.dtype} "
                          "(probability targets are not supported)")
     require_int(op, "target", t)
