@@ -6,8 +6,9 @@ to zero. So the loss is multiplied by a scale before backward (lifting the gradi
 float16's range), the gradients are copied into the float32 masters divided by it, and a
 step whose gradients hold an inf or a nan is skipped and the scale halved; after
 `growth_interval` clean steps it doubles (torch.amp.GradScaler's rule, and its defaults).
-bfloat16 has float32's range, so it needs no scaling; NumPy and CuPy have no bfloat16
-arrays, so `precision="bf16"` needs a backend that does.
+bfloat16 has float32's range, so it needs no scaling (and gets none); NumPy and CuPy have
+no bfloat16 arrays, so `precision="bf16"` trains on MLX devices only, whose bfloat16 arrays
+report ml_dtypes' NumPy dtype.
 
     >>> mp = MixedPrecision(model, "fp16")   # the model's parameters become float16
     >>> opt = narun.optim.AdamW(mp.parameters(), lr=1e-3)   # over the float32 masters
@@ -163,9 +164,10 @@ class MixedPrecision:
 
 
 def at_least_float32(t: Tensor) -> Tensor:
-    """`t` cast to float32 if it is a half-precision tensor, else itself: losses are taken
-    in float32 (autocast's rule for softmax and cross-entropy), so the scaled loss and the
-    gradient it starts backward with stay finite (65536 x a loss of 5 is past float16)."""
+    """`t` cast to float32 if it is a half-precision tensor (float16 or bfloat16), else
+    itself: losses are taken in float32 (autocast's rule for softmax and cross-entropy), so
+    the scaled loss and the gradient it starts backward with stay finite (65536 x a loss of
+    5 is past float16), and bfloat16's 8-bit mantissa does not round the log-sum-exp."""
     return t.float() if t.dtype.itemsize < 4 else t
 
 
@@ -176,8 +178,17 @@ def low_precision_dtype(xp: Any, precision: str) -> Any:
     if precision == "bf16":
         dtype = getattr(xp, "bfloat16", None)
         if dtype is None:
-            raise ConfigError(f"training.precision: bf16 needs bfloat16 arrays, which "
-                              f"{xp.__name__} does not have; use fp16 (with loss scaling) or "
-                              f"fp32")
+            raise ConfigError(bf16_refusal(on_mlx=xp.__name__ == "narun.tensor._mlx"))
         return dtype
     raise ConfigError(f"training.precision: expected one of {PRECISIONS}, got {precision!r}")
+
+
+def bf16_refusal(on_mlx: bool = False) -> str:
+    """Why training.precision bf16 cannot train here, and what can."""
+    if on_mlx:  # MLX without ml_dtypes
+        return ("training.precision: bf16 on MLX needs ml_dtypes (bfloat16 for NumPy, which "
+                "MLX's bfloat16 arrays report and come to the host as); install "
+                "narun[mps] or pip install ml_dtypes")
+    return ("training.precision: bf16 needs bfloat16 arrays, which NumPy (cpu) and CuPy "
+            "(cuda) do not have; use fp16 (float16 with loss scaling), or train bf16 on an "
+            "MLX device (runtime.device: mps or mlx:cpu)")

@@ -112,7 +112,8 @@ class TrainingConfig(_Section):
     warmup_steps: int = _key(100, ge=0)
     grad_clip: float | None = _key(1.0, ge=0)  # max global grad norm; null or 0: no clipping
     grad_accum: int = _key(1, gt=0)
-    # fp16 / bf16: the model computes in that dtype, float32 masters step (narun.amp)
+    # fp16 / bf16: the model computes in that dtype, float32 masters step (narun.amp);
+    # fp16 with loss scaling, bf16 without and on MLX devices only (no bfloat16 in NumPy/CuPy)
     precision: str = _key("fp32", choices=("fp32", "fp16", "bf16"))
     seed: int = _key(0, ge=0)
     eval_every: int = _key(200, ge=0)  # 0: never

@@ -8,6 +8,7 @@ parameters to one that never stopped.
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import time
 import uuid
@@ -22,7 +23,7 @@ import structlog
 import narun
 from narun import checkpoint as ckpt
 from narun import optim
-from narun.amp import MixedPrecision, at_least_float32, low_precision_dtype
+from narun.amp import MixedPrecision, at_least_float32, bf16_refusal, low_precision_dtype
 from narun.config import JobConfig, _choice_message, check_trainable_device, to_dict
 from narun.data import ArrayDataset, ShardedSampler, TextDataset, WindowSampler, class_prompts
 from narun.data._arrays import missing_arrays
@@ -191,7 +192,12 @@ def check_job(cfg: JobConfig, here: bool = True) -> None:
         if rt.mode != "local":
             raise ConfigError(f"training.precision: {t.precision} trains in mode local; mode "
                               f"{rt.mode} trains in fp32 (set training.precision: fp32)")
-        low_precision_dtype(np, t.precision)  # names a precision the arrays lack
+        if t.precision == "bf16" and rt.device not in _backend.MLX_DEVICES:
+            raise ConfigError(bf16_refusal())  # cpu, cuda and auto: NumPy or CuPy arrays
+        if t.precision == "bf16" and here and importlib.util.find_spec("ml_dtypes") is None:
+            raise ConfigError(bf16_refusal(on_mlx=True))
+        if t.precision != "bf16":
+            low_precision_dtype(np, t.precision)  # names a precision the arrays lack
     if data.kind == "text" and cfg.model.name not in ("gpt", "bert"):
         raise ConfigError(f"data.kind: text needs a language model (model.name: gpt or "
                           f"bert), got model.name {cfg.model.name!r}")

@@ -143,6 +143,10 @@ REFUSED = [
     (["--set", "runtime.device=cuda:99"], "runtime.device: device 'cuda"),
     (["--set", "runtime.device=cuda:99", "--set", "runtime.mode=ps-sync", "--set",
       "runtime.workers=2"], "runtime.device: device 'cuda"),
+    # NumPy has no bfloat16 arrays (nor CuPy): bf16 trains on MLX devices only.
+    (["--set", "training.precision=bf16"], "training.precision: bf16 needs bfloat16 arrays, "
+     "which NumPy (cpu) and CuPy (cuda) do not have; use fp16 (float16 with loss scaling), "
+     "or train bf16 on an MLX device (runtime.device: mps or mlx:cpu)"),
 ]
 
 

@@ -137,7 +137,8 @@ def test_narun_train_in_float16_follows_float32_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"training": {"precision": "bf16"}}, "bf16 needs bfloat16 arrays"),
+    ({"training": {"precision": "bf16"}}, r"bf16 needs bfloat16 arrays, which NumPy \(cpu\) "
+     r"and CuPy \(cuda\) do not have; use fp16"),
     ({"runtime": {"mode": "ps-sync", "workers": 1}}, "trains in mode local"),
     ({"training": {"precision": "fp8"}}, "precision"),
 ])
