@@ -32,6 +32,7 @@ import yaml
 
 from narun.data._augment import AUGMENTATIONS
 from narun.errors import ConfigError
+from narun.tensor._backend import MLX_DEVICES
 
 __all__ = [
     "ConfigError", "DataConfig", "JobConfig", "ModelConfig", "RuntimeConfig", "TrainingConfig",
@@ -187,9 +188,6 @@ class JobConfig:
                 f"training.batch_size: must be divisible by runtime.workers ({workers}) in mode "
                 f"{self.runtime.mode}, got {self.training.batch_size}"
             )
-
-
-MLX_DEVICES = ("mps", "mlx:cpu")
 
 
 def check_trainable_device(device: str, mode: str = "local") -> None:

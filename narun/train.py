@@ -23,7 +23,7 @@ import structlog
 import narun
 from narun import checkpoint as ckpt
 from narun import optim
-from narun.amp import MixedPrecision, at_least_float32, bf16_refusal, low_precision_dtype
+from narun.amp import MixedPrecision, at_least_float32, bf16_refusal
 from narun.config import JobConfig, _choice_message, check_trainable_device, to_dict
 from narun.data import ArrayDataset, ShardedSampler, TextDataset, WindowSampler, class_prompts
 from narun.data._arrays import missing_arrays
@@ -196,8 +196,6 @@ def check_job(cfg: JobConfig, here: bool = True) -> None:
             raise ConfigError(bf16_refusal())  # cpu, cuda and auto: NumPy or CuPy arrays
         if t.precision == "bf16" and here and importlib.util.find_spec("ml_dtypes") is None:
             raise ConfigError(bf16_refusal(on_mlx=True))
-        if t.precision != "bf16":
-            low_precision_dtype(np, t.precision)  # names a precision the arrays lack
     if data.kind == "text" and cfg.model.name not in ("gpt", "bert"):
         raise ConfigError(f"data.kind: text needs a language model (model.name: gpt or "
                           f"bert), got model.name {cfg.model.name!r}")

@@ -7,6 +7,7 @@ import sys
 
 from narun.config import check_trainable_device
 from narun.errors import ConfigError, DeviceError
+from narun.tensor._backend import MLX_DEVICES
 from workers.executor._base import Executor
 from workers.executor._cpu import CpuExecutor
 from workers.executor._cuda import CudaExecutor, cuda_device, cuda_device_count, import_cupy
@@ -57,8 +58,8 @@ def resolve_device(device: str) -> str:
 
 def training_device(device: str, mode: str = "local") -> str:
     """Where narun's engine trains for a `runtime.device` value in `mode`: 'cpu', 'cuda:N',
-    or in mode local 'mps' / 'mlx:cpu' (MLX). 'auto' is cuda:0 where CuPy sees a GPU, else
-    mps in mode local where MLX sees Metal, else cpu; MLX elsewhere is refused."""
+    'mps' or 'mlx:cpu' (MLX, refused in mode pipeline). 'auto' is cuda:0 where CuPy sees a
+    GPU, else mps in mode local where MLX sees Metal, else cpu."""
     kind, index = parse_device(device)
     check_trainable_device(kind, mode)
     if kind == "auto":
@@ -74,7 +75,7 @@ def check_device_here(device: str) -> None:
     kind, index = parse_device(resolve_device(device))
     if kind == "cuda":
         cuda_device(index or 0)
-    elif kind in ("mps", "mlx:cpu"):
+    elif kind in MLX_DEVICES:
         mx = import_mlx()
         if kind == "mps" and not metal_available(mx):
             raise DeviceError(f"device 'mps' needs a Metal GPU, which MLX does not see here "
