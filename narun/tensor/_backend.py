@@ -179,9 +179,10 @@ def to_device(array: Any, device: str) -> Any:
 
 
 def use_device(device: str) -> None:
-    """Make `device` the calling thread's current GPU, where CuPy puts new arrays and runs
-    kernels (the current device is per thread); nothing to do for the cpu. A process that
-    trains on cuda:N calls it once, so the ops' results land beside their inputs."""
+    """Make `device` where new arrays go and kernels run: the calling thread's current GPU
+    for cuda:N (CuPy's current device is per thread), MLX's default device (for the
+    process) for mlx:cpu and mps; nothing to do for the cpu. A process that trains on a
+    device calls it once, so the ops' results land beside their inputs."""
     device = normalize_device(device)
     if device in MLX_DEVICES:
         _require_mlx(device)
