@@ -178,7 +178,7 @@ class InferenceServer:
             ids = check_request(request, self.info, self.tokenizer)
             # one a free slot takes at once does not wait: --max-queue 0 means no waiting,
             # and comparing the queue alone (0 >= 0) refused every request as busy
-            if len(self._queue) >= self.max_queue and not self._slot_free():
+            if len(self._queue) >= self.max_queue and not self._free_replicas():
                 raise RequestError("busy", f"the queue is full ({self.max_queue} requests "
                                            f"wait for a slot); retry later, or start the "
                                            f"server with more --replicas or a larger "
@@ -196,9 +196,11 @@ class InferenceServer:
         self._dispatch()
         return stream.handle
 
-    def _slot_free(self) -> bool:
-        return self.pool is not None and any(r.ready and r.load < self.max_batch
-                                             for r in self.pool.replicas)
+    def _free_replicas(self) -> list[Any]:
+        """The ready replicas with a slot for one more stream."""
+        if self.pool is None:
+            return []
+        return [r for r in self.pool.replicas if r.ready and r.load < self.max_batch]
 
     def cancel(self, handle: int) -> None:
         """End a stream with done `cancelled` (at once if queued, else at the worker's next
@@ -388,13 +390,13 @@ class InferenceServer:
             return  # a stream failed inside this loop ends through _forget, which calls here
         self._dispatching = True
         try:
-            self._hand_out(self.pool, self._internal)
+            self._hand_out(self._internal)
         finally:
             self._dispatching = False
 
-    def _hand_out(self, pool: WorkerPool, internal: Channel) -> None:
+    def _hand_out(self, internal: Channel) -> None:
         while self._queue:
-            free = [r for r in pool.replicas if r.ready and r.load < self.max_batch]
+            free = self._free_replicas()
             if not free:
                 return
             r = min(free, key=lambda x: x.load)
