@@ -12,6 +12,7 @@ from narun.config import load_config
 from narun.errors import ConfigError
 from narun.events import JsonLinesReporter
 from narun.train import build_job, check_job, train
+from tests.integration.conftest import gpu_count
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -22,14 +23,6 @@ class Events(JsonLinesReporter):
 
     def emit(self, event, **fields):
         self.events.append({"event": event, **fields})
-
-
-def gpu_count() -> int:
-    try:
-        import cupy
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # not installed, no driver: no GPU here
-        return 0
 
 
 needs_gpu = pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA GPU and CuPy")
